@@ -1,0 +1,678 @@
+"""Tests of the BCPT kit: hand-computed equations and metrics, loaders on real-layout files written
+here, checkpoint round trips, bad input, and CPU smoke runs of every stage on the synthetic world.
+
+Run: python -m pytest -q test_common.py
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import KitError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------- fixtures: real files in the VOC layout ----------
+def write_voc(root, items, val=()):
+    """items: {id: (rgb uint8 (H, W, 3), mask uint8 (H, W))}; val ids go to val.txt."""
+    for sub in (common.IMAGES, common.MASKS, common.LISTS):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for i, (img, mask) in items.items():
+        cv2.imwrite(os.path.join(root, common.IMAGES, i + ".jpg"), img[:, :, ::-1])
+        cv2.imwrite(os.path.join(root, common.MASKS, i + ".png"), mask)
+    with open(os.path.join(root, common.LISTS, "val.txt"), "w") as f:
+        f.write("".join(v + "\n" for v in val))
+    return str(root)
+
+
+def blocks(classes, size=64, block=32):
+    """An image/mask pair whose 32x32 quadrants hold the given classes (0 = background)."""
+    mask = np.zeros((size, size), np.uint8)
+    for k, c in enumerate(classes):
+        y, x = divmod(k, size // block)
+        mask[y * block:(y + 1) * block, x * block:(x + 1) * block] = c
+    img = np.stack([mask * 10, 255 - mask * 10, np.full_like(mask, 128)], -1).astype(np.uint8)
+    return img, mask
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    return common.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=120, n_val=60, size=64)
+
+
+# ---------- 1. folds ----------
+def test_folds():
+    assert common.novel_classes("pascal", 0) == [1, 2, 3, 4, 5]
+    assert common.novel_classes("pascal", 3) == [16, 17, 18, 19, 20]
+    assert common.base_classes("pascal", 1) == [1, 2, 3, 4, 5] + list(range(11, 21))
+    assert common.novel_classes("coco", 1) == list(range(2, 81, 4)) and len(common.novel_classes("coco", 1)) == 20
+    assert common.novel_classes("coco", 2, "contiguous") == list(range(41, 61))
+    assert sorted(common.novel_classes("coco", 0) + common.base_classes("coco", 0)) == list(range(1, 81))
+    assert common.novel_classes("synthetic", 2) == [11, 12, 13, 14, 15]
+    with pytest.raises(KitError, match="--fold 4"):
+        common.novel_classes("pascal", 4)
+
+
+# ---------- 8. metrics, hand-computed ----------
+def test_fewshot_iou_hand_computed():
+    m = common.FewShotIoU([1, 2, 3])
+    pred = torch.tensor([[1, 1, 0], [0, 1, 0]])
+    target = torch.tensor([[1, 0, 0], [255, 1, 1]])
+    # valid pixels: (0,0) p1 t1, (0,1) p1 t0, (0,2) p0 t0, (1,1) p1 t1, (1,2) p0 t1; (1,0) ignored
+    m.update(pred, target, cls=1)  # fg: I=2, U=4; bg: I=1, U=3
+    m.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[1, 1], [0, 0]]), cls=1)  # fg I=0 U=2; bg I=2 U=4
+    m.update(torch.ones(1, 2, dtype=torch.long), torch.tensor([[1, 255]]), cls=2)  # fg I=1 U=1; bg I=0 U=0
+    iou = m.class_iou()
+    assert iou[1] == pytest.approx(100 * 2 / 6)  # sums over the episodes of the class, then divide
+    assert iou[2] == pytest.approx(100.0) and iou[3] == 0.0  # class 3 has no episode: counts 0
+    assert m.miou() == pytest.approx((100 * 2 / 6 + 100 + 0) / 3)
+    assert m.fb_iou() == pytest.approx(100 * ((3 / 7) + (3 / 7)) / 2)  # bg 3/7, fg (2+0+1)/(4+2+1)
+    with pytest.raises(ValueError):
+        m.update(torch.tensor([[2]]), torch.tensor([[1]]), cls=1)
+
+
+# ---------- 2. pools, index cache, pixel rule ----------
+def make_root(tmp_path, n=8):
+    """8 train images with classes (quadrant layout, 1024 px per quadrant) + 2 val images."""
+    items = {f"t{i}": blocks([i % 4 + 1, 0, (i + 1) % 4 + 1, 6]) for i in range(n)}
+    items["v0"], items["v1"] = blocks([1, 2, 0, 0]), blocks([3, 1, 0, 0])
+    return write_voc(tmp_path / "voc", items, val=["v0", "v1"])
+
+
+def test_pools_index_and_cache(tmp_path, monkeypatch):
+    root = make_root(tmp_path)
+    train, val = common.image_pools(root)
+    assert val == ["v0", "v1"] and train == [f"t{i}" for i in range(8)]
+    counts = common.class_pixel_counts(root, train, 20)
+    assert counts.shape == (8, 21) and counts[0, 1] == 1024 and counts[0, 6] == 1024 and counts[0, 0] == 1024
+    pools = common.class_index(train, counts, [1, 6], min_pixels=1024)
+    assert pools[1] == ["t0", "t3", "t4", "t7"] and len(pools[6]) == 8
+    assert common.class_index(train, counts, [1], min_pixels=1025)[1] == []
+    monkeypatch.setattr(common, "read_mask", lambda *a: pytest.fail("cache miss: masks were read again"))
+    assert (common.class_pixel_counts(root, train, 20) == counts).all()  # cache hit
+    monkeypatch.undo()
+    cv2.imwrite(os.path.join(root, common.MASKS, "t0.png"), blocks([5, 5, 5, 5])[1])  # a changed mask rescans
+    assert common.class_pixel_counts(root, train, 20)[0, 5] == 4096
+
+
+def test_oslsm_pool(tmp_path):
+    root = make_root(tmp_path)
+    with pytest.raises(KitError, match="train_noval.txt"):
+        common.image_pools(root, "oslsm")
+    for name, ids in (("train.txt", ["t0", "t1", "v0"]), ("train_noval.txt", ["t1", "t2"])):
+        with open(os.path.join(root, common.LISTS, name), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    assert common.image_pools(root, "oslsm")[0] == ["t0", "t1", "t2"]  # union, deduplicated, minus val
+
+
+def test_base_dataset_remap(tmp_path):
+    root = make_root(tmp_path)
+    ds = common.BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 0), 64, [1, 1], seed=0)
+    mask = common.read_mask(root, "t0", 20)  # classes 1 (novel), 2 (novel), 6 (base) and background
+    remapped = ds.lut[mask]
+    assert set(np.unique(remapped)) == {0, 1}  # novel -> 0 (merged background), 6 -> 1 (first base class)
+    assert (remapped[mask == 6] == 1).all() and (remapped[mask == 1] == 0).all()
+    ds16 = common.BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 3), 64, [1, 1], seed=0)
+    assert ds16.lut[255] == 255 and ds16.lut[6] == 6 and ds16.lut[16] == 0
+    x, y = ds[0]
+    assert x.shape == (3, 64, 64) and set(y.unique().tolist()) <= {0, 1, 255}
+
+
+def test_episodes_deterministic_and_worker_independent(tmp_path):
+    root = make_root(tmp_path)
+    train, _ = common.image_pools(root)
+    counts = common.class_pixel_counts(root, train, 20)
+    kw = dict(dataset="pascal", classes=[1, 2, 3, 4], shot=2, min_pixels=1024, seed=5, test_size=64)
+    a = common.EpisodeDataset(root, train, counts, episodes=12, **kw)
+    b = common.EpisodeDataset(root, train, counts, episodes=12, **kw)
+    assert a.episodes == b.episodes
+    for query, cls, supports in a.episodes:
+        assert query not in supports and len(set(supports)) == 2 and counts[train.index(query), cls] > 0
+    assert [e[0] for e in a.episodes[:8]] == a.data_list  # the query list is walked in order
+    train_ds = common.EpisodeDataset(root, train, counts, crop=48, scale=[0.9, 1.1], **kw)
+    dev = torch.device("cpu")
+    runs = [[batch for batch in common.stream_loader(train_ds, 3, 5, 0, 4, w, dev)] for w in (0, 2)]
+    for b0, b2 in zip(*runs):
+        assert torch.equal(b0["query"], b2["query"]) and torch.equal(b0["support_mask"], b2["support_mask"])
+    resumed = list(common.stream_loader(train_ds, 3, 5, 2, 4, 0, dev))  # iteration 2 onwards
+    assert torch.equal(resumed[0]["query"], runs[0][2]["query"])
+    with pytest.raises(KitError, match="needs 3"):  # class 6 is in every image: dropping it leaves none
+        common.EpisodeDataset(root, train, counts, drop_classes=[6], **kw)
+
+
+def test_episode_too_few_images(tmp_path):
+    root = make_root(tmp_path)
+    train, _ = common.image_pools(root)
+    counts = common.class_pixel_counts(root, train, 20)
+    with pytest.raises(KitError, match="class 1 has 4 images.*5-shot"):
+        common.EpisodeDataset(root, train, counts, "pascal", [1], shot=5, min_pixels=1024, seed=0, episodes=3)
+
+
+# ---------- 3. transforms ----------
+def test_train_transform_keeps_image_and_mask_aligned():
+    img, mask = blocks([1, 2, 3, 4], size=96, block=48)
+    for seed in range(8):
+        x, y = common.train_transform(img.astype(np.float32), mask, np.random.default_rng(seed), 64, [0.8, 1.2])
+        raw = x.permute(1, 2, 0).numpy() * common.STD + common.MEAN  # back to 0..255
+        valid = (y != 255).numpy()
+        agree = np.abs(raw[..., 0] - y.numpy() * 10) < 6
+        assert x.shape == (3, 64, 64) and agree[valid].mean() > 0.9  # red channel encodes the class
+
+
+def test_test_transform_geometry():
+    img, mask = np.full((60, 100, 3), 200, np.float32), np.ones((60, 100), np.uint8)
+    x, y = common.test_transform(img, mask, 64)
+    # longer side 100 -> 64, shorter 60 * 0.64 = 38.4 -> 38 -> floored to 32; top-left on a 64 canvas
+    assert (y[:32] == 1).all() and (y[32:] == 255).all()
+    raw = x.permute(1, 2, 0).numpy() * common.STD + common.MEAN
+    assert np.allclose(raw[40:], 0, atol=1e-3) and np.allclose(raw[:32], 200, atol=1e-3)
+    logits, target = common.logits_at_label_size(torch.zeros(1, 2, 64, 64), torch.ones(60, 100, dtype=torch.long))
+    assert logits.shape == (1, 2, 100, 100) and (target[:60] == 1).all() and (target[60:] == 255).all()
+
+
+# ---------- 5. backbones ----------
+@pytest.mark.parametrize("name,channels,side", [("resnet18", [64, 64, 128, 256, 512], 8),
+                                                 ("resnet50", [64, 256, 512, 1024, 2048], 8),
+                                                 ("vgg16", [64, 128, 256, 512, 512], 4)])
+def test_backbone_strides_and_channels(name, channels, side):
+    net = common.build_backbone(name, "none").eval()
+    with torch.no_grad():
+        feats = net(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == channels == net.channels
+    assert feats[4].shape[-1] == side and feats[2].shape[-1] == 8  # ResNet output stride 8; VGG layer2 /8
+
+
+def test_backbone_state_dict_file_strict(tmp_path):
+    import torchvision
+    path = str(tmp_path / "r18.pth")
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), path)
+    net = common.build_backbone("resnet18", path)
+    assert torch.equal(net.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    with pytest.raises(KitError, match="does not match the backbone"):
+        common.build_backbone("resnet50", path)
+
+
+# ---------- 9. checkpoints ----------
+def test_checkpoint_round_trip_and_refusal(tmp_path):
+    net = common.build_backbone("resnet18", "none")
+    path = str(tmp_path / "run" / "last.pt")
+    state = {"model": {"backbone." + k: v for k, v in net.state_dict().items()},
+             "args": {"dataset": "synthetic", "fold": 1, "backbone": "resnet18"}, "iter": 7}
+    common.save_checkpoint(path, state)
+    assert not os.path.exists(path + ".tmp")
+    back = common.load_checkpoint(path, {"fold": 1})
+    assert back["iter"] == 7 and all(torch.equal(back["model"][k], v) for k, v in state["model"].items())
+    loaded = common.build_backbone("resnet18", path, expect={"dataset": "synthetic", "fold": 1})
+    assert torch.equal(loaded.layer3[0].conv1.weight, net.layer3[0].conv1.weight)
+    with pytest.raises(KitError, match="--fold 1 but this run has --fold 2"):
+        common.build_backbone("resnet18", path, expect={"dataset": "synthetic", "fold": 2})
+    with pytest.raises(KitError, match="--backbone resnet18 but this run has --backbone resnet50"):
+        common.build_backbone("resnet50", path)
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(KitError, match="cannot be loaded safely"):
+        common.load_checkpoint(path)
+
+
+def test_rng_state_round_trip(tmp_path):
+    common.seed_everything(3)
+    common.save_checkpoint(str(tmp_path / "r.pt"), {"rng": common.rng_state()})
+    a = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
+    common.set_rng_state(common.load_checkpoint(str(tmp_path / "r.pt"))["rng"])
+    assert a == (np.random.rand(), torch.rand(1).item(), __import__("random").random())
+
+
+# ---------- bad input ----------
+def test_bad_inputs(tmp_path):
+    with pytest.raises(KitError, match="does not exist"):
+        common.image_pools(str(tmp_path / "nowhere"))
+    root = make_root(tmp_path)
+    os.remove(os.path.join(root, common.LISTS, "val.txt"))
+    with pytest.raises(KitError, match="val.txt does not exist"):
+        common.image_pools(root)
+    with open(os.path.join(root, common.IMAGES, "t1.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 truncated")
+    with pytest.raises(KitError, match="t1.jpg: missing or corrupt"):
+        common.read_pair(root, "t1", 20)
+    cv2.imwrite(os.path.join(root, common.MASKS, "t2.png"), blocks([1, 37, 0, 0])[1])
+    with pytest.raises(KitError, match="t2.png has value 37 outside 0..20"):
+        common.class_pixel_counts(root, ["t2"], 20)
+    cv2.imwrite(os.path.join(root, common.MASKS, "t3.png"), np.zeros((32, 64), np.uint8))
+    with pytest.raises(KitError, match="is 64x64 but its mask is 64x32"):
+        common.read_pair(root, "t3", 20)
+    cv2.imwrite(os.path.join(root, common.MASKS, "t4.png"), np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(KitError, match="not a single-channel"):
+        common.read_mask(root, "t4", 20)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"), "--dataset", "pascal",
+                        "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "missing does not exist" in r.stderr and "prepare-pascal" in r.stderr
+
+
+# ---------- 10. the synthetic benchmark ----------
+
+N_TRAIN, N_VAL, SIZE = 100, 60, 96
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """One small benchmark shared by the read-only tests."""
+    return common.make_synthetic(str(tmp_path_factory.mktemp("synth")), n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
+
+
+def _masks(root, split):
+    """Dict id -> mask array for one split, read back from disk."""
+    files = sorted(glob.glob(os.path.join(root, "SegmentationClassAug", f"{split}_*.png")))
+    return {os.path.basename(f)[:-4]: cv2.imread(f, cv2.IMREAD_UNCHANGED) for f in files}
+
+
+def _mtimes(root):
+    """Modification times of every file below root."""
+    return {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)}
+
+
+def test_layout_and_counts(root):
+    assert len(glob.glob(os.path.join(root, "JPEGImages", "*.jpg"))) == N_TRAIN + N_VAL
+    assert len(_masks(root, "train")) == N_TRAIN and len(_masks(root, "val")) == N_VAL
+    with open(os.path.join(root, "ImageSets", "Segmentation", "val.txt")) as f:
+        ids = f.read().split()
+    assert ids == sorted(ids) == [f"val_{i:06d}" for i in range(N_VAL)]
+    assert not any(i.startswith("train_") for i in ids)
+    with open(os.path.join(root, ".complete")) as f:
+        assert json.load(f) == dict(n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
+    assert len(common.SYNTHETIC_CLASS_NAMES) == 20 == len(set(common.SYNTHETIC_CLASS_NAMES))
+
+
+def test_mask_format_and_content(root):
+    for split in ("train", "val"):
+        for name, m in _masks(root, split).items():
+            assert m.dtype == np.uint8 and m.shape == (SIZE, SIZE), name
+            vals = set(np.unique(m).tolist())
+            assert vals <= set(range(21)) | {255}, (name, vals)
+            assert ((m > 0) & (m < 255)).any(), f"{name} has no object pixel"
+            img = cv2.imread(os.path.join(root, "JPEGImages", name + ".jpg"), cv2.IMREAD_UNCHANGED)
+            assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+            assert img.std() > 10  # textured, not blank
+
+
+def test_void_band_is_thin(root):
+    total = interior = 0
+    for m in _masks(root, "val").values():
+        void = (m == 255).astype(np.uint8)
+        assert void.any() and void.mean() < 0.25
+        # void pixels with no non-void 8-neighbour exist only where bands of touching objects merge
+        interior += cv2.erode(void, np.ones((3, 3), np.uint8), borderValue=0).sum()
+        total += void.sum()
+    assert interior / total < 0.1
+
+
+def test_all_classes_in_both_splits(root):
+    for split in ("train", "val"):
+        present = set().union(*(set(np.unique(m).tolist()) for m in _masks(root, split).values()))
+        assert set(range(1, 21)) <= present, (split, set(range(1, 21)) - present)
+
+
+def test_multi_class_share(root):
+    multi = [len(set(np.unique(m).tolist()) - {0, 255}) >= 2 for m in _masks(root, "train").values()]
+    assert np.mean(multi) >= 0.3
+
+
+def test_foreground_fraction_plausible(root):
+    fg = np.mean([((m > 0) & (m < 255)).mean() for m in _masks(root, "train").values()])
+    assert 0.1 < fg < 0.5
+
+
+def test_determinism(tmp_path):
+    a = common.make_synthetic(str(tmp_path / "a"), n_train=20, n_val=10, seed=3)
+    b = common.make_synthetic(str(tmp_path / "b"), n_train=20, n_val=10, seed=3)
+    c = common.make_synthetic(str(tmp_path / "c"), n_train=20, n_val=10, seed=4)
+    read = lambda r, n: open(os.path.join(r, "SegmentationClassAug", n), "rb").read()  # noqa: E731
+    names = sorted(os.listdir(os.path.join(a, "SegmentationClassAug")))
+    assert names == sorted(os.listdir(os.path.join(b, "SegmentationClassAug")))
+    assert all(read(a, n) == read(b, n) for n in names)
+    assert sum(read(a, n) != read(c, n) for n in names) > len(names) // 2
+
+
+def test_idempotent_no_rewrite(tmp_path):
+    r = common.make_synthetic(str(tmp_path / "d"), n_train=10, n_val=5)
+    for p in _mtimes(r):  # backdate every file so that any rewrite is detectable
+        os.utime(p, ns=(10**18, 10**18))
+    assert common.make_synthetic(r, n_train=10, n_val=5) == r
+    assert set(_mtimes(r).values()) == {10**18}
+
+
+def test_partial_dir_regenerated(tmp_path):
+    r = common.make_synthetic(str(tmp_path / "e"), n_train=10, n_val=5)
+    png = os.path.join(r, "SegmentationClassAug", "train_000003.png")
+    good = open(png, "rb").read()
+    os.remove(os.path.join(r, ".complete"))  # simulate an interrupted run
+    os.remove(png)
+    open(os.path.join(r, "SegmentationClassAug", "train_000099.png"), "wb").close()  # stale leftover
+    common.make_synthetic(r, n_train=10, n_val=5)
+    assert open(png, "rb").read() == good
+    assert not os.path.exists(os.path.join(r, "SegmentationClassAug", "train_000099.png"))
+    assert os.path.exists(os.path.join(r, ".complete"))
+
+
+def test_changed_parameters_regenerate(tmp_path):
+    r = common.make_synthetic(str(tmp_path / "f"), n_train=10, n_val=5)
+    common.make_synthetic(r, n_train=6, n_val=5)
+    assert len(_masks(r, "train")) == 6
+    with open(os.path.join(r, ".complete")) as f:
+        assert json.load(f)["n_train"] == 6
+
+
+# ---------- 11. data preparation (PASCAL VOC + SBD, COCO) ----------
+
+H, W = 16, 20
+
+
+def voc_palette():
+    """The standard VOC colour map (bit-interleaved), 256 entries."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def mask_with(*vals):
+    """HxW mask: background 0, vertical bands of the given class values, a 255 boundary column."""
+    m = np.zeros((H, W), np.uint8)
+    for k, v in enumerate(vals):
+        m[2:14, 2 + 5 * k:6 + 5 * k] = v
+    m[:, 1] = 255
+    return m
+
+
+def write_jpg(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cv2.imwrite(path, np.full((H, W, 3), 100, np.uint8))
+
+
+def write_p_png(path, arr):
+    img = Image.fromarray(arr, mode='P')
+    img.putpalette(voc_palette())
+    img.save(path)
+
+
+def read_png(path):
+    m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    assert m is not None and m.ndim == 2 and m.dtype == np.uint8
+    return m
+
+
+VOC_MASKS = {'2007_000001': mask_with(1, 15), '2007_000002': mask_with(20, 7),
+             '2007_000003': mask_with(3), '2007_000004': mask_with(12, 2, 9)}
+SBD_MASKS = {'2007_000002': np.full((H, W), 4, np.uint8),   # VOC must win
+             '2007_000003': np.full((H, W), 5, np.uint8),   # in VOC val: not in train_noval
+             '2008_000010': mask_with(11, 6), '2008_000011': mask_with(19)}
+
+
+@pytest.fixture
+def voc(tmp_path):
+    root = tmp_path / 'VOCdevkit' / 'VOC2012'
+    (root / 'SegmentationClass').mkdir(parents=True)
+    (root / 'ImageSets' / 'Segmentation').mkdir(parents=True)
+    for i in list(VOC_MASKS) + ['2008_000010', '2008_000011', '2009_000099']:
+        write_jpg(str(root / 'JPEGImages' / (i + '.jpg')))
+    for i, m in VOC_MASKS.items():
+        write_p_png(str(root / 'SegmentationClass' / (i + '.png')), m)
+    (root / 'ImageSets' / 'Segmentation' / 'train.txt').write_text('2007_000002\n2007_000001\n')
+    (root / 'ImageSets' / 'Segmentation' / 'val.txt').write_text('2007_000003\n2007_000004\n')
+    return str(root)
+
+
+@pytest.fixture
+def sbd(tmp_path):
+    sio = pytest.importorskip('scipy.io', reason='SBD .mat fixtures need scipy')
+    import scipy.sparse
+    root = tmp_path / 'benchmark_RELEASE' / 'dataset'
+    (root / 'cls').mkdir(parents=True)
+    for i, m in SBD_MASKS.items():
+        bnd = np.empty((20, 1), object)   # like the real files: a 20x1 cell of sparse boundary maps
+        for k in range(20):
+            bnd[k, 0] = scipy.sparse.csc_matrix((H, W), dtype=bool)
+        sio.savemat(str(root / 'cls' / (i + '.mat')), {'GTcls': {
+            'Segmentation': m, 'Boundaries': bnd, 'CategoriesPresent': np.unique(m[m > 0]).reshape(-1, 1)}})
+    (root / 'train.txt').write_text('2007_000002\n2008_000010\n')
+    (root / 'val.txt').write_text('2007_000003\n2008_000011\n')
+    return str(root)
+
+
+def lists(out):
+    d = os.path.join(out, 'ImageSets', 'Segmentation')
+    return {f[:-4]: open(os.path.join(d, f)).read().split('\n')[:-1] for f in os.listdir(d)}
+
+
+def snapshot(out):
+    res = {}
+    for sub in ('SegmentationClassAug', 'ImageSets/Segmentation'):
+        for f in sorted(os.listdir(os.path.join(out, sub))):
+            res[sub + '/' + f] = open(os.path.join(out, sub, f), 'rb').read()
+    for f in sorted(os.listdir(os.path.join(out, 'JPEGImages'))):
+        res['JPEGImages/' + f] = os.readlink(os.path.join(out, 'JPEGImages', f))
+    return res
+
+
+# ---------------------------------------------------------------- PASCAL
+
+def test_pascal_from_sbd_mat(voc, sbd, tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    counts = common.prepare_pascal(voc, sbd, out)
+    assert counts == {'val': 2, 'train': 2, 'train_noval': 3, 'trainaug': 4, 'oslsm': 4, 'masks': 6}
+    text = capsys.readouterr().out
+    assert 'WARNING' in text and '1449' in text and '5953' in text and '10582' in text
+    L = lists(out)
+    assert L['val'] == ['2007_000003', '2007_000004']
+    assert L['train'] == ['2007_000001', '2007_000002']
+    assert L['train_noval'] == ['2007_000002', '2008_000010', '2008_000011']
+    assert L['trainaug'] == ['2007_000001', '2007_000002', '2008_000010', '2008_000011']
+    seg = os.path.join(out, 'SegmentationClassAug')
+    assert sorted(f[:-4] for f in os.listdir(seg)) == sorted(set(VOC_MASKS) | set(SBD_MASKS))
+    for i, m in VOC_MASKS.items():               # palette indices (incl. 255), VOC wins over SBD
+        np.testing.assert_array_equal(read_png(os.path.join(seg, i + '.png')), m)
+    for i in ('2008_000010', '2008_000011'):
+        np.testing.assert_array_equal(read_png(os.path.join(seg, i + '.png')), SBD_MASKS[i])
+    link = os.path.join(out, 'JPEGImages', '2008_000010.jpg')
+    assert os.path.islink(link)
+    assert os.readlink(link) == os.path.abspath(os.path.join(voc, 'JPEGImages', '2008_000010.jpg'))
+    assert not os.path.exists(os.path.join(out, 'JPEGImages', '2009_000099.jpg'))
+    before = snapshot(out)
+    assert common.prepare_pascal(voc, sbd, out) == counts        # idempotent
+    assert snapshot(out) == before
+    assert not [f for f in os.listdir(seg) if 'tmp' in f]
+
+
+def test_pascal_train_noval_file(voc, sbd, tmp_path):
+    with open(os.path.join(sbd, 'train_noval.txt'), 'w') as f:
+        f.write('2008_000010\n2007_000003\n')   # a VOC val id is still dropped
+    out = str(tmp_path / 'out')
+    counts = common.prepare_pascal(voc, sbd, out)
+    assert lists(out)['train_noval'] == ['2008_000010']
+    assert counts['train_noval'] == 1 and counts['oslsm'] == 3 and counts['trainaug'] == 4
+
+
+def test_pascal_from_aug(voc, tmp_path):
+    aug = tmp_path / 'SegmentationClassAug'
+    aug.mkdir()
+    cv2.imwrite(str(aug / '2007_000002.png'), np.full((H, W), 4, np.uint8))   # VOC must win
+    cv2.imwrite(str(aug / '2008_000010.png'), mask_with(11, 6))
+    out = str(tmp_path / 'out')
+    counts = common.prepare_pascal(voc, None, out, aug=str(aug))
+    assert counts == {'val': 2, 'train': 2, 'train_noval': 2, 'trainaug': 3, 'oslsm': 3, 'masks': 5}
+    L = lists(out)
+    assert L['trainaug'] == ['2007_000001', '2007_000002', '2008_000010']
+    assert L['train_noval'] == ['2007_000002', '2008_000010']
+    seg = os.path.join(out, 'SegmentationClassAug')
+    np.testing.assert_array_equal(read_png(os.path.join(seg, '2007_000002.png')), VOC_MASKS['2007_000002'])
+    np.testing.assert_array_equal(read_png(os.path.join(seg, '2008_000010.png')), mask_with(11, 6))
+
+
+def test_pascal_missing_folder(voc, tmp_path):
+    seg = os.path.join(voc, 'SegmentationClass')
+    os.rename(seg, seg + '_gone')
+    with pytest.raises(KitError) as e:
+        common.prepare_pascal(voc, None, str(tmp_path / 'out'), aug=str(tmp_path))
+    assert seg in str(e.value) and 'SegmentationClass/' in str(e.value)
+    with pytest.raises(KitError) as e:
+        common.prepare_pascal(os.path.join(voc, 'nope'), None, str(tmp_path / 'out'), aug=str(tmp_path))
+    assert os.path.join(voc, 'nope') in str(e.value)
+
+
+def test_pascal_missing_sbd_cls(voc, sbd, tmp_path):
+    os.rename(os.path.join(sbd, 'cls'), os.path.join(sbd, 'cls_gone'))
+    with pytest.raises(KitError) as e:
+        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+    assert os.path.join(sbd, 'cls') in str(e.value)
+
+
+def test_pascal_bad_value_rejected(voc, sbd, tmp_path):
+    bad = os.path.join(voc, 'SegmentationClass', '2007_000004.png')
+    write_p_png(bad, mask_with(37))
+    with pytest.raises(KitError) as e:
+        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+    assert bad in str(e.value) and '37' in str(e.value)
+
+
+def test_pascal_bad_value_in_mat_rejected(voc, sbd, tmp_path):
+    import scipy.io
+    bad = os.path.join(sbd, 'cls', '2008_000011.mat')
+    scipy.io.savemat(bad, {'GTcls': {'Segmentation': mask_with(37)}})
+    with pytest.raises(KitError) as e:
+        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+    assert bad in str(e.value) and '37' in str(e.value)
+
+
+def test_pascal_rgb_mask_rejected(voc, tmp_path):
+    bad = os.path.join(voc, 'SegmentationClass', '2007_000001.png')
+    Image.fromarray(np.zeros((H, W, 3), np.uint8), 'RGB').save(bad)
+    with pytest.raises(KitError) as e:
+        common.prepare_pascal(voc, None, str(tmp_path / 'out'), aug=str(tmp_path))
+    assert bad in str(e.value)
+
+
+def test_pascal_no_scipy_message(voc, sbd, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'scipy.io', None)
+    monkeypatch.setitem(sys.modules, 'scipy', None)
+    with pytest.raises(KitError) as e:
+        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+    assert 'pip install scipy' in str(e.value) and '--aug' in str(e.value)
+
+
+# ---------------------------------------------------------------- COCO
+
+def rle_counts(mask):
+    """Uncompressed COCO RLE counts: column-major runs, starting with a (possibly empty) run of 0."""
+    flat = mask.flatten(order='F')
+    counts, cur, n = [], 0, 0
+    for v in flat:
+        if v != cur:
+            counts.append(n)
+            cur, n = v, 0
+        n += 1
+    counts.append(n)
+    return counts
+
+
+def box(r0, r1, c0, c1):
+    m = np.zeros((H, W), np.uint8)
+    m[r0:r1, c0:c1] = 1
+    return m
+
+
+@pytest.fixture
+def coco(tmp_path):
+    mu = pytest.importorskip('pycocotools.mask', reason='COCO tests need pycocotools')
+    root = tmp_path / 'coco'
+    (root / 'annotations').mkdir(parents=True)
+    cats = [{'id': 90, 'name': 'toothbrush'}, {'id': 1, 'name': 'person'}, {'id': 3, 'name': 'car'}]
+    small, crowd, comp = box(5, 9, 6, 10), box(0, H, 12, 18), box(10, 14, 1, 5)
+    train = {'images': [{'id': 9, 'file_name': 'COCO_train2014_000000000009.jpg', 'height': H, 'width': W},
+                        {'id': 25, 'file_name': 'COCO_train2014_000000000025.jpg', 'height': H, 'width': W}],
+             'categories': cats,
+             'annotations': [
+                 # small instance listed first with the lower id: area must decide the order
+                 {'id': 1, 'image_id': 9, 'category_id': 90, 'iscrowd': 0, 'area': 16.0, 'bbox': [6, 5, 4, 4],
+                  'segmentation': {'size': [H, W], 'counts': rle_counts(small)}},
+                 {'id': 3, 'image_id': 9, 'category_id': 3, 'iscrowd': 1, 'area': 96.0, 'bbox': [12, 0, 6, 16],
+                  'segmentation': {'size': [H, W], 'counts': rle_counts(crowd)}},
+                 {'id': 2, 'image_id': 9, 'category_id': 1, 'iscrowd': 0, 'area': 120.0, 'bbox': [2, 2, 12, 10],
+                  'segmentation': [[2, 2, 14, 2, 14, 12, 2, 12]]}]}
+    val = {'images': [{'id': 42, 'file_name': 'COCO_val2014_000000000042.jpg', 'height': H, 'width': W}],
+           'categories': cats,
+           'annotations': [{'id': 7, 'image_id': 42, 'category_id': 3, 'iscrowd': 0, 'area': 16.0,
+                            'bbox': [1, 10, 4, 4], 'segmentation': {
+                                'size': [H, W],
+                                'counts': mu.encode(np.asfortranarray(comp))['counts'].decode('ascii')}}]}
+    for split, js in (('train', train), ('val', val)):
+        (root / 'annotations' / ('instances_%s2014.json' % split)).write_text(json.dumps(js))
+        for im in js['images']:
+            write_jpg(str(root / ('%s2014' % split) / im['file_name']))
+    return str(root)
+
+
+def test_coco(coco, tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    counts = common.prepare_coco(coco, out)
+    assert counts == {'train': 1, 'val': 1}
+    assert 'WARNING' in capsys.readouterr().out
+    L = lists(out)
+    assert L == {'train': ['COCO_train2014_000000000009'], 'val': ['COCO_val2014_000000000042']}
+    seg = os.path.join(out, 'SegmentationClassAug')
+    assert sorted(os.listdir(seg)) == ['COCO_train2014_000000000009.png', 'COCO_val2014_000000000042.png']
+    exp = np.zeros((H, W), np.uint8)
+    exp[0:H, 12:18] = 255          # crowd over background only
+    exp[2:12, 2:14] = 1            # polygon rectangle, category id 1 -> class 1
+    exp[5:9, 6:10] = 3             # small instance (category 90 -> class 3) painted last, on top
+    got = read_png(os.path.join(seg, 'COCO_train2014_000000000009.png'))
+    np.testing.assert_array_equal(got, exp)
+    exp_val = np.zeros((H, W), np.uint8)
+    exp_val[10:14, 1:5] = 2        # compressed RLE, category id 3 -> class 2
+    np.testing.assert_array_equal(read_png(os.path.join(seg, 'COCO_val2014_000000000042.png')), exp_val)
+    link = os.path.join(out, 'JPEGImages', 'COCO_train2014_000000000009.jpg')
+    assert os.readlink(link) == os.path.abspath(os.path.join(coco, 'train2014', 'COCO_train2014_000000000009.jpg'))
+    assert sorted(os.listdir(os.path.join(out, 'JPEGImages'))) == [
+        'COCO_train2014_000000000009.jpg', 'COCO_val2014_000000000042.jpg']
+    before = snapshot(out)
+    assert common.prepare_coco(coco, out) == counts
+    assert snapshot(out) == before
+
+
+def test_coco_rle_helper_matches_pycocotools(coco):
+    from pycocotools import mask as mu
+    m = box(5, 9, 6, 10)
+    np.testing.assert_array_equal(mu.decode(mu.frPyObjects({'size': [H, W], 'counts': rle_counts(m)}, H, W)), m)
+    poly = mu.decode(mu.merge(mu.frPyObjects([[2, 2, 14, 2, 14, 12, 2, 12]], H, W)))
+    np.testing.assert_array_equal(poly, box(2, 12, 2, 14))
+
+
+def test_coco_missing_annotation(coco, tmp_path):
+    ann = os.path.join(coco, 'annotations', 'instances_val2014.json')
+    os.remove(ann)
+    with pytest.raises(KitError) as e:
+        common.prepare_coco(coco, str(tmp_path / 'out'))
+    assert ann in str(e.value)
+    with pytest.raises(KitError) as e:
+        common.prepare_coco(str(tmp_path / 'nowhere'), str(tmp_path / 'out'))
+    assert os.path.join(str(tmp_path / 'nowhere'), 'annotations') in str(e.value)

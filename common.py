@@ -468,6 +468,110 @@ def guide_centers(centers, guidance, mu):
     return torch.where(m.sum(0) > 0, mu * centers + (1 - mu) * F.normalize(g_hat, dim=0), centers)  # Eq. 7
 
 
+# ============ 7. The ASPP-PFENet few-shot model (paper Sec. 3.1; protocol.md 5.3-5.4) ============
+def masked_average_pooling(feat, mask):
+    """Prototype p = sum_hw F*M / (sum_hw M + 0.0005) (PFENet). feat (B, C, H, W), mask (B, 1, H, W) -> (B, C)."""
+    return (feat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 5e-4)
+
+
+def prior_mask(query_feat, support_feat, support_mask):
+    """PFENet's training-free prior for ONE shot (the caller averages shots): for each query position the
+    max over support positions of cos(f_q, f_s * M), then min-max over the query's positions.
+    query_feat (B, C, H, W), support_feat (B, C, h, w), support_mask (B, 1, h, w) -> (B, 1, H, W) in [0, 1]."""
+    b, _, h, w = query_feat.shape
+    q = query_feat.flatten(2)  # (B, C, Nq)
+    s = (support_feat * support_mask).flatten(2)  # (B, C, Ns)
+    cos = torch.bmm(s.transpose(1, 2), q) / (s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None, :] + 1e-7)  # (B, Ns, Nq)
+    prior = cos.max(1).values  # (B, Nq)
+    lo, hi = prior.min(1, keepdim=True).values, prior.max(1, keepdim=True).values
+    return ((prior - lo) / (hi - lo + 1e-7)).view(b, 1, h, w)  # (B, 1, H, W)
+
+
+def resize(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # protocol.md 7.12
+
+
+def frozen_features(backbone, images, masks=None):
+    """One no-grad pass of the frozen backbone. images (N, 3, H, W) -> mid (N, C2+C3, h, w): layer3 and
+    layer2 concatenated (VGG's layer2 resized to layer3), high = layer4 (N, C4, h', w'). With masks
+    (N, 1, H, W) in {0, 1} (a support), layer4 runs on layer3 * M as in PFENet, and the masks resized
+    to both sizes are returned too: (mid, high, mask_mid, mask_high)."""
+    with torch.no_grad():
+        f2 = backbone.layer2(backbone.layer1(backbone.layer0(images)))
+        f3 = backbone.layer3(f2)
+        mid = torch.cat([f3, resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2], 1)
+        if masks is None:
+            return mid, backbone.layer4(f3)
+        m3 = resize(masks, f3.shape[-2:])  # soft mask at the feature size (protocol.md 5.3)
+        high = backbone.layer4(f3 * m3)
+        return mid, high, m3, resize(masks, high.shape[-2:])
+
+
+def shot_prior(q_high, s_high, s_mask, shots):
+    """K-shot prior = mean over shots of prior_mask. q_high (B, C, H, W), s_high (B*S, C, h, w)."""
+    s_high, s_mask = s_high.unflatten(0, (-1, shots)), s_mask.unflatten(0, (-1, shots))  # (B, S, ...)
+    return torch.stack([prior_mask(q_high, s_high[:, k], s_mask[:, k]) for k in range(shots)]).mean(0)
+
+
+class ASPP(nn.Module):
+    """BAM's ASPP_meta: global pool + 1x1, 1x1, 3x3 dilated 6/12/18, each conv + ReLU, concatenated.
+    (B, C, H, W) -> (B, 5C, H, W). Kaiming-normal init as BAM."""
+
+    def __init__(self, c=256):
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))] + [
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.ReLU(inplace=True)) for d in (6, 12, 18)])
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        g = self.pool(x).expand(-1, -1, *x.shape[-2:])  # (B, C, H, W): the pooled vector broadcast back
+        return torch.cat([g] + [b(x) for b in self.branches], 1)  # (B, 5C, H, W)
+
+
+def _conv_relu(c_in, c_out, k):
+    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
+
+
+class AsppPFENet(nn.Module):
+    """ASPP PFENet (paper Sec. 3.1): BAM's meta learner without the base-learner ensemble. The backbone
+    is frozen (no gradient, BN always in eval); everything else trains."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        mid = backbone.channels[2] + backbone.channels[3]
+        self.down_query = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
+        self.down_supp = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
+        self.init_merge = nn.Sequential(*_conv_relu(256 * 2 + 1, 256, 1))  # [query, prototype, prior]
+        self.aspp = ASPP(256)
+        self.res1 = nn.Sequential(*_conv_relu(256 * 5, 256, 1))
+        self.res2 = nn.Sequential(*_conv_relu(256, 256, 3), *_conv_relu(256, 256, 3))
+        self.cls = nn.Sequential(*_conv_relu(256, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, 2, 1))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()  # BN statistics frozen (BAM fix_bn, protocol.md 5.2)
+        return self
+
+    def forward(self, query, support, support_mask):
+        """query (B, 3, H, W), support (B, S, 3, H, W), support_mask (B, S, H, W) in {0, 1, 255}
+        -> logits (B, 2, H, W), upsampled bilinearly (align_corners) to the input size."""
+        shots = support.shape[1]
+        q_mid, q_high = frozen_features(self.backbone, query)
+        m = (support_mask == 1).float().flatten(0, 1).unsqueeze(1)  # (B*S, 1, H, W); 255 -> 0
+        s_mid, s_high, m_mid, m_high = frozen_features(self.backbone, support.flatten(0, 1), m)
+        q = self.down_query(q_mid)  # (B, 256, h, w)
+        proto = masked_average_pooling(self.down_supp(s_mid), m_mid).unflatten(0, (-1, shots)).mean(1)  # (B, 256)
+        prior = resize(shot_prior(q_high, s_high, m_high, shots), q.shape[-2:])  # (B, 1, h, w)
+        x = self.init_merge(torch.cat([q, proto[:, :, None, None].expand_as(q), prior], 1))  # (B, 513, h, w) in
+        x = self.res1(self.aspp(x))  # (B, 1280, h, w) -> (B, 256, h, w)
+        x = self.res2(x) + x
+        return resize(self.cls(x), query.shape[-2:])  # (B, 2, H, W)
+
+
 # ============ 8. Metrics (protocol.md 4.3) ============
 class FewShotIoU:
     """Per-class IoU summed over all episodes of a class, mIoU over the classes, FB-IoU; in percent."""
@@ -501,6 +605,118 @@ class FewShotIoU:
 
     def fb_iou(self):
         return float(100 * (self.fb_inter / (self.fb_union + 1e-10)).mean())
+
+
+# ============ 8b. Episodic evaluation shared by evaluate.py and nonparametric_eval.py ============
+def add_eval_args(parser):
+    g = parser.add_argument_group("episodic evaluation (protocol.md 3.2, 4)")
+    g.add_argument("--episodes", type=int, default=1000, help="episodes per seed (BAM/HSNet, protocol.md 4.1); "
+                   "default %(default)s; use >= 10000 on COCO (protocol.md 7.8)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988],
+                   help="one evaluation per seed, reported as mean +- std (BAM test.py's seeds); default %(default)s")
+    g.add_argument("--json", help="write the results to this file")
+    g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, bcpt K=6...)")
+    g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
+
+
+def pretrain_label(weights):
+    """Table row name of a backbone source: imagenet, none, or pretrain_bcpt.py's method and variant."""
+    if weights in (None, "none", "imagenet"):
+        return weights or "none"
+    a = load_checkpoint(weights).get("args", {})
+    if "method" not in a:
+        return os.path.basename(weights)
+    return a["method"] + (" no-guidance" if a.get("no_guidance") else "") + (f" K={a['K']}" if a["method"] == "bcpt" else "")
+
+
+def run_episodes(args, data, seed, predict, decide):
+    """One seed: args.episodes fixed val episodes of the novel classes (batch 1, test geometry, scored at
+    the original label size, protocol.md 3.2). predict(item) -> scores (1, C, s, s) on the test canvas;
+    decide(scores (1, C, L, L)) -> {name: prediction (L, L) in {0, 1}}. -> ({name: FewShotIoU}, seconds)."""
+    ids, counts = data["val"]
+    ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.novel, args.shot, args.min_pixels, seed,
+                        test_size=args.test_size, episodes=args.episodes)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=args.workers)
+    meters, t_model, t0 = {}, 0.0, time.perf_counter()
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    for item in loader:
+        t1 = time.perf_counter()
+        scores = predict(item)
+        sync()
+        t_model += time.perf_counter() - t1
+        scores, target = logits_at_label_size(scores.float().cpu(), item["raw_label"][0])
+        for name, pred in decide(scores).items():
+            meters.setdefault(name, FewShotIoU(args.novel)).update(pred, target, int(item["cls"]))
+    return meters, {"total": time.perf_counter() - t0, "model": t_model}
+
+
+def summarize(meters, seeds):
+    """Mean +- sample std (ddof 1; 0 for one seed) over seeds of mIoU and FB-IoU; per-class IoU averaged."""
+    per_seed = [{"seed": s, "miou": m.miou(), "fb_iou": m.fb_iou(), "class_iou": m.class_iou()} for s, m in zip(seeds, meters)]
+    std = lambda key: float(np.std([r[key] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
+    classes = per_seed[0]["class_iou"]
+    return {"miou": float(np.mean([r["miou"] for r in per_seed])), "miou_std": std("miou"),
+            "fb_iou": float(np.mean([r["fb_iou"] for r in per_seed])), "fb_iou_std": std("fb_iou"),
+            "class_iou": {c: float(np.mean([r["class_iou"][c] for r in per_seed])) for c in classes},
+            "per_seed": per_seed}
+
+
+def evaluate_seeds(args, data, predict, decide):
+    """run_episodes for every seed in args.seeds; prints each seed, the speed and the mean +- std.
+    -> {name: summary} (see summarize)."""
+    if args.dataset == "coco" and args.episodes < 10000:
+        print(f"warning: {args.episodes} COCO episodes move mIoU by 2-3 points between seeds; "
+              "use --episodes 10000 to compare methods (protocol.md 7.8)")
+    runs, total, model = [], 0.0, 0.0
+    for seed in args.seeds:
+        meters, t = run_episodes(args, data, seed, predict, decide)
+        runs.append(meters)
+        total, model = total + t["total"], model + t["model"]
+        print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}" for k, m in meters.items()))
+    print(f"speed: {len(args.seeds) * args.episodes / total:.1f} episodes/s, {100 * model / total:.0f}% of the time in the model")
+    out = {name: summarize([r[name] for r in runs], args.seeds) for name in runs[0]}
+    for name, r in out.items():
+        print(f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- {r['fb_iou_std']:.2f} "
+              f"over {len(args.seeds)} seeds; class IoU " + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items()))
+    return out
+
+
+def write_results(path, summary, args, **fields):
+    """The results JSON of evaluate.py / nonparametric_eval.py (schema: issue 4, plus `fields`)."""
+    protocol = {"split": "val, novel classes", "query_order": "val list in order, wrapping", "batch": 1,
+                "test_size": args.test_size, "scoring": "logits resized to max(H, W) of the original label (ori_resize)",
+                "ignore": IGNORE, "min_pixels": args.min_pixels, "train_pool": args.train_pool,
+                "coco_split": args.coco_split, "std": "sample std over seeds"}
+    out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
+           "dataset": args.dataset, "backbone": args.backbone, "protocol": protocol, **fields}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+
+
+def format_table(paths):
+    """Paper Table 1 / 2 layout: one row per (dataset, backbone, method, pre-training) over the files,
+    folds 0-3 and mean per shot; several files in one cell (e.g. training seeds) print as mean+-std."""
+    cells, shots = {}, set()
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"])
+        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append(r["miou"])
+        shots.add(r["shot"])
+    cell = lambda v: "-" if not v else f"{np.mean(v):.2f}" + (f"+-{np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+    head = ["Dataset", "Backbone", "Method", "Pre-train"] + [f"{s}-shot {c}" for s in sorted(shots)
+                                                             for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, got in sorted(cells.items()):
+        vals = []
+        for s in sorted(shots):
+            folds = [got.get((s, f), []) for f in range(4)]
+            means = [np.mean(v) for v in folds if v]
+            vals += [cell(v) for v in folds] + [(f"{np.mean(means):.2f}" + ("*" if len(means) < 4 else "")) if means else "-"]
+        lines.append("| " + " | ".join(list(row) + vals) + " |")
+    return "\n".join(lines + ["mIoU in %; * = mean over the folds present only."])
 
 
 # ============ 9. Plumbing: flags, seeds, checkpoints, progress ============
@@ -555,8 +771,8 @@ def finish_args(args, stage, stage_defaults):
 
 def open_data(args):
     """Pools and per-class pixel counts of both splits; generates the synthetic world on first use."""
-    if args.dataset == "synthetic":
-        make_synthetic(args.data_root)
+    if args.dataset == "synthetic" and not os.path.exists(os.path.join(args.data_root, ".complete")):
+        make_synthetic(args.data_root)  # an existing world (of any size) is used as it is
     train_ids, val_ids = image_pools(args.data_root, args.train_pool)
     n = N_CLASSES[args.dataset]
     data = {"train": (train_ids, class_pixel_counts(args.data_root, train_ids, n, args.workers)),

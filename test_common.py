@@ -676,3 +676,87 @@ def test_coco_missing_annotation(coco, tmp_path):
     with pytest.raises(KitError) as e:
         common.prepare_coco(str(tmp_path / 'nowhere'), str(tmp_path / 'out'))
     assert os.path.join(str(tmp_path / 'nowhere'), 'annotations') in str(e.value)
+
+
+# ---------- 6. BCPT equations, hand-computed (pretrain_bcpt.py) ----------
+def test_cluster_assign_and_eq1_with_empty_cluster():
+    centers = torch.tensor([[1.0, 0.0, 0.6], [0.0, 2.0, 0.8]])  # p1 (1, 0), p2 (0, 2), p3 (0.6, 0.8)
+    emb = torch.tensor([[3.0, 0.0, 0.0], [4.0, 1.0, 3.0]])  # pixels (3, 4), (0, 1), (0, 3)
+    assign = common.cluster_assign(centers, emb)  # S = P^T I: (3, 4) -> 3, 8, 5.0; (0, 1) -> 0, 2, 0.8
+    assert assign.tolist() == [1, 1, 1]
+    assign = torch.tensor([0, 1, 1])  # p3 gets no pixel
+    new = common.momentum_update(centers, emb, assign, mu=0.5)
+    # p1: 0.5 (1, 0) + 0.5 (3, 4)/5 = (0.8, 0.4); p2: 0.5 (0, 1) + 0.5 (0, 4)/4 = (0, 1); p3 unchanged
+    assert torch.allclose(new, torch.tensor([[0.8, 0.0, 0.6], [0.4, 1.0, 0.8]]))
+
+
+def test_eq2_matches_explicit_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    emb, centers = torch.randn(8, 50, generator=g), torch.randn(8, 4, generator=g)
+    assign = common.cluster_assign(centers, emb)
+    expected = 0.0
+    for n in range(50):
+        scores = [float(emb[:, n] @ centers[:, k]) for k in range(4)]
+        expected += -(scores[assign[n]] - np.log(np.sum(np.exp(scores))))
+    assert common.background_mining_loss(emb, centers, assign).item() == pytest.approx(expected / 50, rel=1e-5)
+
+
+def test_eqs6_7_two_guidance_vectors_on_one_centre():
+    centers = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    guidance = torch.tensor([[2.0, 1.0], [1.0, 0.5]])  # g1 (2, 1), g2 (1, 0.5): both most similar to p1
+    new = common.guide_centers(centers, guidance, mu=0.9)
+    g_hat = np.array([3.0, 1.5]) / np.hypot(3.0, 1.5)
+    assert torch.allclose(new[:, 0], torch.tensor(0.9 * np.array([1.0, 0.0]) + 0.1 * g_hat, dtype=torch.float32))
+    assert torch.equal(new[:, 1:], centers[:, 1:])  # centres given no guidance vector are unchanged
+
+
+def test_kmeans_is_deterministic_and_correct():
+    x = torch.tensor([[0.0, 0.2, 10.0, 10.4, 0.1], [0.0, 0.0, 5.0, 5.0, 0.3]])  # two groups of columns
+    init = common.farthest_point_init(x, 2)
+    assert torch.equal(init, common.farthest_point_init(x, 2)) and torch.equal(init[:, 0], x[:, 0])
+    g = common.kmeans(x, init)
+    assert torch.allclose(g[:, 0], x[:, [0, 1, 4]].mean(1)) and torch.allclose(g[:, 1], x[:, [2, 3]].mean(1))
+    assert torch.equal(common.kmeans(x, g), g)  # a warm start from the solution stays there
+
+
+# ---------- pretrain_bcpt.py end to end ----------
+def pretrain_args(root, out, *extra):
+    return ["--data-root", root, "--out", str(out), "--workers", "0", "--crop", "48", "--batch", "4",
+            "--epochs", "1", "--min-pixels", "64", "--log-every", "1", "--seed", "3", *extra]
+
+
+@pytest.mark.parametrize("method", ["standard", "bcpt"])
+def test_pretrain_smoke(synthetic_root, tmp_path, method, capsys):
+    import pretrain_bcpt
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, "--method", method, "--max-iters", "3",
+                                     "--vis-clusters", "2"))
+    ckpt = common.load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["iter"] == 3 and ckpt["args"]["method"] == method and ckpt["args"]["fold"] == 0
+    assert ("centers" in ckpt["model"]) == (method == "bcpt")
+    out = capsys.readouterr().out
+    assert "[3/3] loss" in out and (("clusters [" in out) == (method == "bcpt"))
+    if method == "bcpt":
+        assert len(os.listdir(tmp_path / "clusters")) == 2
+        assert ckpt["model"]["centers"].shape == (512, 6) and ckpt["model"]["W.weight"].shape[0] == 15
+
+
+def test_pretrain_resume_is_exact(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "a", "--max-iters", "4"))
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "2"))
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "4", "--resume"))
+    a, b = (common.load_checkpoint(str(tmp_path / d / "last.pt")) for d in "ab")
+    assert a["iter"] == b["iter"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # weights, BN statistics, centres, guidance
+    with pytest.raises(KitError, match="--K 6 but this run has --K 3"):
+        pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--K", "3", "--resume"))
+
+
+def test_pretrain_nan_loss_stops_and_keeps_last_good(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    with pytest.raises(KitError, match=r"loss is (nan|inf) at iteration (\d+).*--lr") as e:
+        pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, "--lr", "1e12", "--max-iters", "20"))
+    stopped = int(__import__("re").search(r"iteration (\d+)", str(e.value)).group(1))
+    ckpt = common.load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["iter"] == stopped and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -1,0 +1,137 @@
+"""evaluate.py: the few-shot test of a metatrain.py checkpoint (paper Sec. 3.2, Table 1; protocol.md 3.2, 4).
+
+Episodes: --episodes per seed, drawn up front from the seed (the same for any worker count), walking the
+fold's val list in order; test geometry of protocol.md 3.2 (keep-aspect resize to --test-size, logits
+resized to the original label size, 255 ignored), batch 1. Reports per seed and mean +- std over the seeds
+(never a "best seed"): mIoU (per-class IoU over the novel classes) and FB-IoU in percent, episodes/s and
+the share of time spent in the model. Dataset, fold, shot, backbone and data root come from the checkpoint;
+a flag passed explicitly that disagrees with it is refused.
+
+Outputs: --json FILE (schema of issue 4), --vis DIR (Fig. 2-style PNGs; with --compare, the two
+predictions side by side), --table FILE... (a Table 1-style table from several JSON files).
+
+Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
+    python evaluate.py --checkpoint runs/meta-f0/last.pt --json results/bcpt-f0-1shot.json
+CPU smoke run on the built-in synthetic benchmark:
+    python evaluate.py --checkpoint runs/metatrain-synthetic-fold0-1shot/last.pt --episodes 100 --seeds 510
+"""
+import argparse
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from common import (MEAN, STD, AsppPFENet, EpisodeDataset, KitError, add_common_args, add_eval_args,
+                    build_backbone, evaluate_seeds, finish_args, format_table, load_checkpoint, open_data,
+                    pretrain_label, run, write_results)
+
+STAGE_DEFAULTS = {"pascal": {}, "coco": {}, "synthetic": {}}  # everything else comes from the checkpoint
+FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
+                   "train_pool", "coco_split", "crop")
+MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights", "crop")  # refused if typed and different
+
+
+def parse_args(argv):
+    p = add_eval_args(add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
+    p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
+    p.add_argument("--shot", type=int, help="supports per episode; must match the checkpoint (default: the checkpoint's)")
+    p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "
+                                     "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)")
+    p.add_argument("--vis", help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here")
+    p.add_argument("--vis-count", type=int, default=8, help="episodes drawn by --vis; default %(default)s")
+    args = p.parse_args(argv)
+    return args, typed_flags(p, argv)
+
+
+def typed_flags(parser, argv):
+    """{dest: value} of the flags given on the command line (not argparse's defaults)."""
+    saved = [(a, a.default) for a in parser._actions]
+    for a, _ in saved:
+        a.default = argparse.SUPPRESS
+    try:
+        return vars(parser.parse_args(argv))
+    finally:
+        for a, default in saved:
+            a.default = default
+
+
+def load_model(path, ckpt, device):
+    """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole model)."""
+    if ckpt.get("stage") != "metatrain":
+        raise KitError(f"{path} is not a metatrain.py checkpoint (stage {ckpt.get('stage')!r}): pass metatrain's "
+                       "<out>/last.pt; backbones alone are scored by nonparametric_eval.py")
+    model = AsppPFENet(build_backbone(ckpt["args"]["backbone"], "none"))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.to(device).eval()
+
+
+# ============ Fig. 2-style pictures: support + mask, query + ground truth, prediction(s) ============
+def panel(x, mask, colour, title):
+    """x (3, s, s) normalised canvas, mask (s, s) -> BGR uint8 panel, mask==1 tinted, with a title bar."""
+    img = np.clip(x.permute(1, 2, 0).numpy() * STD + MEAN, 0, 255)[:, :, ::-1]  # (s, s, 3) RGB -> BGR
+    img = np.where((mask.numpy() == 1)[..., None], 0.45 * img + 0.55 * np.array(colour), img).astype(np.uint8)
+    img = cv2.resize(img, None, fx=max(1, 256 // img.shape[0]), fy=max(1, 256 // img.shape[0]),
+                     interpolation=cv2.INTER_NEAREST)  # small synthetic canvases drawn larger
+    bar = np.full((22, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, img], 0)
+
+
+@torch.no_grad()
+def write_vis(args, data, models, device):
+    ids, counts = data["val"]  # the first episodes of the first seed: the same ones the scores use
+    ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.novel, args.shot, args.min_pixels,
+                        args.seeds[0], test_size=args.test_size, episodes=args.vis_count)
+    os.makedirs(args.vis, exist_ok=True)
+    for k in range(len(ds)):
+        it = ds[k]
+        row = [panel(it["support"][0], it["support_mask"][0], (0, 200, 255), f"support (class {it['cls']})"),
+               panel(it["query"], it["query_mask"], (0, 220, 0), "query + ground truth")]
+        for name, model in models.items():
+            logits = model(it["query"][None].to(device), it["support"][None].to(device),
+                           it["support_mask"][None].to(device))  # (1, 2, s, s)
+            row.append(panel(it["query"], logits.argmax(1)[0].cpu(), (255, 80, 0), name))
+        cv2.imwrite(os.path.join(args.vis, f"episode{k:03d}_class{it['cls']}.png"), np.concatenate(row, 1))
+    print(f"wrote {len(ds)} pictures to {args.vis}")
+
+
+# ============ the evaluation ============
+def main(argv=None):
+    args, typed = parse_args(argv)
+    if args.table:
+        print(format_table(args.table))
+        return
+    if not args.checkpoint:
+        raise KitError("--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table")
+    if args.compare and not args.vis:
+        raise KitError("--compare only adds a column to the pictures: add --vis DIR")
+    ckpt = load_checkpoint(args.checkpoint, {k: typed[k] for k in MUST_MATCH if k in typed})
+    for k in FROM_CHECKPOINT:
+        if k not in typed:
+            setattr(args, k, ckpt["args"][k])
+    args = finish_args(args, "evaluate", STAGE_DEFAULTS)
+    device = torch.device(args.device)
+    model = load_model(args.checkpoint, ckpt, device)
+    label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
+    print(f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
+          f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds {args.seeds}")
+    data = open_data(args)
+    with torch.no_grad():
+        predict = lambda it: model(it["query"].to(device), it["support"].to(device), it["support_mask"].to(device))
+        result = evaluate_seeds(args, data, predict, lambda s: {"ASPP-PFENet": s.argmax(1)[0]})["ASPP-PFENet"]
+    if args.json:
+        write_results(args.json, result, args, method="ASPP-PFENet", pretrained=label, weights=args.weights,
+                      select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"])
+    if args.vis:
+        models = {f"prediction: {label}": model}
+        if args.compare:
+            other = load_checkpoint(args.compare, {k: getattr(args, k) for k in ("dataset", "fold", "shot")})
+            models[f"prediction: {other['args'].get('pretrain_label', 'compare')} (compare)"] = (
+                load_model(args.compare, other, device))
+        write_vis(args, data, models, device)
+    return result
+
+
+if __name__ == "__main__":
+    run(main)

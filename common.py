@@ -617,6 +617,7 @@ def add_eval_args(parser):
     g.add_argument("--json", help="write the results to this file")
     g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, bcpt K=6...)")
     g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
+    return parser
 
 
 def pretrain_label(weights):
@@ -826,6 +827,15 @@ def load_checkpoint(path, expect=None):
             raise KitError(f"checkpoint {path} was made with --{key.replace('_', '-')} {saved[key]} "
                            f"but this run has --{key.replace('_', '-')} {want}: pass the matching checkpoint or flag")
     return ckpt
+
+
+def resume_from(path, expect):
+    """--resume: the checkpoint at `path` checked against `expect`, or None (a fresh start, said so) if
+    there is none yet, so one command both starts and continues a run."""
+    if not os.path.isfile(path):
+        print(f"--resume: no {path} yet, starting from iteration 0")
+        return None
+    return load_checkpoint(path, expect)
 
 
 class Progress:
@@ -1224,3 +1234,79 @@ def prepare_coco(coco, out):
         counts[split] = len(ids)
     _report('coco', counts, EXPECTED_COCO)
     return counts
+
+
+# ============ 12. Checks and the command line (python common.py ...) ============
+EXPECTED_FOLDS = {  # BAM's released fss lists (protocol.md 1.4), PASCAL-5i, 5953-image pool, 2048-pixel rule
+    ("pascal", "oslsm"): {"train": [4208, 3726, 2752, 4510], "val": [364, 445, 592, 336]}}
+
+
+def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved", workers=2):
+    """Per fold: images of the training list (BAM: novel-containing dropped; PFENet: kept) and of the val list,
+    and per class the support pool sizes after the pixel rule (protocol.md 1.4 / 2.3). Returns the numbers."""
+    train_ids, val_ids = image_pools(root, train_pool)
+    n = N_CLASSES[dataset]
+    ct, cv = class_pixel_counts(root, train_ids, n, workers), class_pixel_counts(root, val_ids, n, workers)
+    expected = EXPECTED_FOLDS.get((dataset, train_pool), {})
+    print(f"{dataset} at {root}: train pool {len(train_ids)} images ({train_pool}), val {len(val_ids)}; "
+          f"pixel rule >= {min_pixels}")
+    out = []
+    for fold in range(4):
+        novel, base = novel_classes(dataset, fold, coco_split), base_classes(dataset, fold, coco_split)
+        no_novel = ct[:, novel].sum(1) == 0  # BAM drops an image with any pixel of a novel class
+        has_base, has_novel = (ct[:, base] >= min_pixels).any(1), (cv[:, novel] >= min_pixels).any(1)
+        r = {"fold": fold, "train_bam": int((has_base & no_novel).sum()), "train_pfenet": int(has_base.sum()),
+             "val": int(has_novel.sum()),
+             "train_pools": {c: int(((ct[:, c] >= min_pixels) & no_novel).sum()) for c in base},
+             "val_pools": {c: int((cv[:, c] >= min_pixels).sum()) for c in novel}}
+        want = lambda key: f" (BAM's lists: {expected[key][fold]})" if expected else ""
+        print(f"fold {fold}: train {r['train_bam']} images without novel classes{want('train')}, "
+              f"{r['train_pfenet']} keeping them; val {r['val']}{want('val')}")
+        print("  val pools (novel): " + " ".join(f"{c}:{k}" for c, k in r["val_pools"].items()))
+        print("  train pools (base, BAM): " + " ".join(f"{c}:{k}" for c, k in r["train_pools"].items()))
+        out.append(r)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="BCPT kit data commands: build and check the data roots")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("make-synthetic", help="write the synthetic benchmark (VOC layout)")
+    s.add_argument("--out", default=DATASET_DEFAULTS["synthetic"]["data_root"], help="default %(default)s")
+    s.add_argument("--n-train", type=int, default=2000)
+    s.add_argument("--n-val", type=int, default=500)
+    s.add_argument("--size", type=int, default=96, help="image side in pixels; default %(default)s")
+    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("prepare-pascal", help="PASCAL VOC2012 + SBD -> SegmentationClassAug and lists")
+    s.add_argument("--voc", required=True, help="VOCdevkit/VOC2012 (JPEGImages, SegmentationClass, ImageSets)")
+    s.add_argument("--sbd", help="SBD benchmark_RELEASE/dataset (cls/*.mat, img/, train.txt, val.txt); needs scipy")
+    s.add_argument("--aug", help="an existing SegmentationClassAug folder, instead of --sbd")
+    s.add_argument("--train-noval", help="SBD's published train_noval.txt (5623 ids), for the 5953-image pool")
+    s.add_argument("--out", required=True)
+    s = sub.add_parser("prepare-coco", help="COCO2014 instances -> one class-index PNG per image and lists")
+    s.add_argument("--coco", required=True, help="folder with annotations/, train2014/, val2014/; needs pycocotools")
+    s.add_argument("--out", required=True)
+    s = sub.add_parser("verify", help="print per-fold, per-class image counts after the pixel rule")
+    s.add_argument("--dataset", required=True, choices=sorted(N_CLASSES))
+    s.add_argument("--data-root", required=True)
+    s.add_argument("--min-pixels", type=int, help="default: 2048 (128 synthetic)")
+    s.add_argument("--train-pool", default="aug", choices=["aug", "oslsm"])
+    s.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"])
+    s.add_argument("--workers", type=int, default=4)
+    a = p.parse_args(argv)
+    if a.command == "make-synthetic":
+        make_synthetic(a.out, a.n_train, a.n_val, a.size, a.seed)
+        print(f"synthetic benchmark at {a.out}")
+    elif a.command == "prepare-pascal":
+        if not (a.sbd or a.aug):
+            raise KitError("prepare-pascal needs --sbd benchmark_RELEASE/dataset or --aug SegmentationClassAug")
+        prepare_pascal(a.voc, a.sbd, a.out, a.aug, a.train_noval)
+    elif a.command == "prepare-coco":
+        prepare_coco(a.coco, a.out)
+    else:
+        verify(a.dataset, a.data_root, a.min_pixels or DATASET_DEFAULTS[a.dataset]["min_pixels"], a.train_pool,
+               a.coco_split, a.workers)
+
+
+if __name__ == "__main__":
+    run(main)

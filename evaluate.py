@@ -56,11 +56,18 @@ def typed_flags(parser, argv):
             a.default = default
 
 
-def load_model(path, ckpt, device):
-    """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole model)."""
-    if ckpt.get("stage") != "metatrain":
-        raise KitError(f"{path} is not a metatrain.py checkpoint (stage {ckpt.get('stage')!r}): pass metatrain's "
+def metatrain_checkpoint(path, expect):
+    """load_checkpoint, refusing anything but metatrain.py's output."""
+    ckpt = load_checkpoint(path, expect)
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != "metatrain":
+        stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
+        raise KitError(f"{path} is not a metatrain.py checkpoint (stage {stage!r}): pass metatrain's "
                        "<out>/last.pt; backbones alone are scored by nonparametric_eval.py")
+    return ckpt
+
+
+def load_model(ckpt, device):
+    """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole model)."""
     model = AsppPFENet(build_backbone(ckpt["args"]["backbone"], "none"))
     model.load_state_dict(ckpt["model"], strict=True)
     return model.to(device).eval()
@@ -106,13 +113,13 @@ def main(argv=None):
         raise KitError("--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table")
     if args.compare and not args.vis:
         raise KitError("--compare only adds a column to the pictures: add --vis DIR")
-    ckpt = load_checkpoint(args.checkpoint, {k: typed[k] for k in MUST_MATCH if k in typed})
+    ckpt = metatrain_checkpoint(args.checkpoint, {k: typed[k] for k in MUST_MATCH if k in typed})
     for k in FROM_CHECKPOINT:
         if k not in typed:
             setattr(args, k, ckpt["args"][k])
     args = finish_args(args, "evaluate", STAGE_DEFAULTS)
     device = torch.device(args.device)
-    model = load_model(args.checkpoint, ckpt, device)
+    model = load_model(ckpt, device)
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
     print(f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
           f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds {args.seeds}")
@@ -126,9 +133,8 @@ def main(argv=None):
     if args.vis:
         models = {f"prediction: {label}": model}
         if args.compare:
-            other = load_checkpoint(args.compare, {k: getattr(args, k) for k in ("dataset", "fold", "shot")})
-            models[f"prediction: {other['args'].get('pretrain_label', 'compare')} (compare)"] = (
-                load_model(args.compare, other, device))
+            other = metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in ("dataset", "fold", "shot")})
+            models[f"prediction: {other['args'].get('pretrain_label', 'compare')} (compare)"] = load_model(other, device)
         write_vis(args, data, models, device)
     return result
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (IGNORE, AsppPFENet, EpisodeDataset, FewShotIoU, KitError, Progress, add_common_args,
-                    build_backbone, evaluate_seeds, finish_args, load_checkpoint, open_data, pretrain_label,
-                    rng_state, run, save_checkpoint, seed_everything, set_rng_state, stream_loader)
+                    build_backbone, evaluate_seeds, finish_args, open_data, pretrain_label,
+                    resume_from, rng_state, run, save_checkpoint, seed_everything, set_rng_state, stream_loader)
 
 # dataset-dependent defaults (protocol.md 6.4, BAM meta-training). synthetic: 96-px images, crop 81
 # ((crop - 1) % 8 == 0 as PFENet asserts), 3 epochs (~450 iterations, about 3 minutes on 2 CPU cores)
@@ -140,7 +140,7 @@ def main(argv=None):
           f"({args.pretrain_label}), select {args.select}, device {device}, out {args.out}")
     model, opt, scaler = build(args, device)
     path, start, best = os.path.join(args.out, "last.pt"), 0, {"miou": -1.0, "iter": 0}
-    ckpt = load_checkpoint(path, {k: getattr(args, k) for k in CHECK_ON_RESUME}) if args.resume else None
+    ckpt = resume_from(path, {k: getattr(args, k) for k in CHECK_ON_RESUME}) if args.resume else None
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

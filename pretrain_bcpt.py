@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from common import (IGNORE, BaseClassDataset, KitError, Progress, add_common_args, background_mining_loss,
                     build_backbone, cluster_assign, farthest_point_init, finish_args, guide_centers, kmeans,
-                    load_checkpoint, momentum_update, open_data, rng_state, run, save_checkpoint,
+                    momentum_update, open_data, resume_from, rng_state, run, save_checkpoint,
                     seed_everything, set_rng_state, stream_loader)
 
 # dataset-dependent defaults (protocol.md 6.3: BAM base pretraining); synthetic: sized for a CPU
@@ -189,9 +189,9 @@ def main(argv=None):
           f"backbone {args.backbone} init {args.weights}, device {device}, out {args.out}")
     net, opt, scaler = build(args, device)
     path, start = os.path.join(args.out, "last.pt"), 0
-    if args.resume:
-        keys = ("method", "dataset", "fold", "backbone", "K", "batch", "crop", "epochs", "seed", "no_guidance")
-        ckpt = load_checkpoint(path, {k: getattr(args, k) for k in keys})
+    keys = ("method", "dataset", "fold", "backbone", "K", "batch", "crop", "epochs", "seed", "no_guidance")
+    ckpt = resume_from(path, {k: getattr(args, k) for k in keys}) if args.resume else None
+    if ckpt:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

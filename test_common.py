@@ -46,7 +46,7 @@ def blocks(classes, size=64, block=32):
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
-    return common.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=120, n_val=60, size=64)
+    return common.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=200, n_val=100, size=64)
 
 
 # ---------- 1. folds ----------
@@ -760,3 +760,178 @@ def test_pretrain_nan_loss_stops_and_keeps_last_good(synthetic_root, tmp_path):
     stopped = int(__import__("re").search(r"iteration (\d+)", str(e.value)).group(1))
     ckpt = common.load_checkpoint(str(tmp_path / "last.pt"))
     assert ckpt["iter"] == stopped and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# ---------- 7. ASPP-PFENet parts, hand-computed ----------
+def test_masked_average_pooling_hand_computed():
+    feat = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(1, 1, 2, 2)
+    assert common.masked_average_pooling(feat, mask).item() == pytest.approx(4.0 / (2 + 5e-4))
+
+
+def test_prior_mask_known_max_cosine():
+    # query positions (1, 0), (-1, 0), (1, 1); support positions (1, 0) in the mask and (0, 1) outside it.
+    q = torch.tensor([[1.0, -1.0, 1.0], [0.0, 0.0, 1.0]]).view(1, 2, 1, 3)
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
+    m = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    # cos to the masked support: (1, 0) -> 1, 0 (the zeroed position counts as cos 0, as PFENet);
+    # (-1, 0) -> -1, 0; (1, 1) -> 0.7071, 0. Max: 1, 0, 0.7071; min-max over the query keeps them.
+    prior = common.prior_mask(q, s, m).flatten()
+    assert torch.allclose(prior, torch.tensor([1.0, 0.0, 2 ** -0.5]), atol=1e-5)
+    # K shots: the mean of the per-shot priors
+    s2 = torch.cat([s, s.flip(-1)]), torch.cat([m, m.flip(-1)])
+    two = common.shot_prior(q, *s2, shots=2).flatten()
+    assert torch.allclose(two, (prior + common.prior_mask(q, s.flip(-1), m.flip(-1)).flatten()) / 2)
+
+
+def test_aspp_pfenet_shape_and_frozen_backbone():
+    torch.manual_seed(0)
+    model = common.AsppPFENet(common.build_backbone("resnet18", "none")).train()
+    assert not model.backbone.training and model.down_query.training  # BN of the backbone stays in eval
+    bn = model.backbone.layer1[0].bn1
+    before = bn.running_mean.clone()
+    q, s, m = torch.randn(2, 3, 41, 41), torch.randn(2, 3, 3, 41, 41), (torch.rand(2, 3, 41, 41) > 0.5).long()
+    logits = model(q, s, m)
+    assert logits.shape == (2, 2, 41, 41)
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.cls[-1].weight.grad is not None and torch.equal(bn.running_mean, before)
+
+
+# ---------- metatrain.py, evaluate.py, nonparametric_eval.py end to end ----------
+@pytest.fixture(scope="module")
+def pretrained(synthetic_root, tmp_path_factory):
+    """2-iteration pretraining of both methods: {method: last.pt}."""
+    import pretrain_bcpt
+    out = {}
+    for method in ("standard", "bcpt"):
+        d = tmp_path_factory.mktemp(method)
+        pretrain_bcpt.main(pretrain_args(synthetic_root, d, "--method", method, "--max-iters", "2"))
+        out[method] = str(d / "last.pt")
+    return out
+
+
+def meta_args(root, out, weights, shot, *extra):
+    return ["--data-root", root, "--out", str(out), "--pretrained", weights, "--shot", str(shot), "--workers", "0",
+            "--crop", "41", "--batch", "2", "--min-pixels", "64", "--test-size", "64", "--log-every", "1",
+            "--seed", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def metatrained(synthetic_root, pretrained, tmp_path_factory):
+    """pretrain (bcpt, 2 iters) -> metatrain 2 iters, 1- and 5-shot: {shot: last.pt}."""
+    import metatrain
+    out = {}
+    for shot in (1, 5):
+        d = tmp_path_factory.mktemp(f"meta{shot}")
+        metatrain.main(meta_args(synthetic_root, d, pretrained["bcpt"], shot, "--max-iters", "2"))
+        out[shot] = str(d / "last.pt")
+    return out
+
+
+EVAL_KEYS = {"miou", "fb_iou", "miou_std", "fb_iou_std", "class_iou", "per_seed", "episodes", "seeds", "shot",
+             "fold", "dataset", "backbone", "pretrained", "select", "protocol"}
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_pipeline_smoke_pretrain_metatrain_evaluate(metatrained, tmp_path, shot):
+    import evaluate
+    ckpt = common.load_checkpoint(metatrained[shot])
+    assert ckpt["stage"] == "metatrain" and ckpt["iter"] == 2 and ckpt["args"]["shot"] == shot
+    path = tmp_path / "r.json"
+    evaluate.main(["--checkpoint", metatrained[shot], "--episodes", "5", "--seeds", "510", "7", "--workers", "0",
+                   "--json", str(path), "--vis", str(tmp_path / "vis"), "--vis-count", "2"])
+    r = json.loads(path.read_text())
+    assert EVAL_KEYS <= set(r) and r["shot"] == shot and r["episodes"] == 5 and r["seeds"] == [510, 7]
+    assert r["pretrained"] == "bcpt K=6" and r["select"] == "last" and set(r["class_iou"]) == {"1", "2", "3", "4", "5"}
+    seeds = [s["miou"] for s in r["per_seed"]]
+    assert r["miou"] == pytest.approx(np.mean(seeds)) and r["miou_std"] == pytest.approx(np.std(seeds, ddof=1))
+    assert 0 <= r["miou"] <= 100 and 0 <= r["fb_iou"] <= 100
+    pngs = sorted(os.listdir(tmp_path / "vis"))
+    assert len(pngs) == 2 and cv2.imread(str(tmp_path / "vis" / pngs[0])) is not None
+
+
+def test_evaluation_same_seed_same_numbers_any_workers(metatrained):
+    import evaluate
+    base = ["--checkpoint", metatrained[1], "--episodes", "6", "--seeds", "42"]
+    a = evaluate.main(base + ["--workers", "0"])
+    b = evaluate.main(base + ["--workers", "0"])
+    c = evaluate.main(base + ["--workers", "2"])
+    assert a == b == c
+
+
+def test_evaluate_refuses_wrong_inputs(metatrained, pretrained):
+    import evaluate
+    with pytest.raises(KitError, match="--fold 0 but this run has --fold 1"):
+        evaluate.main(["--checkpoint", metatrained[1], "--fold", "1", "--episodes", "2"])
+    with pytest.raises(KitError, match="not a metatrain.py checkpoint"):
+        evaluate.main(["--checkpoint", pretrained["bcpt"], "--episodes", "2"])
+
+
+def test_metatrain_resume_is_exact_and_best_val(synthetic_root, tmp_path):
+    import evaluate
+    import metatrain
+    run_ = lambda d, *x: metatrain.main(meta_args(synthetic_root, tmp_path / d, "none", 1, *x))
+    run_("a", "--max-iters", "3")
+    run_("b", "--max-iters", "1")
+    run_("b", "--max-iters", "3", "--resume")
+    a, b = (common.load_checkpoint(str(tmp_path / d / "last.pt")) for d in "ab")
+    assert a["iter"] == b["iter"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    run_("c", "--max-iters", "2", "--select", "best-val", "--val-every", "1", "--val-episodes", "3")
+    best = common.load_checkpoint(str(tmp_path / "c" / "best.pt"))
+    assert best["select"] == "best-val" and best["iter"] in (1, 2) and best["best"]["iter"] == best["iter"]
+    r = evaluate.main(["--checkpoint", str(tmp_path / "c" / "best.pt"), "--episodes", "3", "--seeds", "321",
+                       "--workers", "0", "--json", str(tmp_path / "best.json")])
+    assert json.loads((tmp_path / "best.json").read_text())["select"] == "best-val"
+    assert r["miou"] == pytest.approx(best["best"]["miou"])  # the same episodes as the validation that chose it
+
+
+def np_args(root, weights, path, *extra):
+    return ["--data-root", root, "--pretrained", weights, "--episodes", "5", "--seeds", "510", "--workers", "0",
+            "--min-pixels", "64", "--test-size", "64", "--json", str(path), *extra]
+
+
+def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrained, tmp_path, capsys):
+    import nonparametric_eval
+    files = []
+    for name, weights in [("none", "none"), *pretrained.items()]:
+        path = tmp_path / f"{name}.json"
+        r = nonparametric_eval.main(np_args(synthetic_root, weights, path))
+        j = json.loads(path.read_text())
+        assert EVAL_KEYS <= set(j) and j["threshold"] == 0.5 and j["pretrained"].split()[0] == name
+        assert j["sweep"]["0.5"] == j["miou"] == r["miou"]  # the headline is the sweep's 0.5 entry
+        assert len(j["sweep"]) == 9 and all(0 <= v <= 100 for v in j["sweep"].values())
+        files.append(str(path))
+    fold1 = tmp_path / "none-f1.json"
+    nonparametric_eval.main(np_args(synthetic_root, "none", fold1, "--fold", "1"))
+    capsys.readouterr()
+    nonparametric_eval.main(["--table", *files, str(fold1)])
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| synthetic")]
+    assert len(rows) == 3 and {r.split("|")[4].strip() for r in rows} == {"none", "standard", "bcpt K=6"}
+    none_row = next(r for r in rows if r.split("|")[4].strip() == "none").split("|")
+    cells = [c.strip() for c in none_row[5:10]]  # folds 0-3 and mean
+    want0, want1 = (json.loads(open(f).read())["miou"] for f in (files[0], fold1))
+    assert cells[0] == f"{want0:.2f}" and cells[1] == f"{want1:.2f}" and cells[2] == cells[3] == "-"
+    assert cells[4] == f"{(want0 + want1) / 2:.2f}*"
+
+
+# ---------- 8. common.py command line ----------
+def test_cli_make_synthetic_and_verify(tmp_path):
+    root = str(tmp_path / "w")
+    cmd = [sys.executable, os.path.join(HERE, "common.py")]
+    subprocess.run(cmd + ["make-synthetic", "--out", root, "--n-train", "30", "--n-val", "20", "--size", "48"],
+                   check=True, capture_output=True)
+    out = subprocess.run(cmd + ["verify", "--dataset", "synthetic", "--data-root", root, "--min-pixels", "64"],
+                         check=True, capture_output=True, text=True).stdout
+    val_ids = common.read_list(os.path.join(root, common.LISTS, "val.txt"))
+    masks = {i: cv2.imread(os.path.join(root, common.MASKS, i + ".png"), cv2.IMREAD_UNCHANGED) for i in val_ids}
+    for fold in range(4):  # val images with >= 64 pixels of a novel class, counted here independently
+        novel = range(5 * fold + 1, 5 * fold + 6)
+        n = sum(any((m == c).sum() >= 64 for c in novel) for m in masks.values())
+        assert f"fold {fold}: train " in out and f"val {n}" in out.split(f"fold {fold}:")[1].splitlines()[0]
+    bad = subprocess.run(cmd + ["verify", "--dataset", "pascal", "--data-root", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--data-root" in bad.stderr and "Traceback" not in bad.stderr

@@ -1171,8 +1171,10 @@ def prepare_pascal(voc, sbd, out, aug=None, train_noval=None):
         print('WARNING: no SBD train_noval.txt; using SBD ids minus VOC val (%d ids; the published list has 5623)'
               % len(noval))
     d = _dirs(out)
-    all_ids = sorted(voc_ids | set(extra))
-    for i in all_ids:
+    all_ids, t0 = sorted(voc_ids | set(extra)), time.time()
+    for k, i in enumerate(all_ids):
+        if k and k % 2000 == 0:
+            print('pascal: %d / %d masks (%.0f/s)' % (k, len(all_ids), k / (time.time() - t0)), flush=True)
         m, p = _pascal_mask(i, voc, sbd, aug, voc_ids)
         _check_mask(m, p)
         src = os.path.join(voc, 'JPEGImages', i + '.jpg')

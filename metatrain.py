@@ -56,7 +56,7 @@ def parse_args(argv):
     p.add_argument("--max-iters", type=int, help="stop after this many iterations; the lr schedule is unchanged (smoke tests)")
     p.add_argument("--save-every", type=int, default=200, help="iterations between checkpoints; default %(default)s")
     p.add_argument("--log-every", type=int, default=20, help="iterations between progress lines; default %(default)s")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if there is none yet)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA (no-op on CPU)")
     args = p.parse_args(argv)
     if args.out is None:

@@ -55,7 +55,7 @@ def parse_args(argv):
     p.add_argument("--max-iters", type=int, help="stop after this many iterations (smoke tests)")
     p.add_argument("--log-every", type=int, default=20, help="iterations between progress lines")
     p.add_argument("--save-every", type=int, default=200, help="iterations between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if there is none yet)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
     p.add_argument("--vis-clusters", type=int, default=0, help="write N PNGs of background clusters (Fig. 1b)")
     p.add_argument("--benchmark", type=int, default=0, help="time N steps (data / network / clustering), then exit")
@@ -90,41 +90,44 @@ def downsample_labels(y, size):
     return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
-# ============ The BCPT steps, in the order of one iteration ============
+# ============ The BCPT steps, in the paper's order: Eqs. 2-4 (losses), then Eqs. 5-7 (guidance) ============
+def standard_loss(net, emb, y):
+    """Softmax cross-entropy over background + base classes, ignore 255 (the 'Standard' row)."""
+    return F.cross_entropy(net.W(emb), y, ignore_index=IGNORE), {}
+
+
+def split_pixels(emb, y):
+    """Embeddings (B, D, h, w) and labels (B, h, w) -> base embeddings (N_base, D) with their labels
+    (N_base,) in 1..n_base, and background embeddings I_bg (N_bg, D); 255 pixels are dropped."""
+    flat, y = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float(), y.reshape(-1)  # (N, D), (N,)
+    is_base = (y > 0) & (y != IGNORE)
+    return flat[is_base], y[is_base], flat[y == 0]
+
+
+def bcpt_loss(net, base, y_base, bg, assign, alpha):
+    """Eqs. 2-4 on the labelled embeddings, given the assignment of the background ones to the centres."""
+    centers = net.centers  # (D, K), no gradient
+    # Eq. 3: base pixels, softmax over the base vectors and the K background centres (our reading)
+    logits = torch.cat([base @ net.W.weight[:, :, 0, 0].t().float(), base @ centers], 1)  # (N_base, n_base + K)
+    l_base = F.cross_entropy(logits, y_base - 1, reduction="sum")
+    # Eq. 2: background pixels, softmax over the K centres, target = their assigned centre
+    l_bm = background_mining_loss(bg.t(), centers, assign) * len(bg) if len(bg) else bg.sum() * 0
+    # Eq. 4: sum over base pixels + alpha * sum over background pixels, divided by the labelled count
+    loss = (l_base + alpha * l_bm) / max(len(base) + len(bg), 1)
+    return loss, {"l_base": l_base.item() / max(len(base), 1), "l_bm": l_bm.item() / max(len(bg), 1)}
+
+
+def cluster_shares(assign, K):
+    """Share of background pixels in each cluster: a collapse to one cluster shows as [1, 0, ...]."""
+    return (torch.bincount(assign, minlength=K).float() / max(len(assign), 1)).tolist()
+
+
 def guidance_step(net, mu):
     """Eqs. 5-7: k-means over the base vectors {w_c} (warm-started), then guide the centres."""
     w = net.W.weight.detach()[:, :, 0, 0].t().float()  # (D, n_base): one column per base class
     init = net.guidance if net.guidance.abs().sum() > 0 else farthest_point_init(w, net.guidance.shape[1])
     net.guidance.copy_(kmeans(w, init))  # Eq. 5
     net.centers.copy_(guide_centers(net.centers, net.guidance, mu))  # Eqs. 6-7
-
-
-def standard_loss(net, emb, y):
-    """Softmax cross-entropy over background + base classes, ignore 255 (the 'Standard' row)."""
-    return F.cross_entropy(net.W(emb), y, ignore_index=IGNORE), {}
-
-
-def bcpt_loss(net, emb, y, alpha):
-    """Eqs. 2-4 on the labelled embeddings; returns the loss and what Eq. 1 needs afterwards."""
-    d = emb.shape[1]
-    flat, y = emb.permute(0, 2, 3, 1).reshape(-1, d).float(), y.reshape(-1)  # (N, D), (N,)
-    base, bg = flat[(y > 0) & (y != IGNORE)], flat[y == 0]  # (N_base, D), (N_bg, D)
-    centers = net.centers  # (D, K), no gradient
-    # Eq. 3: base pixels, softmax over the base vectors and the K background centres (our reading)
-    logits = torch.cat([base @ net.W.weight[:, :, 0, 0].t().float(), base @ centers], 1)  # (N_base, n_base + K)
-    l_base = F.cross_entropy(logits, y[(y > 0) & (y != IGNORE)] - 1, reduction="sum")
-    # S = P^T I_bg and the hard assignment A (Sec. 2.1), then Eq. 2
-    assign = cluster_assign(centers, bg.detach().t())  # (N_bg,)
-    l_bm = background_mining_loss(bg.t(), centers, assign) * len(bg) if len(bg) else flat.sum() * 0
-    # Eq. 4: sum over base pixels + alpha * sum over background pixels, divided by the labelled count
-    loss = (l_base + alpha * l_bm) / max(len(base) + len(bg), 1)
-    return loss, {"bg": bg.detach(), "assign": assign, "l_base": l_base.item() / max(len(base), 1),
-                  "l_bm": l_bm.item() / max(len(bg), 1)}
-
-
-def cluster_shares(assign, K):
-    """Share of background pixels in each cluster: a collapse to one cluster shows as [1, 0, ...]."""
-    return (torch.bincount(assign, minlength=K).float() / max(len(assign), 1)).tolist()
 
 
 # ============ Training ============
@@ -137,27 +140,35 @@ def poly_lr(opt, base_lrs, t, total, power=0.9):
 def train_step(net, opt, scaler, batch, args, device):
     """One iteration in the paper's order: guidance, forward, assignment, losses, step, Eq. 1."""
     x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-    timing = {}
-    t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if args.benchmark and device.type == "cuda" else (lambda: None)
+    clock = lambda: sync() or time.perf_counter()  # exact clustering times only when benchmarking on CUDA
+    t0 = clock()
     if args.method == "bcpt" and not args.no_guidance:
         guidance_step(net, args.mu)  # 1. Eqs. 5-7
-    timing["cluster"] = time.perf_counter() - t0
+    t_cluster = clock() - t0
     with torch.autocast(device.type, enabled=args.amp and device.type == "cuda"):
         emb = net(x.contiguous(memory_format=args.memory_format))  # 2. (B, D, h, w)
     y = downsample_labels(y, emb.shape[-2:])  # (B, h, w)
-    loss, out = (standard_loss(net, emb.float(), y) if args.method == "standard"
-                 else bcpt_loss(net, emb, y, args.alpha))  # 3. Eqs. 2-4
+    if args.method == "standard":
+        loss, out = standard_loss(net, emb.float(), y)
+    else:
+        base, y_base, bg = split_pixels(emb, y)  # (N_base, D), (N_base,), (N_bg, D)
+        t0 = clock()
+        assign = cluster_assign(net.centers, bg.detach().t())  # 3. S = P^T I_bg, hard assignment (N_bg,)
+        t_cluster += clock() - t0
+        loss, out = bcpt_loss(net, base, y_base, bg, assign, args.alpha)  # 4. Eqs. 2-4
+        out["assign"] = assign
     if not torch.isfinite(loss):
-        return loss, out, timing
+        return loss, out, {"cluster": t_cluster}
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # 4. backward and step
+    scaler.scale(loss).backward()  # 5. backward and step
     scaler.step(opt)
     scaler.update()
     if args.method == "bcpt":
-        t1 = time.perf_counter()
-        net.centers.copy_(momentum_update(net.centers, out["bg"].t(), out["assign"], args.mu))  # Eq. 1
-        timing["cluster"] += time.perf_counter() - t1
-    return loss, out, timing
+        t0 = clock()
+        net.centers.copy_(momentum_update(net.centers, bg.detach().t(), assign, args.mu))  # 6. Eq. 1
+        t_cluster += clock() - t0
+    return loss, out, {"cluster": t_cluster}
 
 
 def build(args, device):
@@ -240,8 +251,11 @@ def benchmark(net, opt, scaler, dataset, args, device):
         sums["step"] += time.perf_counter() - t1
         sums["cluster"] += timing["cluster"]
     step = (sums["data"] + sums["step"]) / n
-    mem = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-           else __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024)
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource  # Unix only; the CPU figure is the process's peak resident memory
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"benchmark {args.method} {args.backbone} crop {args.crop} batch {args.batch} on {device}: "
           f"{1000 * step:.1f} ms/step = data {1000 * sums['data'] / n:.1f} + network "
           f"{1000 * (sums['step'] - sums['cluster']) / n:.1f} + clustering {1000 * sums['cluster'] / n:.2f} ms "

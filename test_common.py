@@ -839,8 +839,9 @@ def test_pipeline_smoke_pretrain_metatrain_evaluate(metatrained, tmp_path, shot)
     ckpt = common.load_checkpoint(metatrained[shot])
     assert ckpt["stage"] == "metatrain" and ckpt["iter"] == 2 and ckpt["args"]["shot"] == shot
     path = tmp_path / "r.json"
+    compare = ["--compare", metatrained[shot]] if shot == 1 else []  # a second model's column in the pictures
     evaluate.main(["--checkpoint", metatrained[shot], "--episodes", "5", "--seeds", "510", "7", "--workers", "0",
-                   "--json", str(path), "--vis", str(tmp_path / "vis"), "--vis-count", "2"])
+                   "--json", str(path), "--vis", str(tmp_path / "vis"), "--vis-count", "2", *compare])
     r = json.loads(path.read_text())
     assert EVAL_KEYS <= set(r) and r["shot"] == shot and r["episodes"] == 5 and r["seeds"] == [510, 7]
     assert r["pretrained"] == "bcpt K=6" and r["select"] == "last" and set(r["class_iou"]) == {"1", "2", "3", "4", "5"}
@@ -848,7 +849,8 @@ def test_pipeline_smoke_pretrain_metatrain_evaluate(metatrained, tmp_path, shot)
     assert r["miou"] == pytest.approx(np.mean(seeds)) and r["miou_std"] == pytest.approx(np.std(seeds, ddof=1))
     assert 0 <= r["miou"] <= 100 and 0 <= r["fb_iou"] <= 100
     pngs = sorted(os.listdir(tmp_path / "vis"))
-    assert len(pngs) == 2 and cv2.imread(str(tmp_path / "vis" / pngs[0])) is not None
+    pic = cv2.imread(str(tmp_path / "vis" / pngs[0]))
+    assert len(pngs) == 2 and pic.shape[1] == (4 if compare else 3) * 256  # support, query, prediction(s)
 
 
 def test_evaluation_same_seed_same_numbers_any_workers(metatrained):

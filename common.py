@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1002,35 +1003,71 @@ def _render(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
+SYNTHETIC_ENTRIES = {"JPEGImages", "SegmentationClassAug", "ImageSets", ".complete", ".fss_cache"}
+
+
+def _synthetic_params(root):
+    """The generation parameters recorded in root/.complete, or None if root is not a finished world."""
+    try:
+        with open(os.path.join(root, ".complete")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0):
     """Write the synthetic benchmark to `root` in VOC layout; return root. Idempotent: if root/.complete
-    exists with the same parameters, return at once."""
-    params, done = dict(n_train=n_train, n_val=n_val, size=size, seed=seed), os.path.join(root, ".complete")
+    exists with the same parameters, return at once. The world is written to a private temporary folder
+    and published with one rename, so runs started side by side never read a half-written world."""
+    params = dict(n_train=n_train, n_val=n_val, size=size, seed=seed)
+    if _synthetic_params(root) == params:
+        return root
+    if os.path.isdir(root) and set(os.listdir(root)) - SYNTHETIC_ENTRIES:
+        raise KitError(f"--data-root {root} holds files that are not a synthetic world; "
+                       "point --data-root at a new folder to generate one there")
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(root)) + ".tmp-", dir=parent)
+    t0 = time.time()
+    print(f"synthetic: writing {n_train} + {n_val} images of {size} px to {root} ...", flush=True)
     try:
-        with open(done) as f:
-            if json.load(f) == params:
-                return root
-        os.remove(done)  # stale parameters: invalidate before regenerating
-    except (OSError, ValueError):
-        pass
-    dirs = [os.path.join(root, d) for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation")]
-    for d in dirs:  # drop stale files of an interrupted or differently-parametrised generation
-        os.makedirs(d, exist_ok=True)
-        for f in [f for f in os.listdir(d) if f.startswith(("train_", "val_"))]:
-            os.remove(os.path.join(d, f))
-    for split_idx, (split, n) in enumerate((("train", n_train), ("val", n_val))):
-        for i in range(n):
-            img, lab = _render(np.random.default_rng([seed, split_idx, i]), size)
-            stem = f"{split}_{i:06d}"
-            cv2.imwrite(os.path.join(dirs[0], stem + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
-            cv2.imwrite(os.path.join(dirs[1], stem + ".png"), lab)
-    with open(os.path.join(dirs[2], "val.txt"), "w") as f:
-        f.writelines(f"val_{i:06d}\n" for i in range(n_val))
-    with open(done + ".tmp", "w") as f:
-        json.dump(params, f)
-    os.replace(done + ".tmp", done)  # atomic: .complete exists only after a full generation
+        dirs = [os.path.join(tmp, d) for d in (IMAGES, MASKS, LISTS)]
+        for d in dirs:
+            os.makedirs(d)
+        for split_idx, (split, n) in enumerate((("train", n_train), ("val", n_val))):
+            for i in range(n):
+                img, lab = _render(np.random.default_rng([seed, split_idx, i]), size)
+                stem = f"{split}_{i:06d}"
+                cv2.imwrite(os.path.join(dirs[0], stem + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_JPEG_QUALITY, 95])
+                cv2.imwrite(os.path.join(dirs[1], stem + ".png"), lab)
+        with open(os.path.join(dirs[2], "val.txt"), "w") as f:
+            f.writelines(f"val_{i:06d}\n" for i in range(n_val))
+        with open(os.path.join(tmp, ".complete"), "w") as f:
+            json.dump(params, f)
+        _publish_world(tmp, root, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"synthetic: done in {time.time() - t0:.0f}s", flush=True)
     return root
+
+
+def _publish_world(tmp, root, params):
+    """Move the finished world `tmp` to `root`, replacing an unfinished or differently-made one there.
+    If another process published the same world first, keep theirs."""
+    if _synthetic_params(root) == params:
+        return
+    try:  # move the old (partial, stale or empty) folder out of the way, then delete it
+        old = tmp + "-old"
+        os.rename(root, old)
+        shutil.rmtree(old, ignore_errors=True)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if _synthetic_params(root) != params:
+            raise
 
 
 # ============ 11. Data preparation from the official downloads (python common.py prepare-...) ============

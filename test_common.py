@@ -376,6 +376,27 @@ def test_changed_parameters_regenerate(tmp_path):
         assert json.load(f)["n_train"] == 6
 
 
+
+def test_two_processes_generate_one_world(tmp_path):
+    """Stage scripts started side by side both generate on first use; each must see a complete world."""
+    root = str(tmp_path / "w")
+    cmd = [sys.executable, "-c", "import common, sys; common.make_synthetic(sys.argv[1], 40, 10, 48); "
+           "import os; print(len(os.listdir(os.path.join(sys.argv[1], 'SegmentationClassAug'))))", root]
+    procs = [subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate()[0].split()[-1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == ["50", "50"]
+    assert sorted(os.listdir(tmp_path)) == ["w"]  # no temporary folder left behind
+    ref = common.make_synthetic(str(tmp_path / "ref"), 40, 10, 48)
+    read = lambda r, n: open(os.path.join(r, "SegmentationClassAug", n), "rb").read()  # noqa: E731
+    assert all(read(root, n) == read(ref, n) for n in os.listdir(os.path.join(ref, "SegmentationClassAug")))
+
+
+def test_synthetic_refuses_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(KitError, match="not a synthetic world"):
+        common.make_synthetic(str(tmp_path), n_train=5, n_val=2)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
 # ---------- 11. data preparation (PASCAL VOC + SBD, COCO) ----------
 
 H, W = 16, 20

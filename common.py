@@ -628,7 +628,11 @@ def pretrain_label(weights):
     a = load_checkpoint(weights).get("args", {})
     if "method" not in a:
         return os.path.basename(weights)
-    return a["method"] + (" no-guidance" if a.get("no_guidance") else "") + (f" K={a['K']}" if a["method"] == "bcpt" else "")
+    if a["method"] != "bcpt":
+        return a["method"]
+    alpha = a.get("alpha", 0.1)
+    return ("bcpt" + (" no-guidance" if a.get("no_guidance") else "") + f" K={a['K']}"
+            + (f" alpha={alpha:g}" if alpha != 0.1 else ""))  # the paper's alpha 0.1 goes unnamed
 
 
 def run_episodes(args, data, seed, predict, decide):

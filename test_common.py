@@ -916,6 +916,18 @@ def np_args(root, weights, path, *extra):
             "--min-pixels", "64", "--test-size", "64", "--json", str(path), *extra]
 
 
+def test_pretrain_label_names_each_variant(tmp_path):
+    def label(**args):
+        path = str(tmp_path / "c.pt")
+        torch.save({"args": args}, path)
+        return common.pretrain_label(path)
+    assert common.pretrain_label("none") == "none" and common.pretrain_label("imagenet") == "imagenet"
+    assert label(method="standard", K=6, alpha=0.1) == "standard"
+    assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False) == "bcpt K=6"
+    assert label(method="bcpt", K=2, alpha=0.1, no_guidance=True) == "bcpt no-guidance K=2"
+    assert label(method="bcpt", K=6, alpha=0.0, no_guidance=False) == "bcpt K=6 alpha=0"
+
+
 def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrained, tmp_path, capsys):
     import nonparametric_eval
     files = []

@@ -173,6 +173,11 @@ def to_tensor(img, label):
     return x, torch.from_numpy(np.ascontiguousarray(label)).long()
 
 
+def to_bgr_image(x):
+    """Inverse of to_tensor for pictures: normalised (3, H, W) -> (H, W, 3) uint8 BGR for cv2.imwrite."""
+    return np.clip(x.permute(1, 2, 0).numpy() * STD + MEAN, 0, 255).astype(np.uint8)[:, :, ::-1]
+
+
 def train_transform(img, label, rng, crop, scale, rotate=10.0, keep_fg=False):
     """Scale, rotate (mean / 255 borders), blur, flip, crop with padding; image and mask together.
 

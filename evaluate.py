@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import torch
 
-from common import (MEAN, STD, AsppPFENet, EpisodeDataset, KitError, add_common_args, add_eval_args,
+from common import (AsppPFENet, EpisodeDataset, KitError, add_common_args, add_eval_args,
                     build_backbone, evaluate_seeds, finish_args, format_table, load_checkpoint, open_data,
-                    pretrain_label, run, write_results)
+                    pretrain_label, run, to_bgr_image, write_results)
 
 STAGE_DEFAULTS = {"pascal": {}, "coco": {}, "synthetic": {}}  # everything else comes from the checkpoint
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
@@ -76,7 +76,7 @@ def load_model(ckpt, device):
 # ============ Fig. 2-style pictures: support + mask, query + ground truth, prediction(s) ============
 def panel(x, mask, colour, title):
     """x (3, s, s) normalised canvas, mask (s, s) -> BGR uint8 panel, mask==1 tinted, with a title bar."""
-    img = np.clip(x.permute(1, 2, 0).numpy() * STD + MEAN, 0, 255)[:, :, ::-1]  # (s, s, 3) RGB -> BGR
+    img = to_bgr_image(x).astype(np.float64)  # (s, s, 3)
     img = np.where((mask.numpy() == 1)[..., None], 0.45 * img + 0.55 * np.array(colour), img).astype(np.uint8)
     img = cv2.resize(img, None, fx=max(1, 256 // img.shape[0]), fy=max(1, 256 // img.shape[0]),
                      interpolation=cv2.INTER_NEAREST)  # small synthetic canvases drawn larger

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from common import (IGNORE, BaseClassDataset, KitError, Progress, add_common_args, background_mining_loss,
                     build_backbone, cluster_assign, farthest_point_init, finish_args, guide_centers, kmeans,
                     momentum_update, open_data, resume_from, rng_state, run, save_checkpoint,
-                    seed_everything, set_rng_state, stream_loader)
+                    seed_everything, set_rng_state, stream_loader, to_bgr_image)
 
 # dataset-dependent defaults (protocol.md 6.3: BAM base pretraining); synthetic: sized for a CPU
 STAGE_DEFAULTS = {
@@ -200,7 +200,7 @@ def main(argv=None):
           f"backbone {args.backbone} init {args.weights}, device {device}, out {args.out}")
     net, opt, scaler = build(args, device)
     path, start = os.path.join(args.out, "last.pt"), 0
-    keys = ("method", "dataset", "fold", "backbone", "K", "batch", "crop", "epochs", "seed", "no_guidance")
+    keys = ("method", "dataset", "fold", "backbone", "K", "mu", "alpha", "batch", "crop", "epochs", "seed", "no_guidance")
     ckpt = resume_from(path, {k: getattr(args, k) for k in keys}) if args.resume else None
     if ckpt:
         net.load_state_dict(ckpt["model"])
@@ -276,7 +276,7 @@ def visualise_clusters(net, dataset, args, device):
         emb = net(x[None].to(device))[0].float()  # (D, h, w)
         assign = cluster_assign(net.centers, emb.flatten(1)).reshape(emb.shape[1:]).cpu().numpy()  # (h, w)
         assign = cv2.resize(assign.astype(np.uint8), x.shape[-1:] * 2, interpolation=cv2.INTER_NEAREST)
-        img = np.clip(x.permute(1, 2, 0).numpy() * 58 + 115, 0, 255).astype(np.uint8)[:, :, ::-1]
+        img = to_bgr_image(x)  # (s, s, 3)
         over = np.where((y.numpy() == 0)[..., None], 0.4 * img + 0.6 * colours[assign], img).astype(np.uint8)
         cv2.imwrite(os.path.join(folder, f"{i:03d}.png"), np.concatenate([img, over], 1))
     print(f"wrote {args.vis_clusters} cluster maps to {folder}")

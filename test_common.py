@@ -740,6 +740,13 @@ def test_kmeans_is_deterministic_and_correct():
     assert torch.equal(common.kmeans(x, g), g)  # a warm start from the solution stays there
 
 
+def test_to_bgr_image_inverts_to_tensor():
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.float64)
+    x, _ = common.to_tensor(rgb, np.zeros((5, 7), np.uint8))
+    back = common.to_bgr_image(x)  # (5, 7, 3) uint8 BGR
+    assert back.dtype == np.uint8 and np.abs(back[:, :, ::-1].astype(int) - rgb).max() <= 1
+
+
 # ---------- pretrain_bcpt.py end to end ----------
 def pretrain_args(root, out, *extra):
     return ["--data-root", root, "--out", str(out), "--workers", "0", "--crop", "48", "--batch", "4",

@@ -66,6 +66,7 @@ def base_classes(dataset, fold, coco_split="interleaved"):
 
 # ============ 2. Data on disk: VOC layout, pools, per-class index (protocol.md 1.2-1.4) ============
 IMAGES, MASKS, LISTS = "JPEGImages", "SegmentationClassAug", os.path.join("ImageSets", "Segmentation")
+CACHE_DIR = ".fss_cache"  # the per-class index cache inside a data root
 LAYOUT_FIX = ("a data root holds JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png and "
               "ImageSets/Segmentation/val.txt; build one with python common.py prepare-pascal|prepare-coco")
 
@@ -124,7 +125,7 @@ def read_pair(root, img_id, n_classes):
 
 
 def _cache_path(root, key):
-    for folder in (os.path.join(root, ".fss_cache"), os.path.join(os.path.expanduser("~"), ".cache", "bcpt")):
+    for folder in (os.path.join(root, CACHE_DIR), os.path.join(os.path.expanduser("~"), ".cache", "bcpt")):
         try:
             os.makedirs(folder, exist_ok=True)
             if os.access(folder, os.W_OK):
@@ -1012,7 +1013,7 @@ def _render(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
-SYNTHETIC_ENTRIES = {"JPEGImages", "SegmentationClassAug", "ImageSets", ".complete", ".fss_cache"}
+SYNTHETIC_ENTRIES = {IMAGES, MASKS, os.path.dirname(LISTS), ".complete", CACHE_DIR}  # all a world may hold
 
 
 def _synthetic_params(root):
@@ -1034,9 +1035,9 @@ def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0):
     if os.path.isdir(root) and set(os.listdir(root)) - SYNTHETIC_ENTRIES:
         raise KitError(f"--data-root {root} holds files that are not a synthetic world; "
                        "point --data-root at a new folder to generate one there")
-    parent = os.path.dirname(os.path.abspath(root))
+    parent, name = os.path.split(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(root)) + ".tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
     t0 = time.time()
     print(f"synthetic: writing {n_train} + {n_val} images of {size} px to {root} ...", flush=True)
     try:

@@ -216,10 +216,10 @@ def main(argv=None):
     base_lrs, progress = [args.lr, 10 * args.lr], Progress(stop, start, args.log_every, args.out)
     for t, batch in enumerate(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, device), start):
         lr = poly_lr(opt, base_lrs, t, total)
-        good = {k: v.detach().clone() for k, v in net.state_dict().items()}  # weights, BN stats, centres
+        good = {k: v.clone() for k, v in net.named_buffers()}  # BN stats and centres move before the loss
         loss, out, _ = train_step(net, opt, scaler, batch, args, device)
-        if not torch.isfinite(loss):
-            net.load_state_dict(good)
+        if not torch.isfinite(loss):  # train_step did not step: only the buffers need restoring
+            net.load_state_dict(good, strict=False)
             save_checkpoint(path, checkpoint(net, opt, scaler, t, args))
             raise KitError(f"loss is {loss.item()} at iteration {t}: the last good state is saved in {path}; "
                            f"lower --lr (now {args.lr}) and rerun with --resume")

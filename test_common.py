@@ -391,6 +391,25 @@ def test_two_processes_generate_one_world(tmp_path):
     assert all(read(root, n) == read(ref, n) for n in os.listdir(os.path.join(ref, "SegmentationClassAug")))
 
 
+def test_world_appears_whole_even_if_another_run_publishes_first(tmp_path, monkeypatch):
+    """Deterministic version of the race: mid-generation, root is untouched; then another run publishes
+    the same world first; this run keeps it and leaves no temporary folder."""
+    root, render, calls, seen = str(tmp_path / "w"), common._render, [], {}
+
+    def spy(rng, size):
+        calls.append(1)
+        if len(calls) == 5:  # a quarter of the way through this run's 20 images
+            seen["root mid-generation"] = os.path.exists(root)
+            monkeypatch.setattr(common, "_render", render)
+            common.make_synthetic(root, 16, 4, 32)  # the other run, start to finish
+        return render(rng, size)
+    monkeypatch.setattr(common, "_render", spy)
+    assert common.make_synthetic(root, 16, 4, 32) == root
+    assert seen == {"root mid-generation": False}
+    assert len(os.listdir(os.path.join(root, "SegmentationClassAug"))) == 20
+    assert sorted(os.listdir(tmp_path)) == ["w"]
+
+
 def test_synthetic_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(KitError, match="not a synthetic world"):

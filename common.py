@@ -14,13 +14,16 @@ Command line (one-off data preparation and checks):
     python common.py verify --dataset pascal --data-root ROOT
 """
 import argparse
+import contextlib
 import functools
+import glob
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -124,6 +127,37 @@ def read_pair(root, img_id, n_classes):
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32), label
 
 
+def decodes_fully(path):
+    """True if the whole image decodes (PIL raises on a truncated file, where OpenCV only warns)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+def check_image_file(root, img_id, shape):
+    """Cheap check of one image at the index scan, without decoding it: the header's size equals the
+    mask's `shape` (H, W), and a JPEG ends with its end-of-image marker, as a truncated download does not.
+    A file without the marker is decoded in full before it is called bad (valid files may carry trailing bytes)."""
+    path = os.path.join(root, IMAGES, img_id + ".jpg")
+    fix = f"re-extract or re-download it, or drop {img_id} from the lists"
+    try:
+        with Image.open(path) as im:
+            (w, h), fmt = im.size, im.format
+    except Exception as e:
+        raise KitError(f"cannot read image {path} ({type(e).__name__}): missing or corrupt; {fix}") from None
+    if (h, w) != tuple(shape):
+        raise KitError(f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate the mask")
+    if fmt == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(os.path.getsize(path) - 64, 0))
+            tail = f.read()
+        if not tail.rstrip(b"\0").endswith(b"\xff\xd9") and not decodes_fully(path):
+            raise KitError(f"image {path} is truncated (no JPEG end marker, and it does not decode fully): {fix}")
+
+
 def _cache_path(root, key):
     for folder in (os.path.join(root, CACHE_DIR), os.path.join(os.path.expanduser("~"), ".cache", "bcpt")):
         try:
@@ -135,26 +169,36 @@ def _cache_path(root, key):
     raise KitError(f"no writable cache folder under {root} or ~/.cache")
 
 
-def class_pixel_counts(root, ids, n_classes, workers=2):
-    """(N images, n_classes + 1) int64 pixel counts per class, scanned once then cached.
+def _scan(root, img_id, n_classes):
+    """Index scan of one image: its mask's class pixel counts (n_classes + 1,), after check_image_file."""
+    label = read_mask(root, img_id, n_classes)
+    check_image_file(root, img_id, label.shape)
+    return np.bincount(label.ravel(), minlength=256)[: n_classes + 1]
 
-    The cache is keyed by the id list and each mask's size and mtime, so a changed file rescans;
-    the pixel rule is applied afterwards, so changing --min-pixels needs no rescan.
+
+def class_pixel_counts(root, ids, n_classes, workers=2):
+    """(N images, n_classes + 1) int64 pixel counts per class, scanned once then cached; the scan also
+    checks every image cheaply (check_image_file), so a truncated file stops the run before training.
+
+    The cache is keyed by the id list and each image's and mask's size and mtime, so a changed file
+    rescans; the pixel rule is applied afterwards, so changing --min-pixels needs no rescan.
     """
-    h = hashlib.sha1(f"{n_classes}".encode())
+    h = hashlib.sha1(f"{n_classes} images".encode())
     for i in ids:
-        st = os.stat(os.path.join(root, MASKS, i + ".png")) if os.path.exists(os.path.join(root, MASKS, i + ".png")) else None
-        h.update(f"{i}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
+        for p in (os.path.join(root, MASKS, i + ".png"), os.path.join(root, IMAGES, i + ".jpg")):
+            st = os.stat(p) if os.path.exists(p) else None
+            h.update(f"{i}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
     path = _cache_path(root, h.hexdigest()[:16])
     if os.path.exists(path):
         return np.load(path)
     t0 = time.time()
-    count = lambda i: np.bincount(read_mask(root, i, n_classes).ravel(), minlength=256)[: n_classes + 1]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # cv2.imread releases the GIL
-        counts = np.stack(list(pool.map(count, ids))) if ids else np.zeros((0, n_classes + 1), np.int64)
-    np.save(path + ".tmp.npy", counts)
-    os.replace(path + ".tmp.npy", path)
-    print(f"index: scanned {len(ids)} masks in {time.time() - t0:.1f}s, cached at {path}")
+        counts = (np.stack(list(pool.map(lambda i: _scan(root, i, n_classes), ids))) if ids
+                  else np.zeros((0, n_classes + 1), np.int64))
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, counts)
+    os.replace(tmp, path)
+    print(f"index: scanned {len(ids)} images and masks in {time.time() - t0:.1f}s, cached at {path}")
     return counts
 
 
@@ -617,7 +661,7 @@ class FewShotIoU:
 # ============ 8b. Episodic evaluation shared by evaluate.py and nonparametric_eval.py ============
 def add_eval_args(parser):
     g = parser.add_argument_group("episodic evaluation (protocol.md 3.2, 4)")
-    g.add_argument("--episodes", type=int, default=1000, help="episodes per seed (BAM/HSNet, protocol.md 4.1); "
+    g.add_argument("--episodes", type=POSITIVE, default=1000, help="episodes per seed (BAM/HSNet, protocol.md 4.1); "
                    "default %(default)s; use >= 10000 on COCO (protocol.md 7.8)")
     g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988],
                    help="one evaluation per seed, reported as mean +- std (BAM test.py's seeds); default %(default)s")
@@ -739,6 +783,30 @@ DATASET_DEFAULTS = {  # shared defaults per dataset; stages add their own (crop,
 }
 
 
+class KitParser(argparse.ArgumentParser):
+    """argparse whose errors are KitErrors: one line naming the flag, no usage block (run() prints it)."""
+
+    def error(self, message):
+        raise KitError(message)
+
+
+def bounded(kind, lo=None, hi=None, open_lo=False):
+    """An argparse type: `kind` (int or float) within [lo, hi] (lo excluded if open_lo), checked at parse
+    time, so a bad value stops the run before any work with 'argument --flag: value V is ...'."""
+    def check(text):
+        v = kind(text)
+        if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
+            want = (f"in [{lo}, {hi}]" if hi is not None else f"> {lo}" if open_lo else f">= {lo}")
+            raise argparse.ArgumentTypeError(f"value {text} is not allowed: it must be {want}")
+        return v
+    check.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return check
+
+
+POSITIVE, NON_NEGATIVE, SIZE = bounded(int, 1), bounded(int, 0), bounded(int, 16)  # SIZE: image sides
+UNIT = bounded(float, 0.0, 1.0)
+
+
 def add_common_args(parser):
     """The flags every stage shares. A default of None is filled per dataset by finish_args."""
     g = parser.add_argument_group("shared by every stage")
@@ -752,11 +820,11 @@ def add_common_args(parser):
                         "(default imagenet on real data, none on synthetic)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--seed", type=int, default=321, help="PFENet/BAM seed; default %(default)s")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers; results do not depend on it")
+    g.add_argument("--workers", type=NON_NEGATIVE, default=2, help="DataLoader workers; results do not depend on it")
     g.add_argument("--out", help="run folder (default runs/<stage>-<dataset>-fold<F>)")
-    g.add_argument("--crop", type=int, help="training crop side (protocol.md 3.1)")
-    g.add_argument("--test-size", type=int, help="test canvas side (protocol.md 3.2): 473 PASCAL, 641 COCO")
-    g.add_argument("--min-pixels", type=int, help="pixel rule for support pools (protocol.md 1.4): 2048; 128 synthetic")
+    g.add_argument("--crop", type=SIZE, help="training crop side (protocol.md 3.1)")
+    g.add_argument("--test-size", type=SIZE, help="test canvas side (protocol.md 3.2): 473 PASCAL, 641 COCO")
+    g.add_argument("--min-pixels", type=POSITIVE, help="pixel rule for support pools (protocol.md 1.4): 2048; 128 synthetic")
     g.add_argument("--train-pool", default="aug", choices=["aug", "oslsm"],
                    help="aug: every mask not in val.txt; oslsm: train.txt + train_noval.txt (PFENet/BAM's 5953)")
     g.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"],
@@ -783,7 +851,7 @@ def finish_args(args, stage, stage_defaults):
 
 def open_data(args):
     """Pools and per-class pixel counts of both splits; generates the synthetic world on first use."""
-    if args.dataset == "synthetic" and not os.path.exists(os.path.join(args.data_root, ".complete")):
+    if args.dataset == "synthetic" and _synthetic_params(args.data_root) is None:
         make_synthetic(args.data_root)  # an existing world (of any size) is used as it is
     train_ids, val_ids = image_pools(args.data_root, args.train_pool)
     n = N_CLASSES[args.dataset]
@@ -817,10 +885,48 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically through a temp file unique to this process: a crash mid-write leaves the previous
+    checkpoint intact, and a reader never sees a half-written file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def run_folder(out):
+    """One run per folder: hold an exclusive lock on OUT/.lock (holding our process id) while the run lasts.
+    A second run on the same folder stops at once; a lock left by a killed run is taken over with a note
+    (the kernel releases a dead process's lock), and that run's leftover temp files are removed."""
+    import fcntl  # POSIX; the kit's runs target Linux workstations
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise KitError(f"--out {out} is in use by {owner} (lock {path}): wait for that run to end, "
+                       "or choose another --out") from None
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+        print(f"note: {path} was left by {previous}, which is no longer running; taking it over")
+    for stale in glob.glob(os.path.join(glob.escape(out), "*.tmp*")):
+        if os.path.isfile(stale):
+            os.remove(stale)  # a killed run's half-written checkpoint; the finished ones are intact
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    try:
+        yield out
+    finally:
+        f.seek(0)
+        f.truncate()  # an empty lock file means a clean end; the file stays so lockers share one inode
+        f.close()
 
 
 def load_checkpoint(path, expect=None):
@@ -1013,28 +1119,59 @@ def _render(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
-SYNTHETIC_ENTRIES = {IMAGES, MASKS, os.path.dirname(LISTS), ".complete", CACHE_DIR}  # all a world may hold
+SYNTHETIC_MARKER = ".complete"  # written into a finished synthetic world: its generation parameters (JSON)
+PREPARED_MARKER = ".prepared.json"  # written by prepare-pascal / prepare-coco into their --out
 
 
 def _synthetic_params(root):
-    """The generation parameters recorded in root/.complete, or None if root is not a finished world."""
+    """The generation parameters recorded in the world's marker, or None if root is not a finished world."""
     try:
-        with open(os.path.join(root, ".complete")) as f:
-            return json.load(f)
+        with open(os.path.join(root, SYNTHETIC_MARKER)) as f:
+            params = json.load(f)
+        return params if isinstance(params, dict) and {"n_train", "n_val", "size", "seed"} <= set(params) else None
     except (OSError, ValueError):
         return None
 
 
-def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0):
-    """Write the synthetic benchmark to `root` in VOC layout; return root. Idempotent: if root/.complete
-    exists with the same parameters, return at once. The world is written to a private temporary folder
-    and published with one rename, so runs started side by side never read a half-written world."""
+def _prepared_kind(root):
+    """'pascal' / 'coco' if root carries prepare-pascal's / prepare-coco's marker, else None."""
+    try:
+        with open(os.path.join(root, PREPARED_MARKER)) as f:
+            return json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def claim_root(root, flag, kind):
+    """The kit writes a data root only if it does not exist, is empty, or carries the kit's own marker of
+    the same kind ('synthetic', 'pascal' or 'coco'); anything else is refused and left untouched."""
+    if not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root)):
+        return
+    if kind == "synthetic" and _synthetic_params(root) is not None:
+        return
+    if kind != "synthetic" and _prepared_kind(root) == kind:
+        return
+    names = set(os.listdir(root)) if os.path.isdir(root) else set()
+    made = _prepared_kind(root) or ("synthetic" if _synthetic_params(root) else None)
+    if made:
+        hint = f"it holds a {made} root made by this kit: did you mean --dataset {made}?"
+    elif {IMAGES, MASKS} & names:
+        hint = "it looks like a prepared VOC/COCO root: did you mean --dataset pascal or --dataset coco?"
+    else:
+        hint = "point it at a new or empty folder"
+    raise KitError(f"{flag} {root} is not empty and was not made by this kit for {kind} data, so nothing "
+                   f"is written there: {hint}")
+
+
+def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0, flag="--data-root"):
+    """Write the synthetic benchmark to `root` in VOC layout; return root. Idempotent: if root holds a
+    world with the same parameters, return at once. Only a missing or empty folder, or a synthetic world
+    this kit made, is (re)written (claim_root). The world is written to a private temporary folder and
+    published with one rename, so runs started side by side never read a half-written world."""
     params = dict(n_train=n_train, n_val=n_val, size=size, seed=seed)
     if _synthetic_params(root) == params:
         return root
-    if os.path.isdir(root) and set(os.listdir(root)) - SYNTHETIC_ENTRIES:
-        raise KitError(f"--data-root {root} holds files that are not a synthetic world; "
-                       "point --data-root at a new folder to generate one there")
+    claim_root(root, flag, "synthetic")
     parent, name = os.path.split(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
@@ -1053,21 +1190,23 @@ def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0):
                 cv2.imwrite(os.path.join(dirs[1], stem + ".png"), lab)
         with open(os.path.join(dirs[2], "val.txt"), "w") as f:
             f.writelines(f"val_{i:06d}\n" for i in range(n_val))
-        with open(os.path.join(tmp, ".complete"), "w") as f:
+        with open(os.path.join(tmp, SYNTHETIC_MARKER), "w") as f:
             json.dump(params, f)
-        _publish_world(tmp, root, params)
+        _publish_world(tmp, root, params, flag)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"synthetic: done in {time.time() - t0:.0f}s", flush=True)
     return root
 
 
-def _publish_world(tmp, root, params):
-    """Move the finished world `tmp` to `root`, replacing an unfinished or differently-made one there.
-    If another process published the same world first, keep theirs."""
+def _publish_world(tmp, root, params, flag):
+    """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made world of
+    this kit there (checked again now: the folder may have changed during generation). If another process
+    published the same world first, keep theirs."""
     if _synthetic_params(root) == params:
         return
-    try:  # move the old (partial, stale or empty) folder out of the way, then delete it
+    claim_root(root, flag, "synthetic")
+    try:  # move the old (empty or differently-made) world out of the way, then delete it
         old = tmp + "-old"
         os.rename(root, old)
         shutil.rmtree(old, ignore_errors=True)
@@ -1122,8 +1261,13 @@ def _need(path, what):
     return path
 
 
-def _dirs(out):
-    """Create and return the three output folders."""
+def _dirs(out, kind):
+    """Claim `out` for prepared `kind` data (claim_root: new, empty or made by this command before), mark
+    it as such, then create and return the three output folders."""
+    claim_root(out, "--out", kind)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, PREPARED_MARKER), "w") as f:
+        json.dump({"dataset": kind, "made_by": f"prepare-{kind}"}, f)
     d = {k: os.path.join(out, k) for k in ('JPEGImages', 'SegmentationClassAug', 'ImageSets/Segmentation')}
     for p in d.values():
         os.makedirs(p, exist_ok=True)
@@ -1217,7 +1361,7 @@ def prepare_pascal(voc, sbd, out, aug=None, train_noval=None):
         noval = set(sbd_ids or extra) - voc_val
         print('WARNING: no SBD train_noval.txt; using SBD ids minus VOC val (%d ids; the published list has 5623)'
               % len(noval))
-    d = _dirs(out)
+    d = _dirs(out, 'pascal')
     all_ids, t0 = sorted(voc_ids | set(extra)), time.time()
     for k, i in enumerate(all_ids):
         if k and k % 2000 == 0:
@@ -1260,7 +1404,7 @@ def prepare_coco(coco, out):
                         '--coco: no COCO2014 instance annotation file'),
                   _need(os.path.join(coco, '%s2014' % s), '--coco: no %s2014/ image folder' % s))
               for s in ('train', 'val')}
-    d, counts = _dirs(out), {}
+    d, counts = _dirs(out, 'coco'), {}
     for split, (ann_file, img_dir) in splits.items():
         api = COCO(ann_file)
         cat_rank = {c: r + 1 for r, c in enumerate(sorted(api.getCatIds()))}
@@ -1290,11 +1434,30 @@ EXPECTED_FOLDS = {  # BAM's released fss lists (protocol.md 1.4), PASCAL-5i, 595
     ("pascal", "oslsm"): {"train": [4208, 3726, 2752, 4510], "val": [364, 445, 592, 336]}}
 
 
+def bad_files(root, ids, n_classes, workers=4):
+    """Decode every image in full and read every mask; one line per bad file (all of them, not the first)."""
+    def problems(i):
+        try:
+            label = read_mask(root, i, n_classes)
+            check_image_file(root, i, label.shape)
+        except KitError as e:
+            return str(e)
+        path = os.path.join(root, IMAGES, i + ".jpg")
+        return None if decodes_fully(path) else f"image {path} does not decode fully (truncated or corrupt)"
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return [p for p in pool.map(problems, ids) if p]
+
+
 def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved", workers=2):
     """Per fold: images of the training list (BAM: novel-containing dropped; PFENet: kept) and of the val list,
     and per class the support pool sizes after the pixel rule (protocol.md 1.4 / 2.3). Returns the numbers."""
     train_ids, val_ids = image_pools(root, train_pool)
     n = N_CLASSES[dataset]
+    bad = bad_files(root, train_ids + val_ids, n, workers)
+    if bad:
+        print(f"{len(bad)} bad files:\n" + "\n".join("  " + b for b in bad))
+        raise KitError(f"verify: {len(bad)} of the {len(train_ids) + len(val_ids)} images or masks under {root} "
+                       "are bad (listed above): restore them or drop their ids from the lists")
     ct, cv = class_pixel_counts(root, train_ids, n, workers), class_pixel_counts(root, val_ids, n, workers)
     expected = EXPECTED_FOLDS.get((dataset, train_pool), {})
     print(f"{dataset} at {root}: train pool {len(train_ids)} images ({train_pool}), val {len(val_ids)}; "
@@ -1318,13 +1481,13 @@ def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="BCPT kit data commands: build and check the data roots")
+    p = KitParser(description="BCPT kit data commands: build and check the data roots")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("make-synthetic", help="write the synthetic benchmark (VOC layout)")
     s.add_argument("--out", default=DATASET_DEFAULTS["synthetic"]["data_root"], help="default %(default)s")
-    s.add_argument("--n-train", type=int, default=2000)
-    s.add_argument("--n-val", type=int, default=500)
-    s.add_argument("--size", type=int, default=96, help="image side in pixels; default %(default)s")
+    s.add_argument("--n-train", type=POSITIVE, default=2000)
+    s.add_argument("--n-val", type=POSITIVE, default=500)
+    s.add_argument("--size", type=SIZE, default=96, help="image side in pixels; default %(default)s")
     s.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("prepare-pascal", help="PASCAL VOC2012 + SBD -> SegmentationClassAug and lists")
     s.add_argument("--voc", required=True, help="VOCdevkit/VOC2012 (JPEGImages, SegmentationClass, ImageSets)")
@@ -1338,13 +1501,13 @@ def main(argv=None):
     s = sub.add_parser("verify", help="print per-fold, per-class image counts after the pixel rule")
     s.add_argument("--dataset", required=True, choices=sorted(N_CLASSES))
     s.add_argument("--data-root", required=True)
-    s.add_argument("--min-pixels", type=int, help="default: 2048 (128 synthetic)")
+    s.add_argument("--min-pixels", type=POSITIVE, help="default: 2048 (128 synthetic)")
     s.add_argument("--train-pool", default="aug", choices=["aug", "oslsm"])
     s.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"])
-    s.add_argument("--workers", type=int, default=4)
+    s.add_argument("--workers", type=POSITIVE, default=4)
     a = p.parse_args(argv)
     if a.command == "make-synthetic":
-        make_synthetic(a.out, a.n_train, a.n_val, a.size, a.seed)
+        make_synthetic(a.out, a.n_train, a.n_val, a.size, a.seed, flag="--out")
         print(f"synthetic benchmark at {a.out}")
     elif a.command == "prepare-pascal":
         if not (a.sbd or a.aug):

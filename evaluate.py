@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from common import KitParser, POSITIVE
 from common import (AsppPFENet, EpisodeDataset, KitError, add_common_args, add_eval_args,
                     build_backbone, evaluate_seeds, finish_args, format_table, load_checkpoint, open_data,
                     pretrain_label, run, to_bgr_image, write_results)
@@ -33,13 +34,13 @@ MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights", "crop")  # refus
 
 
 def parse_args(argv):
-    p = add_eval_args(add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
+    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0])))
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
-    p.add_argument("--shot", type=int, help="supports per episode; must match the checkpoint (default: the checkpoint's)")
+    p.add_argument("--shot", type=POSITIVE, help="supports per episode; must match the checkpoint (default: the checkpoint's)")
     p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "
                                      "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)")
     p.add_argument("--vis", help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here")
-    p.add_argument("--vis-count", type=int, default=8, help="episodes drawn by --vis; default %(default)s")
+    p.add_argument("--vis-count", type=POSITIVE, default=8, help="episodes drawn by --vis; default %(default)s")
     args = p.parse_args(argv)
     return args, typed_flags(p, argv)
 

@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from common import KitParser, POSITIVE, UNIT, bounded, run_folder
 from common import (IGNORE, AsppPFENet, EpisodeDataset, FewShotIoU, KitError, Progress, add_common_args,
                     build_backbone, evaluate_seeds, finish_args, open_data, pretrain_label,
                     resume_from, rng_state, run, save_checkpoint, seed_everything, set_rng_state, stream_loader)
@@ -34,28 +35,28 @@ CHECK_ON_RESUME = ("dataset", "fold", "shot", "backbone", "weights", "epochs", "
 
 
 def parse_args(argv):
-    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    p.add_argument("--shot", type=int, default=1, help="supports per episode (1 or 5 in the paper); default %(default)s")
-    p.add_argument("--epochs", type=int, help="passes over the fold's training queries: 200 PASCAL / 50 COCO (Sec. 3.1)")
-    p.add_argument("--batch", type=int, default=8, help="episodes per iteration (BAM 2 x 4 GPUs); default %(default)s")
-    p.add_argument("--lr", type=float, default=0.05,
+    p = add_common_args(KitParser(description=__doc__.split("\n")[0]))
+    p.add_argument("--shot", type=POSITIVE, default=1, help="supports per episode (1 or 5 in the paper); default %(default)s")
+    p.add_argument("--epochs", type=POSITIVE, help="passes over the fold's training queries: 200 PASCAL / 50 COCO (Sec. 3.1)")
+    p.add_argument("--batch", type=POSITIVE, default=8, help="episodes per iteration (BAM 2 x 4 GPUs); default %(default)s")
+    p.add_argument("--lr", type=bounded(float, 0.0, open_lo=True), default=0.05,
                    help="effective lr of every trainable module (BAM base_lr 0.005 x 10, protocol.md 6.4); default %(default)s")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (protocol.md 6.1); default %(default)s")
-    p.add_argument("--wd", type=float, default=1e-4, help="SGD weight decay (protocol.md 6.1); default %(default)s")
-    p.add_argument("--power", type=float, default=0.9, help="poly lr power, per iteration (protocol.md 6.1); default %(default)s")
-    p.add_argument("--scale", type=float, nargs=2, help="RandScale range: 0.9 1.1 PASCAL / 0.8 1.25 COCO (protocol.md 3.1)")
+    p.add_argument("--momentum", type=UNIT, default=0.9, help="SGD momentum (protocol.md 6.1); default %(default)s")
+    p.add_argument("--wd", type=bounded(float, 0.0), default=1e-4, help="SGD weight decay (protocol.md 6.1); default %(default)s")
+    p.add_argument("--power", type=bounded(float, 0.0), default=0.9, help="poly lr power, per iteration (protocol.md 6.1); default %(default)s")
+    p.add_argument("--scale", type=bounded(float, 0.0, open_lo=True), nargs=2, help="RandScale range: 0.9 1.1 PASCAL / 0.8 1.25 COCO (protocol.md 3.1)")
     p.add_argument("--novel-images", default="drop", choices=["drop", "keep"],
                    help="training images containing a novel class: drop (BAM) or keep as background (PFENet), "
                         "protocol.md 7.2; default %(default)s")
     p.add_argument("--select", default="last", choices=["last", "best-val"],
                    help="last: the final model (honest); best-val: also keep best.pt, chosen on the val episodes "
                         "that are later reported (BAM/PFENet, protocol.md 7.1); default %(default)s")
-    p.add_argument("--val-every", type=int, help="iterations between validations for best-val (default: one epoch, as BAM)")
-    p.add_argument("--val-episodes", type=int, help="validation episodes, seed --val-seed: 1000 (BAM); 200 synthetic")
+    p.add_argument("--val-every", type=POSITIVE, help="iterations between validations for best-val (default: one epoch, as BAM)")
+    p.add_argument("--val-episodes", type=POSITIVE, help="validation episodes, seed --val-seed: 1000 (BAM); 200 synthetic")
     p.add_argument("--val-seed", type=int, default=321, help="seed of the validation episodes (BAM); default %(default)s")
-    p.add_argument("--max-iters", type=int, help="stop after this many iterations; the lr schedule is unchanged (smoke tests)")
-    p.add_argument("--save-every", type=int, default=200, help="iterations between checkpoints; default %(default)s")
-    p.add_argument("--log-every", type=int, default=20, help="iterations between progress lines; default %(default)s")
+    p.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations; the lr schedule is unchanged (smoke tests)")
+    p.add_argument("--save-every", type=POSITIVE, default=200, help="iterations between checkpoints; default %(default)s")
+    p.add_argument("--log-every", type=POSITIVE, default=20, help="iterations between progress lines; default %(default)s")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if there is none yet)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA (no-op on CPU)")
     args = p.parse_args(argv)
@@ -138,22 +139,22 @@ def main(argv=None):
           f"novel-containing images), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} "
           f"iterations (running to {stop}), batch {args.batch}, lr {args.lr}, backbone {args.backbone} "
           f"({args.pretrain_label}), select {args.select}, device {device}, out {args.out}")
-    model, opt, scaler = build(args, device)
-    path, start, best = os.path.join(args.out, "last.pt"), 0, {"miou": -1.0, "iter": 0}
-    ckpt = resume_from(path, {k: getattr(args, k) for k in CHECK_ON_RESUME}) if args.resume else None
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start, best = ckpt["iter"], ckpt["best"]
-        print(f"resumed from {path} at iteration {start}")
-    os.makedirs(args.out, exist_ok=True)
-    model.train()
-    with torch.random.fork_rng(devices=[]):  # the loader's base seed draw must not move the dropout RNG
-        loader = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, device))
-    if ckpt:
-        set_rng_state(ckpt["rng"])
-    train_loop(model, opt, scaler, loader, args, data, start, stop, best, path)
+    with run_folder(args.out):
+        model, opt, scaler = build(args, device)
+        path, start, best = os.path.join(args.out, "last.pt"), 0, {"miou": -1.0, "iter": 0}
+        ckpt = resume_from(path, {k: getattr(args, k) for k in CHECK_ON_RESUME}) if args.resume else None
+        if ckpt:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start, best = ckpt["iter"], ckpt["best"]
+            print(f"resumed from {path} at iteration {start}")
+        model.train()
+        with torch.random.fork_rng(devices=[]):  # the loader's base seed draw must not move the dropout RNG
+            loader = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, device))
+        if ckpt:
+            set_rng_state(ckpt["rng"])
+        train_loop(model, opt, scaler, loader, args, data, start, stop, best, path)
 
 
 def train_loop(model, opt, scaler, loader, args, data, start, stop, best, path):

@@ -15,10 +15,10 @@ Full run (PASCAL-5i fold 0, ResNet-50 pre-trained by BCPT):
 CPU smoke run on the built-in synthetic benchmark:
     python nonparametric_eval.py --pretrained none --episodes 100 --seeds 510
 """
-import argparse
 
 import torch
 
+from common import KitParser, POSITIVE, UNIT
 from common import (add_common_args, add_eval_args, build_backbone, evaluate_seeds, finish_args, format_table,
                     frozen_features, open_data, pretrain_label, resize, run, seed_everything, shot_prior,
                     write_results)
@@ -27,12 +27,12 @@ STAGE_DEFAULTS = {"pascal": {}, "coco": {}, "synthetic": {}}  # no stage-specifi
 
 
 def parse_args(argv):
-    p = add_eval_args(add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
-    p.add_argument("--shot", type=int, default=1, help="supports per episode (Table 2 is 1-shot); default %(default)s")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0])))
+    p.add_argument("--shot", type=POSITIVE, default=1, help="supports per episode (Table 2 is 1-shot); default %(default)s")
+    p.add_argument("--threshold", type=UNIT, default=0.5,
                    help="prior > threshold is foreground, the same for every backbone (paper Sec. 3.2 gives no "
                         "value; our choice); default %(default)s")
-    p.add_argument("--sweep", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(1, 10)],
+    p.add_argument("--sweep", type=UNIT, nargs="+", default=[round(0.1 * i, 1) for i in range(1, 10)],
                    help="thresholds also scored from the same priors; default %(default)s")
     return finish_args(p.parse_args(argv), "nonparametric", STAGE_DEFAULTS)
 

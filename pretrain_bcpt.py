@@ -13,7 +13,6 @@ Full run (one CUDA GPU, BAM's base pretraining settings, protocol.md 6.3):
 CPU smoke run on the built-in synthetic benchmark:
     python pretrain_bcpt.py --method bcpt --max-iters 20
 """
-import argparse
 import math
 import os
 import time
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import KitParser, NON_NEGATIVE, POSITIVE, UNIT, bounded, run_folder
 from common import (IGNORE, BaseClassDataset, KitError, Progress, add_common_args, background_mining_loss,
                     build_backbone, cluster_assign, farthest_point_init, finish_args, guide_centers, kmeans,
                     momentum_update, open_data, resume_from, rng_state, run, save_checkpoint,
@@ -40,25 +40,25 @@ STAGE_DEFAULTS = {
 
 
 def parse_args(argv):
-    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p = add_common_args(KitParser(description=__doc__.split("\n")[0]))
     p.add_argument("--method", default="bcpt", choices=["standard", "bcpt"], help="default %(default)s")
-    p.add_argument("--K", type=int, default=6, help="number of background cluster centres K (Sec. 2.1, Table 4); default %(default)s")
-    p.add_argument("--mu", type=float, help="momentum mu of Eqs. 1 and 7; paper 0.999 (synthetic: 0.99)")
-    p.add_argument("--alpha", type=float, default=0.1, help="weight alpha of the background mining loss, Eq. 4; paper %(default)s")
+    p.add_argument("--K", type=bounded(int, 2), default=6, help="number of background cluster centres K (Sec. 2.1, Table 4); default %(default)s")
+    p.add_argument("--mu", type=UNIT, help="momentum mu of Eqs. 1 and 7; paper 0.999 (synthetic: 0.99)")
+    p.add_argument("--alpha", type=bounded(float, 0.0), default=0.1, help="weight alpha of the background mining loss, Eq. 4; paper %(default)s")
     p.add_argument("--no-guidance", action="store_true", help="skip Eqs. 5-7 (Table 3, row 'BMC' only)")
-    p.add_argument("--epochs", type=int, help="100 PASCAL / 20 COCO (paper Sec. 3.1)")
-    p.add_argument("--batch", type=int, help="batch size; 12 (BAM)")
-    p.add_argument("--lr", type=float, help="backbone lr; the head W gets 10x (BAM: 2.5e-4)")
-    p.add_argument("--scale", type=float, nargs=2, help="RandScale range; 0.5 2.0 (BAM)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; default %(default)s")
-    p.add_argument("--wd", type=float, default=1e-4, help="weight decay; default %(default)s")
-    p.add_argument("--max-iters", type=int, help="stop after this many iterations (smoke tests)")
-    p.add_argument("--log-every", type=int, default=20, help="iterations between progress lines")
-    p.add_argument("--save-every", type=int, default=200, help="iterations between checkpoints")
+    p.add_argument("--epochs", type=POSITIVE, help="100 PASCAL / 20 COCO (paper Sec. 3.1)")
+    p.add_argument("--batch", type=POSITIVE, help="batch size; 12 (BAM)")
+    p.add_argument("--lr", type=bounded(float, 0.0, open_lo=True), help="backbone lr; the head W gets 10x (BAM: 2.5e-4)")
+    p.add_argument("--scale", type=bounded(float, 0.0, open_lo=True), nargs=2, help="RandScale range; 0.5 2.0 (BAM)")
+    p.add_argument("--momentum", type=UNIT, default=0.9, help="SGD momentum; default %(default)s")
+    p.add_argument("--wd", type=bounded(float, 0.0), default=1e-4, help="weight decay; default %(default)s")
+    p.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations (smoke tests)")
+    p.add_argument("--log-every", type=POSITIVE, default=20, help="iterations between progress lines")
+    p.add_argument("--save-every", type=POSITIVE, default=200, help="iterations between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if there is none yet)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
-    p.add_argument("--vis-clusters", type=int, default=0, help="write N PNGs of background clusters (Fig. 1b)")
-    p.add_argument("--benchmark", type=int, default=0, help="time N steps (data / network / clustering), then exit")
+    p.add_argument("--vis-clusters", type=NON_NEGATIVE, default=0, help="write N PNGs of background clusters (Fig. 1b)")
+    p.add_argument("--benchmark", type=NON_NEGATIVE, default=0, help="time N steps (data / network / clustering), then exit")
     args = p.parse_args(argv)
     args = finish_args(args, f"pretrain-{args.method}", STAGE_DEFAULTS)
     if args.method == "bcpt" and not 2 <= args.K <= len(args.base) + 1:
@@ -198,23 +198,35 @@ def main(argv=None):
     print(f"pretrain {args.method}: {len(args.base)} base classes {args.base}, {len(dataset)} images, "
           f"{iters_per_epoch} it/epoch x {args.epochs} epochs = {total} iterations (running to {stop}), "
           f"backbone {args.backbone} init {args.weights}, device {device}, out {args.out}")
-    net, opt, scaler = build(args, device)
-    path, start = os.path.join(args.out, "last.pt"), 0
-    keys = ("method", "dataset", "fold", "backbone", "K", "mu", "alpha", "batch", "crop", "epochs", "seed", "no_guidance")
-    ckpt = resume_from(path, {k: getattr(args, k) for k in keys}) if args.resume else None
-    if ckpt:
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        start = ckpt["iter"]
-        print(f"resumed from {path} at iteration {start}")
-    os.makedirs(args.out, exist_ok=True)
-    if args.benchmark:
-        return benchmark(net, opt, scaler, dataset, args, device)
+    if args.vis_clusters and args.method != "bcpt":
+        print("--vis-clusters: standard pre-training has no background clusters; no pictures will be written")
+    with run_folder(args.out):
+        net, opt, scaler = build(args, device)
+        path, start = os.path.join(args.out, "last.pt"), 0
+        keys = ("method", "dataset", "fold", "backbone", "K", "mu", "alpha", "batch", "crop", "epochs", "seed",
+                "no_guidance")
+        ckpt = resume_from(path, {k: getattr(args, k) for k in keys}) if args.resume else None
+        if ckpt:
+            net.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start = ckpt["iter"]
+            print(f"resumed from {path} at iteration {start}")
+        if args.benchmark:
+            return benchmark(net, opt, scaler, dataset, args, device)
+        with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG,
+            loader = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, device))
+        if ckpt:  # ... so that after a resume every RNG is where a straight run has it
+            set_rng_state(ckpt["rng"])
+        train_loop(net, opt, scaler, loader, args, device, start, stop, total, path)
+        if args.vis_clusters and args.method == "bcpt":
+            visualise_clusters(net, dataset, args, device)
+
+
+def train_loop(net, opt, scaler, loader, args, device, start, stop, total, path):
     net.train()
     base_lrs, progress = [args.lr, 10 * args.lr], Progress(stop, start, args.log_every, args.out)
-    for t, batch in enumerate(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, device), start):
+    for t, batch in enumerate(loader, start):
         lr = poly_lr(opt, base_lrs, t, total)
         good = {k: v.clone() for k, v in net.named_buffers()}  # BN stats and centres move before the loss
         loss, out, _ = train_step(net, opt, scaler, batch, args, device)
@@ -230,8 +242,6 @@ def main(argv=None):
         if (t + 1) % args.save_every == 0 or t + 1 == stop:
             save_checkpoint(path, checkpoint(net, opt, scaler, t + 1, args))
     print(f"saved {path}")
-    if args.vis_clusters:
-        visualise_clusters(net, dataset, args, device)
 
 
 def benchmark(net, opt, scaler, dataset, args, device):
@@ -264,22 +274,29 @@ def benchmark(net, opt, scaler, dataset, args, device):
 
 @torch.no_grad()
 def visualise_clusters(net, dataset, args, device):
-    """Fig. 1b: training images with their background coloured by cluster (bcpt) or not at all."""
-    if args.method != "bcpt":
-        return
+    """Fig. 1b: training crops with each background pixel coloured by its cluster centre, drawn at least
+    256 px high, with a key naming each colour's centre and its share of the picture's background."""
     net.eval()
-    colours = (cv2.applyColorMap(np.linspace(0, 255, args.K).astype(np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0])
+    colours = cv2.applyColorMap(np.linspace(0, 255, args.K).astype(np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0]
     folder = os.path.join(args.out, "clusters")
     os.makedirs(folder, exist_ok=True)
     for i in range(args.vis_clusters):
         x, y = dataset[i]
         emb = net(x[None].to(device))[0].float()  # (D, h, w)
         assign = cluster_assign(net.centers, emb.flatten(1)).reshape(emb.shape[1:]).cpu().numpy()  # (h, w)
-        assign = cv2.resize(assign.astype(np.uint8), x.shape[-1:] * 2, interpolation=cv2.INTER_NEAREST)
-        img = to_bgr_image(x)  # (s, s, 3)
-        over = np.where((y.numpy() == 0)[..., None], 0.4 * img + 0.6 * colours[assign], img).astype(np.uint8)
-        cv2.imwrite(os.path.join(folder, f"{i:03d}.png"), np.concatenate([img, over], 1))
-    print(f"wrote {args.vis_clusters} cluster maps to {folder}")
+        assign = cv2.resize(assign.astype(np.uint8), x.shape[-1:] * 2, interpolation=cv2.INTER_NEAREST)  # (s, s)
+        img, bg = to_bgr_image(x), y.numpy() == 0  # (s, s, 3), (s, s)
+        over = np.where(bg[..., None], 0.4 * img + 0.6 * colours[assign], img).astype(np.uint8)
+        zoom = -(-256 // img.shape[0])  # ceil: at least 256 px high
+        pic = cv2.resize(np.concatenate([img, over], 1), None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
+        shares = np.bincount(assign[bg], minlength=args.K) / max(bg.sum(), 1)
+        key = np.full((22 * args.K + 6, pic.shape[1], 3), 255, np.uint8)
+        for k in range(args.K):
+            cv2.rectangle(key, (6, 22 * k + 6), (24, 22 * k + 22), colours[k].tolist(), -1)
+            cv2.putText(key, f"centre {k}: {100 * shares[k]:.0f}% of the background", (32, 22 * k + 20),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.imwrite(os.path.join(folder, f"{i:03d}.png"), np.concatenate([pic, key], 0))
+    print(f"wrote {args.vis_clusters} cluster maps to {folder} (left: crop; right: background by centre)")
 
 
 if __name__ == "__main__":

@@ -355,19 +355,6 @@ def test_idempotent_no_rewrite(tmp_path):
     assert set(_mtimes(r).values()) == {10**18}
 
 
-def test_partial_dir_regenerated(tmp_path):
-    r = common.make_synthetic(str(tmp_path / "e"), n_train=10, n_val=5)
-    png = os.path.join(r, "SegmentationClassAug", "train_000003.png")
-    good = open(png, "rb").read()
-    os.remove(os.path.join(r, ".complete"))  # simulate an interrupted run
-    os.remove(png)
-    open(os.path.join(r, "SegmentationClassAug", "train_000099.png"), "wb").close()  # stale leftover
-    common.make_synthetic(r, n_train=10, n_val=5)
-    assert open(png, "rb").read() == good
-    assert not os.path.exists(os.path.join(r, "SegmentationClassAug", "train_000099.png"))
-    assert os.path.exists(os.path.join(r, ".complete"))
-
-
 def test_changed_parameters_regenerate(tmp_path):
     r = common.make_synthetic(str(tmp_path / "f"), n_train=10, n_val=5)
     common.make_synthetic(r, n_train=6, n_val=5)
@@ -412,7 +399,7 @@ def test_world_appears_whole_even_if_another_run_publishes_first(tmp_path, monke
 
 def test_synthetic_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(KitError, match="not a synthetic world"):
+    with pytest.raises(KitError, match="is not empty and was not made by this kit.*new or empty folder"):
         common.make_synthetic(str(tmp_path), n_train=5, n_val=2)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -996,3 +983,201 @@ def test_cli_make_synthetic_and_verify(tmp_path):
     bad = subprocess.run(cmd + ["verify", "--dataset", "pascal", "--data-root", str(tmp_path / "none")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--data-root" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---------- never lose a user's data or run ----------
+def tree_bytes(root):
+    """{relative path: bytes (or link target)} of everything below root, hidden files included."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = "link -> " + os.readlink(p)
+            elif os.path.isfile(p):
+                out[rel] = open(p, "rb").read()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def test_every_stage_refuses_a_prepared_root_as_synthetic(voc, sbd, metatrained, tmp_path):
+    import evaluate
+    import metatrain
+    import nonparametric_eval
+    import pretrain_bcpt
+    prepared = str(tmp_path / "mydata")
+    common.prepare_pascal(voc, sbd, prepared)  # exactly what prepare-pascal writes, marker included
+    hand = write_voc(tmp_path / "handmade", {"a": blocks([1, 2, 0, 0]), "b": blocks([3, 0, 0, 0])}, val=["b"])
+    for root, hint in ((prepared, "pascal root made by this kit: did you mean --dataset pascal"),
+                       (hand, "looks like a prepared VOC/COCO root: did you mean --dataset pascal or --dataset coco")):
+        before = tree_bytes(root)
+        runs = [lambda: pretrain_bcpt.main(["--data-root", root, "--max-iters", "1", "--out", str(tmp_path / "p")]),
+                lambda: metatrain.main(["--data-root", root, "--max-iters", "1", "--out", str(tmp_path / "m")]),
+                lambda: nonparametric_eval.main(["--data-root", root, "--episodes", "1", "--seeds", "1"]),
+                lambda: evaluate.main(["--checkpoint", metatrained[1], "--data-root", root, "--episodes", "1"]),
+                lambda: common.make_synthetic(root, 5, 2, 32, flag="--out")]
+        for stage in runs:
+            with pytest.raises(KitError, match=f"{root} is not empty and was not made by this kit.*{hint}"):
+                stage()
+        assert tree_bytes(root) == before  # not one byte changed, nothing added (no cache, no lock)
+    cli = subprocess.run([sys.executable, os.path.join(HERE, "common.py"), "make-synthetic", "--out", prepared],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "--out " + prepared in cli.stderr
+
+
+def test_synthetic_world_without_marker_is_refused(tmp_path):
+    r = common.make_synthetic(str(tmp_path / "e"), n_train=10, n_val=5)
+    os.remove(os.path.join(r, common.SYNTHETIC_MARKER))  # no longer recognisably the kit's own
+    before = tree_bytes(r)
+    with pytest.raises(KitError, match="looks like a prepared VOC/COCO root"):
+        common.make_synthetic(r, n_train=10, n_val=5)
+    assert tree_bytes(r) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert common.make_synthetic(str(empty), n_train=4, n_val=2) == str(empty)  # an empty folder is fine
+
+
+def test_prepare_refuses_a_foreign_out_and_reruns_into_its_own(voc, sbd, tmp_path):
+    out = tmp_path / "somewhere"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(KitError, match="--out .*somewhere is not empty and was not made by this kit for pascal"):
+        common.prepare_pascal(voc, sbd, str(out))
+    assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "years of work"
+    syn = common.make_synthetic(str(tmp_path / "syn"), 4, 2, 32)
+    with pytest.raises(KitError, match="synthetic root made by this kit: did you mean --dataset synthetic"):
+        common.prepare_pascal(voc, sbd, syn)
+    own = str(tmp_path / "own")
+    common.prepare_pascal(voc, sbd, own)
+    with open(os.path.join(own, common.PREPARED_MARKER)) as f:
+        assert json.load(f)["dataset"] == "pascal"
+    common.prepare_pascal(voc, sbd, own)  # re-running into its own output is allowed
+
+
+def test_one_run_per_folder(synthetic_root, tmp_path, capsys):
+    import pretrain_bcpt
+    out = tmp_path / "run"
+    args = pretrain_args(synthetic_root, out, "--max-iters", "1")
+    with common.run_folder(str(out)):  # a run holding the folder
+        with pytest.raises(KitError, match=rf"--out {out} is in use by process {os.getpid()} on "):
+            pretrain_bcpt.main(args)
+    assert not (out / "last.pt").exists()
+    # a killed run: its lock content and a half-written temp checkpoint are left behind
+    (out / ".lock").write_text("process 999999 on somehost")
+    (out / "last.pt.tmp999999").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    pretrain_bcpt.main(args)
+    assert "was left by process 999999 on somehost, which is no longer running; taking it over" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl"]  # temp file gone, no temp of ours left
+    assert (out / ".lock").read_text() == ""  # released at the end
+
+
+def test_second_process_on_the_same_folder_stops_with_one_line(synthetic_root, tmp_path):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time\nwith common.run_folder(sys.argv[1]):\n"
+                               "    print('locked', flush=True); time.sleep(60)", out],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"),
+                            *pretrain_args(synthetic_root, out, "--max-iters", "1")], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"is in use by process {holder.pid}" in r.stderr and "choose another --out" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("script,flag,value,rule", [
+    ("pretrain_bcpt", "--mu", "1.5", "in [0.0, 1.0]"), ("pretrain_bcpt", "--alpha", "-1", ">= 0.0"),
+    ("pretrain_bcpt", "--lr", "0", "> 0.0"), ("pretrain_bcpt", "--K", "1", ">= 2"),
+    ("pretrain_bcpt", "--batch", "0", ">= 1"), ("pretrain_bcpt", "--epochs", "0", ">= 1"),
+    ("pretrain_bcpt", "--max-iters", "0", ">= 1"), ("pretrain_bcpt", "--workers", "-1", ">= 0"),
+    ("pretrain_bcpt", "--crop", "8", ">= 16"), ("metatrain", "--shot", "0", ">= 1"),
+    ("metatrain", "--lr", "-0.1", "> 0.0"), ("evaluate", "--episodes", "0", ">= 1"),
+    ("nonparametric_eval", "--episodes", "0", ">= 1"), ("nonparametric_eval", "--shot", "0", ">= 1"),
+    ("nonparametric_eval", "--threshold", "1.2", "in [0.0, 1.0]"), ("nonparametric_eval", "--min-pixels", "0", ">= 1")])
+def test_flags_checked_before_any_work(script, flag, value, rule, tmp_path, monkeypatch):
+    mod = __import__(script)
+    monkeypatch.setattr(common, "open_data", lambda *a: pytest.fail("work started before the flags were checked"))
+    with pytest.raises(KitError) as e:
+        mod.main([flag, value, "--data-root", str(tmp_path / "never")])
+    assert str(e.value) == f"argument {flag}: value {value} is not allowed: it must be {rule}"
+
+
+def test_flag_error_is_one_line_on_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "metatrain.py"), "--shot", "0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: argument --shot: value 0 is not allowed: it must be >= 1\n"
+    assert not os.listdir(tmp_path)  # nothing generated, no run folder
+
+
+def truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * keep)])
+
+
+def test_truncated_jpeg_stops_the_scan_naming_the_file(tmp_path):
+    root = common.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    img = os.path.join(root, common.IMAGES, "train_000004.jpg")
+    assert cv2.imread(img) is not None
+    truncate(img)
+    assert cv2.imread(img) is not None  # OpenCV decodes a truncated JPEG, only warning on stderr
+    train, _ = common.image_pools(root)
+    with pytest.raises(KitError, match=f"image {img} is truncated"):
+        common.class_pixel_counts(root, train, 20)
+    other = os.path.join(root, common.IMAGES, "train_000005.jpg")
+    with open(other, "ab") as f:
+        f.write(b"trailing bytes after the end marker")  # a valid JPEG with a tail is not called bad
+    common.check_image_file(root, "train_000005", (48, 48))
+    with pytest.raises(KitError, match="is 48x48 but its mask is 40x48"):
+        common.check_image_file(root, "train_000005", (48, 40))
+
+
+def test_verify_lists_every_bad_file(tmp_path):
+    root = common.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    bad = [os.path.join(root, common.IMAGES, f"train_00000{i}.jpg") for i in (1, 7)]
+    for p in bad:
+        truncate(p, 0.8)
+    cv2.imwrite(os.path.join(root, common.MASKS, "val_000002.png"), np.full((48, 48), 77, np.uint8))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "common.py"), "verify", "--dataset", "synthetic",
+                        "--data-root", root], capture_output=True, text=True)
+    assert r.returncode == 2 and "verify: 3 of the 18 images or masks" in r.stderr
+    assert all(p in r.stdout for p in bad) and "val_000002.png has value 77" in r.stdout
+
+
+def checkpoints_equal(a, b):
+    for part in ("model", "optimizer"):
+        fa, fb = (torch.utils._pytree.tree_flatten(x[part])[0] for x in (a, b))
+        assert len(fa) == len(fb)
+        for x, y in zip(fa, fb):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, part
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert a["rng"]["numpy"] == b["rng"]["numpy"] and a["rng"]["python"] == b["rng"]["python"]
+
+
+def test_resume_leaves_every_rng_where_a_straight_run_has_it(synthetic_root, tmp_path):
+    import metatrain
+    import pretrain_bcpt
+    for name, main, args in (("pre", pretrain_bcpt.main, lambda d, *x: pretrain_args(synthetic_root, tmp_path / d, *x)),
+                             ("meta", metatrain.main, lambda d, *x: meta_args(synthetic_root, tmp_path / d, "none", 1, *x))):
+        main(args(name + "a", "--max-iters", "10"))
+        main(args(name + "b", "--max-iters", "5"))
+        main(args(name + "b", "--max-iters", "10", "--resume"))
+        a, b = (common.load_checkpoint(str(tmp_path / (name + d) / "last.pt")) for d in "ab")
+        assert a["iter"] == b["iter"] == 10
+        checkpoints_equal(a, b)
+
+
+def test_vis_clusters_standard_says_why_and_bcpt_draws_a_key(synthetic_root, tmp_path, capsys):
+    import pretrain_bcpt
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "s", "--method", "standard", "--max-iters", "1",
+                                     "--vis-clusters", "2"))
+    assert "standard pre-training has no background clusters" in capsys.readouterr().out
+    assert not (tmp_path / "s" / "clusters").exists()
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "1", "--vis-clusters", "1",
+                                     "--K", "3"))
+    pic = cv2.imread(str(tmp_path / "b" / "clusters" / "000.png"))
+    assert pic.shape[0] >= 256 + 3 * 22 and pic.shape[1] >= 2 * 256  # upscaled crop pair + a 3-line key

@@ -1,31 +1,28 @@
-"""common.py: what the stages of the BCPT kit share.
+"""common.py: what the stages of the BCPT kit share, the paper's method first.
 
-Sections, in the order the stages meet them: 1 folds, 2 data on disk (pools, per-class index),
-3 transforms, 4 datasets, 5 backbones, 6 BCPT clustering (paper Sec. 2), 7 the ASPP-PFENet few-shot
-model, 8 metrics, 9 plumbing (flags, seeds, checkpoints, progress), 10 data preparation commands.
+Sections, in this order:
+  1. BCPT: online clustering of the merged background, Eqs. 1-7 (paper Sec. 2), for pretrain_bcpt.py
+  2. The ASPP-PFENet few-shot model and PFENet's prior mask (paper Sec. 3.1; PROTOCOL.md 9)
+  3. Metrics: class IoU, mIoU, FB-IoU (PROTOCOL.md 6)
+  4. Data on disk: folds, the VOC layout, pools, the cached per-class index (PROTOCOL.md 1-3)
+  5. Transforms: training augmentation and test geometry (PROTOCOL.md 4, 5)
+  6. Datasets and the resumable batch stream
+  7. Backbones (PROTOCOL.md 9)
+  8. Episodic evaluation, results files and tables (PROTOCOL.md 5, 6, 8)
+  9. Plumbing: flags and their defaults, seeds, checkpoints, run folders, the training loop, progress
 
-Shape legend used in comments: B batch, S shots, C channels, D embedding dim, K cluster centres,
-H, W spatial size, N pixels.
-
-Command line (one-off data preparation and checks):
-    python common.py make-synthetic --out data/synthetic
-    python common.py prepare-pascal --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset --out ROOT
-    python common.py prepare-coco --coco COCO2014 --out ROOT
-    python common.py verify --dataset pascal --data-root ROOT
+Shape legend used in comments: B batch, S shots, C channels or classes, D embedding dim, K cluster centres,
+H, W spatial size, N pixels. Embeddings are columns, as in the paper: I (D, N), P (D, K), W (D, C).
 """
 import argparse
 import contextlib
-import functools
 import glob
 import hashlib
 import json
-import math
 import os
 import random
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,7 +42,221 @@ class KitError(Exception):
     """A user-facing error: one line naming the file or flag and the fix."""
 
 
-# ============ 1. Class folds (protocol.md 1.1, 2.1) ============
+# ============ 1. BCPT: online clustering of the merged background (paper Sec. 2) ============
+def split_pixels(emb, y):
+    """Sec. 2.2: embeddings (B, D, h, w) and labels (B, h, w) -> I_base (D, N_base) with its labels y_base
+    (N_base,) in 1..n_base, and I_bg (D, N_bg) of the merged background; 255 pixels are dropped."""
+    rows, y = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float(), y.reshape(-1)  # (N, D), (N,)
+    is_base = (y > 0) & (y != IGNORE)
+    return rows[is_base].t(), y[is_base], rows[y == 0].t()  # (D, N_base), (N_base,), (D, N_bg)
+
+
+def cluster_assign(P, I_bg):
+    """Sec. 2.1: S = P^T I_bg (K, N_bg); each pixel goes to its most similar centre (the one-hot columns of
+    the assignment matrix A), returned as centre ids (N_bg,)."""
+    return (P.t() @ I_bg).argmax(0)
+
+
+def momentum_update(P, I_bg, assign, mu):
+    """Eq. (1): P_hat = I_bg A^T (D, K), then p <- mu p/|p| + (1 - mu) p_hat/|p_hat| for each centre.
+    A centre with no pixel in the batch keeps its value (Eq. 1 is undefined there)."""
+    A_t = F.one_hot(assign, P.shape[1]).to(I_bg.dtype)  # (N_bg, K) = A^T
+    P_hat = I_bg @ A_t  # (D, K)
+    moved = mu * F.normalize(P, dim=0) + (1 - mu) * F.normalize(P_hat, dim=0)  # Eq. 1
+    return torch.where(A_t.sum(0) > 0, moved, P)
+
+
+def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha):
+    """Eqs. (2)-(4). I_base (D, N_base) with labels y_base in 1..C, I_bg (D, N_bg) assigned to centres
+    `assign` (N_bg,), base vectors W (D, C), centres P (D, K) (a buffer: no gradient).
+    -> (L_total, {"l_base": Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
+    # Eq. 3: a base pixel against the base vectors and the K background centres (our reading, README)
+    logits = torch.cat([I_base.t() @ W, I_base.t() @ P], 1)  # (N_base, C + K)
+    l_base = F.cross_entropy(logits, y_base - 1, reduction="sum")
+    # Eq. 2: a background pixel against the K centres, its own assigned centre as the target
+    l_bm = F.cross_entropy(I_bg.t() @ P, assign, reduction="sum")  # logits (N_bg, K)
+    # Eq. 4: sum over base pixels + alpha * sum over background pixels, / the labelled count (our scale)
+    n_base, n_bg = I_base.shape[1], I_bg.shape[1]
+    loss = (l_base + alpha * l_bm) / max(n_base + n_bg, 1)
+    return loss, {"l_base": l_base.item() / max(n_base, 1), "l_bm": l_bm.item() / max(n_bg, 1)}
+
+
+def kmeans(x, init, iters=10):
+    """Eq. (5): Lloyd's k-means on the columns of x (D, C), from init (D, k); an empty cluster keeps its
+    centre. Deterministic: no random restarts."""
+    g = init.clone()
+    for _ in range(iters):
+        assign = torch.cdist(x.t(), g.t()).argmin(1)  # (C,)
+        a = F.one_hot(assign, g.shape[1]).to(x.dtype)  # (C, k)
+        counts = a.sum(0)
+        g = torch.where(counts > 0, (x @ a) / counts.clamp(min=1), g)  # (D, k)
+    return g
+
+
+def farthest_point_init(x, k):
+    """Deterministic k-means start: column 0, then repeatedly the column farthest from those chosen."""
+    chosen = [0]
+    for _ in range(k - 1):
+        chosen.append(int(torch.cdist(x.t(), x.t()[chosen]).min(1).values.argmax()))
+    return x[:, chosen].clone()
+
+
+def guide_centers(P, G, mu):
+    """Eqs. (6)-(7). Eq. 6: M (K-1, K) maximising Tr(M^T G^T P) with one 1 per row, i.e. each guidance
+    vector goes to its most similar centre. Eq. 7: p <- mu p + (1 - mu) g_hat/|g_hat|, g_hat the sum of
+    the guidance vectors given to p; centres given none are unchanged. P (D, K), G (D, K-1)."""
+    M = F.one_hot((G.t() @ P).argmax(1), P.shape[1]).to(P.dtype)  # (K-1, K), Eq. 6
+    g_hat = G @ M  # (D, K)
+    return torch.where(M.sum(0) > 0, mu * P + (1 - mu) * F.normalize(g_hat, dim=0), P)  # Eq. 7
+
+
+def guidance_step(W, G, P, mu):
+    """Sec. 2.3, at the start of every iteration: Eq. 5 k-means over the base vectors W (D, C), warm-started
+    from the previous guidance G (D, K-1) (farthest points the first time), then Eqs. 6-7. -> (G, P)."""
+    G = kmeans(W, G if G.abs().sum() > 0 else farthest_point_init(W, G.shape[1]))  # Eq. 5
+    return G, guide_centers(P, G, mu)  # Eqs. 6-7
+
+
+# ============ 2. The ASPP-PFENet few-shot model (paper Sec. 3.1; PROTOCOL.md 9) ============
+def masked_average_pooling(feat, mask):
+    """Prototype p = sum_hw F*M / (sum_hw M + 0.0005) (PFENet). feat (B, C, H, W), mask (B, 1, H, W) -> (B, C)."""
+    return (feat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 5e-4)
+
+
+def prior_mask(query_feat, support_feat, support_mask):
+    """PFENet's training-free prior for ONE shot (the caller averages shots): for each query position the
+    max over support positions of cos(f_q, f_s * M), then min-max over the query's positions.
+    query_feat (B, C, H, W), support_feat (B, C, h, w), support_mask (B, 1, h, w) -> (B, 1, H, W) in [0, 1]."""
+    b, _, h, w = query_feat.shape
+    q = query_feat.flatten(2)  # (B, C, Nq)
+    s = (support_feat * support_mask).flatten(2)  # (B, C, Ns)
+    cos = torch.bmm(s.transpose(1, 2), q) / (s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None, :] + 1e-7)  # (B, Ns, Nq)
+    prior = cos.max(1).values  # (B, Nq)
+    lo, hi = prior.min(1, keepdim=True).values, prior.max(1, keepdim=True).values
+    return ((prior - lo) / (hi - lo + 1e-7)).view(b, 1, h, w)  # (B, 1, H, W)
+
+
+def resize(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # PROTOCOL.md 10
+
+
+def frozen_features(backbone, images, masks=None):
+    """One no-grad pass of the frozen backbone. images (N, 3, H, W) -> mid (N, C2+C3, h, w): layer3 and
+    layer2 concatenated (VGG's layer2 resized to layer3), high = layer4 (N, C4, h', w'). With masks
+    (N, 1, H, W) in {0, 1} (a support), layer4 runs on layer3 * M as in PFENet, and the masks resized
+    to both sizes are returned too: (mid, high, mask_mid, mask_high)."""
+    with torch.no_grad():
+        f2 = backbone.layer2(backbone.layer1(backbone.layer0(images)))
+        f3 = backbone.layer3(f2)
+        mid = torch.cat([f3, resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2], 1)
+        if masks is None:
+            return mid, backbone.layer4(f3)
+        m3 = resize(masks, f3.shape[-2:])  # soft mask at the feature size (PROTOCOL.md 9)
+        high = backbone.layer4(f3 * m3)
+        return mid, high, m3, resize(masks, high.shape[-2:])
+
+
+def shot_prior(q_high, s_high, s_mask, shots):
+    """K-shot prior = mean over shots of prior_mask. q_high (B, C, H, W), s_high (B*S, C, h, w)."""
+    s_high, s_mask = s_high.unflatten(0, (-1, shots)), s_mask.unflatten(0, (-1, shots))  # (B, S, ...)
+    return torch.stack([prior_mask(q_high, s_high[:, k], s_mask[:, k]) for k in range(shots)]).mean(0)
+
+
+class ASPP(nn.Module):
+    """BAM's ASPP_meta: global pool + 1x1, 1x1, 3x3 dilated 6/12/18, each conv + ReLU, concatenated.
+    (B, C, H, W) -> (B, 5C, H, W). Kaiming-normal init as BAM."""
+
+    def __init__(self, c=256):
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))] + [
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.ReLU(inplace=True)) for d in (6, 12, 18)])
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        g = self.pool(x).expand(-1, -1, *x.shape[-2:])  # (B, C, H, W): the pooled vector broadcast back
+        return torch.cat([g] + [b(x) for b in self.branches], 1)  # (B, 5C, H, W)
+
+
+def _conv_relu(c_in, c_out, k):
+    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
+
+
+class AsppPFENet(nn.Module):
+    """ASPP PFENet (paper Sec. 3.1): BAM's meta learner without the base-learner ensemble. The backbone
+    is frozen (no gradient, BN always in eval); everything else trains."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        mid = backbone.channels[2] + backbone.channels[3]
+        self.down_query = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
+        self.down_supp = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
+        self.init_merge = nn.Sequential(*_conv_relu(256 * 2 + 1, 256, 1))  # [query, prototype, prior]
+        self.aspp = ASPP(256)
+        self.res1 = nn.Sequential(*_conv_relu(256 * 5, 256, 1))
+        self.res2 = nn.Sequential(*_conv_relu(256, 256, 3), *_conv_relu(256, 256, 3))
+        self.cls = nn.Sequential(*_conv_relu(256, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, 2, 1))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()  # BN statistics frozen (BAM fix_bn, PROTOCOL.md 9)
+        return self
+
+    def forward(self, query, support, support_mask):
+        """query (B, 3, H, W), support (B, S, 3, H, W), support_mask (B, S, H, W) in {0, 1, 255}
+        -> logits (B, 2, H, W), upsampled bilinearly (align_corners) to the input size."""
+        shots = support.shape[1]
+        q_mid, q_high = frozen_features(self.backbone, query)
+        m = (support_mask == 1).float().flatten(0, 1).unsqueeze(1)  # (B*S, 1, H, W); 255 -> 0
+        s_mid, s_high, m_mid, m_high = frozen_features(self.backbone, support.flatten(0, 1), m)
+        q = self.down_query(q_mid)  # (B, 256, h, w)
+        proto = masked_average_pooling(self.down_supp(s_mid), m_mid).unflatten(0, (-1, shots)).mean(1)  # (B, 256)
+        prior = resize(shot_prior(q_high, s_high, m_high, shots), q.shape[-2:])  # (B, 1, h, w)
+        x = self.init_merge(torch.cat([q, proto[:, :, None, None].expand_as(q), prior], 1))  # (B, 513, h, w) in
+        x = self.res1(self.aspp(x))  # (B, 1280, h, w) -> (B, 256, h, w)
+        x = self.res2(x) + x
+        return resize(self.cls(x), query.shape[-2:])  # (B, 2, H, W)
+
+
+# ============ 3. Metrics (PROTOCOL.md 6) ============
+class FewShotIoU:
+    """Per-class IoU summed over all episodes of a class, mIoU over the classes, FB-IoU; in percent."""
+
+    def __init__(self, classes):
+        self.classes = list(classes)
+        self.inter = torch.zeros(len(self.classes), dtype=torch.float64)  # foreground I per class
+        self.union = torch.zeros(len(self.classes), dtype=torch.float64)
+        self.fb_inter = torch.zeros(2, dtype=torch.float64)  # [background, foreground] over all episodes
+        self.fb_union = torch.zeros(2, dtype=torch.float64)
+
+    def update(self, pred, target, cls):
+        """pred (H, W) in {0, 1}; target (H, W) in {0, 1, 255}; 255 pixels count nowhere."""
+        valid = target != IGNORE
+        p, t = pred[valid].long().cpu(), target[valid].long().cpu()
+        if p.numel() and (p.max() > 1 or t.max() > 1):
+            raise ValueError("FewShotIoU.update expects pred in {0, 1} and target in {0, 1, 255}")
+        inter = torch.bincount(t[p == t], minlength=2).double()
+        union = torch.bincount(p, minlength=2).double() + torch.bincount(t, minlength=2).double() - inter
+        self.fb_inter += inter
+        self.fb_union += union
+        k = self.classes.index(cls)
+        self.inter[k] += inter[1]
+        self.union[k] += union[1]
+
+    def class_iou(self):
+        return {c: float(100 * i / (u + 1e-10)) for c, i, u in zip(self.classes, self.inter, self.union)}
+
+    def miou(self):
+        return sum(self.class_iou().values()) / len(self.classes)  # a class with no episode counts 0
+
+    def fb_iou(self):
+        return float(100 * (self.fb_inter / (self.fb_union + 1e-10)).mean())
+
+
+# ============ 4. Data on disk: folds, the VOC layout, pools, per-class index (PROTOCOL.md 1-3) ============
 N_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20}
 
 
@@ -67,11 +278,10 @@ def base_classes(dataset, fold, coco_split="interleaved"):
     return [c for c in range(1, N_CLASSES[dataset] + 1) if c not in novel]
 
 
-# ============ 2. Data on disk: VOC layout, pools, per-class index (protocol.md 1.2-1.4) ============
 IMAGES, MASKS, LISTS = "JPEGImages", "SegmentationClassAug", os.path.join("ImageSets", "Segmentation")
 CACHE_DIR = ".fss_cache"  # the per-class index cache inside a data root
 LAYOUT_FIX = ("a data root holds JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png and "
-              "ImageSets/Segmentation/val.txt; build one with python common.py prepare-pascal|prepare-coco")
+              "ImageSets/Segmentation/val.txt; build one with python prepare_data.py pascal|coco")
 
 
 def read_list(path):
@@ -92,7 +302,7 @@ def image_pools(root, train_pool="aug"):
         lists = [os.path.join(root, LISTS, name) for name in ("train.txt", "train_noval.txt")]
         missing = [p for p in lists if not os.path.exists(p)]
         if missing:
-            raise KitError(f"--train-pool oslsm needs {' and '.join(missing)} (prepare-pascal writes them); "
+            raise KitError(f"--train-pool oslsm needs {' and '.join(missing)} (python prepare_data.py pascal writes them); "
                            "or use --train-pool aug")
         train = set(read_list(lists[0])) | set(read_list(lists[1]))
     return sorted(train - val_set), val
@@ -106,7 +316,7 @@ def read_mask(root, img_id, n_classes):
         raise KitError(f"cannot read mask {path}: missing or corrupt; restore it or drop {img_id} from the lists")
     if label.ndim != 2 or label.dtype != np.uint8:
         raise KitError(f"mask {path} is not a single-channel 8-bit index PNG (palette or RGB?); "
-                       "convert it with python common.py prepare-pascal")
+                       "convert it with python prepare_data.py pascal")
     bad = (label > n_classes) & (label != IGNORE)
     if bad.any():
         raise KitError(f"mask {path} has value {int(label[bad][0])} outside 0..{n_classes} and 255: "
@@ -203,11 +413,25 @@ def class_pixel_counts(root, ids, n_classes, workers=2):
 
 
 def class_index(ids, counts, classes, min_pixels):
-    """{c: [ids whose mask has >= min_pixels pixels of c]}: the support pools (protocol.md 1.4)."""
+    """{c: [ids whose mask has >= min_pixels pixels of c]}: the support pools (PROTOCOL.md 3)."""
     return {c: [ids[j] for j in np.flatnonzero(counts[:, c] >= min_pixels)] for c in classes}
 
 
-# ============ 3. Transforms (protocol.md 3.1 training, 3.2 test) ============
+def open_data(args):
+    """Pools and per-class pixel counts of both splits; generates the synthetic benchmark on first use."""
+    if args.dataset == "synthetic":
+        from prepare_data import ensure_synthetic  # data-stage tooling, imported only when needed
+        ensure_synthetic(args.data_root)
+    train_ids, val_ids = image_pools(args.data_root, args.train_pool)
+    n = N_CLASSES[args.dataset]
+    data = {"train": (train_ids, class_pixel_counts(args.data_root, train_ids, n, args.workers)),
+            "val": (val_ids, class_pixel_counts(args.data_root, val_ids, n, args.workers))}
+    print(f"data: {args.data_root} train pool {len(train_ids)} images ({args.train_pool}), val {len(val_ids)}; "
+          f"fold {args.fold} novel {args.novel}")
+    return data
+
+
+# ============ 5. Transforms: training augmentation (PROTOCOL.md 4) and test geometry (PROTOCOL.md 5) ============
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
 
@@ -269,7 +493,7 @@ def test_transform(img, label, size):
 
 
 def logits_at_label_size(logits, raw_label):
-    """protocol.md 3.2 ori_resize: logits (B, 2, s, s) -> (B, 2, L, L) with L = max(H, W) of the raw
+    """PROTOCOL.md 5 ori_resize: logits (B, 2, s, s) -> (B, 2, L, L) with L = max(H, W) of the raw
     label, and the raw label (H, W) pasted top-left into an L x L canvas of 255."""
     h, w = raw_label.shape[-2:]
     side = max(h, w)
@@ -278,35 +502,14 @@ def logits_at_label_size(logits, raw_label):
     return F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=True), target
 
 
-# ============ 4. Datasets: base-class pretraining and episodes (protocol.md 1.5, 1.6) ============
+# ============ 6. Datasets: base-class pre-training, episodes, the resumable stream (PROTOCOL.md 2, 3) ============
 def binarize(label, cls):
     """Episode mask: cls -> 1, 255 kept, everything else (background, other classes) -> 0."""
     return np.where(label == cls, 1, np.where(label == IGNORE, IGNORE, 0)).astype(np.uint8)
 
 
-class BaseClassDataset(torch.utils.data.Dataset):
-    """Pretraining samples (protocol.md 1.6): base classes -> 1..n_base in id order, novel classes and
-    background -> 0 (the merged background), 255 kept. Item idx draws its augmentation from
-    default_rng([seed, idx]), so a stream of indices gives the same batches for any worker count."""
-
-    def __init__(self, root, ids, dataset, base, crop, scale, seed):
-        self.root, self.ids, self.crop, self.scale, self.seed = root, ids, crop, scale, seed
-        self.n_classes = N_CLASSES[dataset]
-        self.lut = np.zeros(256, np.uint8)
-        self.lut[IGNORE] = IGNORE
-        self.lut[base] = np.arange(1, len(base) + 1)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, idx):
-        img, label = read_pair(self.root, self.ids[idx % len(self.ids)], self.n_classes)
-        rng = np.random.default_rng([self.seed, idx])
-        return train_transform(img, self.lut[label], rng, self.crop, self.scale)
-
-
 class EpisodeDataset(torch.utils.data.Dataset):
-    """Few-shot episodes: a query and `shot` supports of one class (protocol.md 1.4-1.5).
+    """Few-shot episodes: a query and `shot` supports of one class (PROTOCOL.md 3).
 
     Training (`episodes=None`): query = data_list[idx % n], random class and supports from
     default_rng([seed, idx]), PFENet augmentation. Evaluation: `episodes` drawn up front from
@@ -354,7 +557,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         item = {"query": xs[0][0], "query_mask": xs[0][1],                   # (3, H, W), (H, W)
                 "support": torch.stack([x[0] for x in xs[1:]]),               # (S, 3, H, W)
                 "support_mask": torch.stack([x[1] for x in xs[1:]]), "cls": cls}  # (S, H, W)
-        if self.episodes:  # scores are computed against the original-size label (protocol.md 3.2)
+        if self.episodes:  # scores are computed against the original-size label (PROTOCOL.md 5)
             item["raw_label"] = torch.from_numpy(pairs[0][1]).long()         # (H0, W0)
         return item
 
@@ -384,7 +587,7 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
                                        pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-# ============ 5. Backbones (protocol.md 5.1) ============
+# ============ 7. Backbones (PROTOCOL.md 9) ============
 class Backbone(nn.Module):
     """layer0 .. layer4; forward returns the five feature maps. `channels[i]` = channels of layer i."""
 
@@ -436,7 +639,7 @@ def _load_strict(module, state, source):
 
 
 def build_backbone(name, weights="none", expect=None):
-    """torchvision backbone split into layer0..layer4 (protocol.md 5.1).
+    """torchvision backbone split into layer0..layer4 (PROTOCOL.md 9).
 
     name: resnet50 / resnet18 (layer3, layer4 dilated 2 and 4: output stride 8) or vgg16 (vgg16_bn,
     PFENet split, ceil-mode pools). weights: 'imagenet', 'none', a torchvision state-dict file, or a
@@ -468,203 +671,13 @@ def build_backbone(name, weights="none", expect=None):
     return backbone
 
 
-# ============ 6. BCPT: online clustering of the merged background (paper Sec. 2) ============
-def cluster_assign(centers, emb):
-    """Sec. 2.1: S = P^T I_bg (K, N), each pixel to its most similar centre (the one-hot columns of A).
-    centers (D, K), emb (D, N) -> (N,) cluster ids."""
-    return (centers.t() @ emb).argmax(0)
-
-
-def momentum_update(centers, emb, assign, mu):
-    """Eq. (1): P_hat = I_bg A^T, then p <- mu p/|p| + (1 - mu) p_hat/|p_hat| per centre.
-    A centre with no pixels in the batch keeps its value. centers (D, K), emb (D, N), assign (N,)."""
-    a = F.one_hot(assign, centers.shape[1]).to(emb.dtype)  # (N, K) = A^T
-    p_hat = emb @ a  # (D, K)
-    moved = mu * F.normalize(centers, dim=0) + (1 - mu) * F.normalize(p_hat, dim=0)
-    return torch.where(a.sum(0) > 0, moved, centers)
-
-
-def background_mining_loss(emb, centers, assign):
-    """Eq. (2), mean over background pixels: -log softmax over the K centres of <i, p_k>, at the
-    assigned centre. emb (D, N), centers (D, K) (a buffer: no gradient), assign (N,)."""
-    return F.cross_entropy(emb.t() @ centers, assign)  # logits (N, K)
-
-
-def kmeans(x, init, iters=10):
-    """Eq. (5): Lloyd's k-means on the columns of x (D, C), from init (D, k); an empty cluster keeps
-    its centre. Deterministic: no random restarts."""
-    g = init.clone()
-    for _ in range(iters):
-        assign = torch.cdist(x.t(), g.t()).argmin(1)  # (C,)
-        a = F.one_hot(assign, g.shape[1]).to(x.dtype)  # (C, k)
-        counts = a.sum(0)
-        g = torch.where(counts > 0, (x @ a) / counts.clamp(min=1), g)  # (D, k)
-    return g
-
-
-def farthest_point_init(x, k):
-    """Deterministic k-means start: column 0, then repeatedly the column farthest from those chosen."""
-    chosen = [0]
-    for _ in range(k - 1):
-        chosen.append(int(torch.cdist(x.t(), x.t()[chosen]).min(1).values.argmax()))
-    return x[:, chosen].clone()
-
-
-def guide_centers(centers, guidance, mu):
-    """Eqs. (6)-(7). Eq. 6: M (K-1, K) maximising Tr(M^T G^T P) with one 1 per row, i.e. each guidance
-    vector goes to its most similar centre. Eq. 7: p <- mu p + (1 - mu) g_hat/|g_hat|, g_hat the sum of
-    the guidance vectors given to p; centres given none are unchanged. centers (D, K), guidance (D, K-1)."""
-    m = F.one_hot((guidance.t() @ centers).argmax(1), centers.shape[1]).to(centers.dtype)  # (K-1, K), Eq. 6
-    g_hat = guidance @ m  # (D, K)
-    return torch.where(m.sum(0) > 0, mu * centers + (1 - mu) * F.normalize(g_hat, dim=0), centers)  # Eq. 7
-
-
-# ============ 7. The ASPP-PFENet few-shot model (paper Sec. 3.1; protocol.md 5.3-5.4) ============
-def masked_average_pooling(feat, mask):
-    """Prototype p = sum_hw F*M / (sum_hw M + 0.0005) (PFENet). feat (B, C, H, W), mask (B, 1, H, W) -> (B, C)."""
-    return (feat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 5e-4)
-
-
-def prior_mask(query_feat, support_feat, support_mask):
-    """PFENet's training-free prior for ONE shot (the caller averages shots): for each query position the
-    max over support positions of cos(f_q, f_s * M), then min-max over the query's positions.
-    query_feat (B, C, H, W), support_feat (B, C, h, w), support_mask (B, 1, h, w) -> (B, 1, H, W) in [0, 1]."""
-    b, _, h, w = query_feat.shape
-    q = query_feat.flatten(2)  # (B, C, Nq)
-    s = (support_feat * support_mask).flatten(2)  # (B, C, Ns)
-    cos = torch.bmm(s.transpose(1, 2), q) / (s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None, :] + 1e-7)  # (B, Ns, Nq)
-    prior = cos.max(1).values  # (B, Nq)
-    lo, hi = prior.min(1, keepdim=True).values, prior.max(1, keepdim=True).values
-    return ((prior - lo) / (hi - lo + 1e-7)).view(b, 1, h, w)  # (B, 1, H, W)
-
-
-def resize(x, size):
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # protocol.md 7.12
-
-
-def frozen_features(backbone, images, masks=None):
-    """One no-grad pass of the frozen backbone. images (N, 3, H, W) -> mid (N, C2+C3, h, w): layer3 and
-    layer2 concatenated (VGG's layer2 resized to layer3), high = layer4 (N, C4, h', w'). With masks
-    (N, 1, H, W) in {0, 1} (a support), layer4 runs on layer3 * M as in PFENet, and the masks resized
-    to both sizes are returned too: (mid, high, mask_mid, mask_high)."""
-    with torch.no_grad():
-        f2 = backbone.layer2(backbone.layer1(backbone.layer0(images)))
-        f3 = backbone.layer3(f2)
-        mid = torch.cat([f3, resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2], 1)
-        if masks is None:
-            return mid, backbone.layer4(f3)
-        m3 = resize(masks, f3.shape[-2:])  # soft mask at the feature size (protocol.md 5.3)
-        high = backbone.layer4(f3 * m3)
-        return mid, high, m3, resize(masks, high.shape[-2:])
-
-
-def shot_prior(q_high, s_high, s_mask, shots):
-    """K-shot prior = mean over shots of prior_mask. q_high (B, C, H, W), s_high (B*S, C, h, w)."""
-    s_high, s_mask = s_high.unflatten(0, (-1, shots)), s_mask.unflatten(0, (-1, shots))  # (B, S, ...)
-    return torch.stack([prior_mask(q_high, s_high[:, k], s_mask[:, k]) for k in range(shots)]).mean(0)
-
-
-class ASPP(nn.Module):
-    """BAM's ASPP_meta: global pool + 1x1, 1x1, 3x3 dilated 6/12/18, each conv + ReLU, concatenated.
-    (B, C, H, W) -> (B, 5C, H, W). Kaiming-normal init as BAM."""
-
-    def __init__(self, c=256):
-        super().__init__()
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))
-        self.branches = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))] + [
-            nn.Sequential(nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.ReLU(inplace=True)) for d in (6, 12, 18)])
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-
-    def forward(self, x):
-        g = self.pool(x).expand(-1, -1, *x.shape[-2:])  # (B, C, H, W): the pooled vector broadcast back
-        return torch.cat([g] + [b(x) for b in self.branches], 1)  # (B, 5C, H, W)
-
-
-def _conv_relu(c_in, c_out, k):
-    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
-
-
-class AsppPFENet(nn.Module):
-    """ASPP PFENet (paper Sec. 3.1): BAM's meta learner without the base-learner ensemble. The backbone
-    is frozen (no gradient, BN always in eval); everything else trains."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone.requires_grad_(False)
-        mid = backbone.channels[2] + backbone.channels[3]
-        self.down_query = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
-        self.down_supp = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
-        self.init_merge = nn.Sequential(*_conv_relu(256 * 2 + 1, 256, 1))  # [query, prototype, prior]
-        self.aspp = ASPP(256)
-        self.res1 = nn.Sequential(*_conv_relu(256 * 5, 256, 1))
-        self.res2 = nn.Sequential(*_conv_relu(256, 256, 3), *_conv_relu(256, 256, 3))
-        self.cls = nn.Sequential(*_conv_relu(256, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, 2, 1))
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.backbone.eval()  # BN statistics frozen (BAM fix_bn, protocol.md 5.2)
-        return self
-
-    def forward(self, query, support, support_mask):
-        """query (B, 3, H, W), support (B, S, 3, H, W), support_mask (B, S, H, W) in {0, 1, 255}
-        -> logits (B, 2, H, W), upsampled bilinearly (align_corners) to the input size."""
-        shots = support.shape[1]
-        q_mid, q_high = frozen_features(self.backbone, query)
-        m = (support_mask == 1).float().flatten(0, 1).unsqueeze(1)  # (B*S, 1, H, W); 255 -> 0
-        s_mid, s_high, m_mid, m_high = frozen_features(self.backbone, support.flatten(0, 1), m)
-        q = self.down_query(q_mid)  # (B, 256, h, w)
-        proto = masked_average_pooling(self.down_supp(s_mid), m_mid).unflatten(0, (-1, shots)).mean(1)  # (B, 256)
-        prior = resize(shot_prior(q_high, s_high, m_high, shots), q.shape[-2:])  # (B, 1, h, w)
-        x = self.init_merge(torch.cat([q, proto[:, :, None, None].expand_as(q), prior], 1))  # (B, 513, h, w) in
-        x = self.res1(self.aspp(x))  # (B, 1280, h, w) -> (B, 256, h, w)
-        x = self.res2(x) + x
-        return resize(self.cls(x), query.shape[-2:])  # (B, 2, H, W)
-
-
-# ============ 8. Metrics (protocol.md 4.3) ============
-class FewShotIoU:
-    """Per-class IoU summed over all episodes of a class, mIoU over the classes, FB-IoU; in percent."""
-
-    def __init__(self, classes):
-        self.classes = list(classes)
-        self.inter = torch.zeros(len(self.classes), dtype=torch.float64)  # foreground I per class
-        self.union = torch.zeros(len(self.classes), dtype=torch.float64)
-        self.fb_inter = torch.zeros(2, dtype=torch.float64)  # [background, foreground] over all episodes
-        self.fb_union = torch.zeros(2, dtype=torch.float64)
-
-    def update(self, pred, target, cls):
-        """pred (H, W) in {0, 1}; target (H, W) in {0, 1, 255}; 255 pixels count nowhere."""
-        valid = target != IGNORE
-        p, t = pred[valid].long().cpu(), target[valid].long().cpu()
-        if p.numel() and (p.max() > 1 or t.max() > 1):
-            raise ValueError("FewShotIoU.update expects pred in {0, 1} and target in {0, 1, 255}")
-        inter = torch.bincount(t[p == t], minlength=2).double()
-        union = torch.bincount(p, minlength=2).double() + torch.bincount(t, minlength=2).double() - inter
-        self.fb_inter += inter
-        self.fb_union += union
-        k = self.classes.index(cls)
-        self.inter[k] += inter[1]
-        self.union[k] += union[1]
-
-    def class_iou(self):
-        return {c: float(100 * i / (u + 1e-10)) for c, i, u in zip(self.classes, self.inter, self.union)}
-
-    def miou(self):
-        return sum(self.class_iou().values()) / len(self.classes)  # a class with no episode counts 0
-
-    def fb_iou(self):
-        return float(100 * (self.fb_inter / (self.fb_union + 1e-10)).mean())
-
-
-# ============ 8b. Episodic evaluation shared by evaluate.py and nonparametric_eval.py ============
+# ============ 8. Episodic evaluation, results files and tables (PROTOCOL.md 5, 6, 8) ============
 def add_eval_args(parser):
-    g = parser.add_argument_group("episodic evaluation (protocol.md 3.2, 4)")
-    g.add_argument("--episodes", type=POSITIVE, default=1000, help="episodes per seed (BAM/HSNet, protocol.md 4.1); "
-                   "default %(default)s; use >= 10000 on COCO (protocol.md 7.8)")
+    g = parser.add_argument_group("episodic evaluation (PROTOCOL.md 5, 8)")
+    g.add_argument("--episodes", type=POSITIVE, default=1000,
+                   help="episodes per seed, as BAM and HSNet; use >= 10000 on COCO (PROTOCOL.md 8) (default %(default)s)")
     g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988],
-                   help="one evaluation per seed, reported as mean +- std (BAM test.py's seeds); default %(default)s")
+                   help="one evaluation per seed, reported as mean +- std (BAM test.py's seeds) (default %(default)s)")
     g.add_argument("--json", help="write the results to this file")
     g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, bcpt K=6...)")
     g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
@@ -685,15 +698,26 @@ def pretrain_label(weights):
             + (f" alpha={alpha:g}" if alpha != 0.1 else ""))  # the paper's alpha 0.1 goes unnamed
 
 
-def run_episodes(args, data, seed, predict, decide):
-    """One seed: args.episodes fixed val episodes of the novel classes (batch 1, test geometry, scored at
-    the original label size, protocol.md 3.2). predict(item) -> scores (1, C, s, s) on the test canvas;
-    decide(scores (1, C, L, L)) -> {name: prediction (L, L) in {0, 1}}. -> ({name: FewShotIoU}, seconds)."""
+def predict_meta(model, item):
+    """Scores (1, 2, s, s) of a meta-trained model on one evaluation episode."""
+    device = next(model.parameters()).device
+    return model(item["query"].to(device), item["support"].to(device), item["support_mask"].to(device))
+
+
+def argmax_mask(scores):
+    """Prediction (L, L) in {0, 1} from scores (1, 2, L, L)."""
+    return scores.argmax(1)[0]
+
+
+def run_episodes(args, data, seed, episodes, predict, decide):
+    """One seed: `episodes` fixed val episodes of the novel classes (batch 1, test geometry, scored at the
+    original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the test canvas; decide:
+    {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}}. -> ({name: FewShotIoU}, seconds)."""
     ids, counts = data["val"]
     ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.novel, args.shot, args.min_pixels, seed,
-                        test_size=args.test_size, episodes=args.episodes)
+                        test_size=args.test_size, episodes=episodes)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=args.workers)
-    meters, t_model, t0 = {}, 0.0, time.perf_counter()
+    meters, t_model, t0 = {name: FewShotIoU(args.novel) for name in decide}, 0.0, time.perf_counter()
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     for item in loader:
         t1 = time.perf_counter()
@@ -701,14 +725,15 @@ def run_episodes(args, data, seed, predict, decide):
         sync()
         t_model += time.perf_counter() - t1
         scores, target = logits_at_label_size(scores.float().cpu(), item["raw_label"][0])
-        for name, pred in decide(scores).items():
-            meters.setdefault(name, FewShotIoU(args.novel)).update(pred, target, int(item["cls"]))
+        for name, rule in decide.items():
+            meters[name].update(rule(scores), target, int(item["cls"]))
     return meters, {"total": time.perf_counter() - t0, "model": t_model}
 
 
 def summarize(meters, seeds):
     """Mean +- sample std (ddof 1; 0 for one seed) over seeds of mIoU and FB-IoU; per-class IoU averaged."""
-    per_seed = [{"seed": s, "miou": m.miou(), "fb_iou": m.fb_iou(), "class_iou": m.class_iou()} for s, m in zip(seeds, meters)]
+    per_seed = [{"seed": s, "miou": m.miou(), "fb_iou": m.fb_iou(), "class_iou": m.class_iou()}
+                for s, m in zip(seeds, meters)]
     std = lambda key: float(np.std([r[key] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
     classes = per_seed[0]["class_iou"]
     return {"miou": float(np.mean([r["miou"] for r in per_seed])), "miou_std": std("miou"),
@@ -717,28 +742,29 @@ def summarize(meters, seeds):
             "per_seed": per_seed}
 
 
-def evaluate_seeds(args, data, predict, decide):
-    """run_episodes for every seed in args.seeds; prints each seed, the speed and the mean +- std.
-    -> {name: summary} (see summarize)."""
-    if args.dataset == "coco" and args.episodes < 10000:
-        print(f"warning: {args.episodes} COCO episodes move mIoU by 2-3 points between seeds; "
-              "use --episodes 10000 to compare methods (protocol.md 7.8)")
+def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None):
+    """run_episodes for every seed (default args.seeds, args.episodes episodes each); prints each seed, the
+    speed and the mean +- std. -> {name: summary} (see summarize)."""
+    episodes, seeds = episodes or args.episodes, seeds or args.seeds
+    if args.dataset == "coco" and episodes < 10000:
+        print(f"warning: {episodes} COCO episodes move mIoU by 2-3 points between seeds; "
+              "use --episodes 10000 to compare methods (PROTOCOL.md 8)")
     runs, total, model = [], 0.0, 0.0
-    for seed in args.seeds:
-        meters, t = run_episodes(args, data, seed, predict, decide)
+    for seed in seeds:
+        meters, t = run_episodes(args, data, seed, episodes, predict, decide)
         runs.append(meters)
         total, model = total + t["total"], model + t["model"]
         print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}" for k, m in meters.items()))
-    print(f"speed: {len(args.seeds) * args.episodes / total:.1f} episodes/s, {100 * model / total:.0f}% of the time in the model")
-    out = {name: summarize([r[name] for r in runs], args.seeds) for name in runs[0]}
+    print(f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * model / total:.0f}% of the time in the model")
+    out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
     for name, r in out.items():
         print(f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- {r['fb_iou_std']:.2f} "
-              f"over {len(args.seeds)} seeds; class IoU " + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items()))
+              f"over {len(seeds)} seeds; class IoU " + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items()))
     return out
 
 
 def write_results(path, summary, args, **fields):
-    """The results JSON of evaluate.py / nonparametric_eval.py (schema: issue 4, plus `fields`)."""
+    """The results JSON of evaluate.py / nonparametric_eval.py (README "Results files"), written atomically."""
     protocol = {"split": "val, novel classes", "query_order": "val list in order, wrapping", "batch": 1,
                 "test_size": args.test_size, "scoring": "logits resized to max(H, W) of the original label (ori_resize)",
                 "ignore": IGNORE, "min_pixels": args.min_pixels, "train_pool": args.train_pool,
@@ -746,8 +772,9 @@ def write_results(path, summary, args, **fields):
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
            "dataset": args.dataset, "backbone": args.backbone, "protocol": protocol, **fields}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(out, f, indent=1)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
     print(f"wrote {path}")
 
 
@@ -775,14 +802,7 @@ def format_table(paths):
     return "\n".join(lines + ["mIoU in %; * = mean over the folds present only."])
 
 
-# ============ 9. Plumbing: flags, seeds, checkpoints, progress ============
-DATASET_DEFAULTS = {  # shared defaults per dataset; stages add their own (crop, epochs, lr, ...)
-    "pascal": dict(backbone="resnet50", weights="imagenet", test_size=473, min_pixels=2048),
-    "coco": dict(backbone="resnet50", weights="imagenet", test_size=641, min_pixels=2048),
-    "synthetic": dict(backbone="resnet18", weights="none", test_size=96, min_pixels=128, data_root="data/synthetic"),
-}
-
-
+# ============ 9. Plumbing: flags and defaults, seeds, checkpoints, run folders, training loop, progress ============
 class KitParser(argparse.ArgumentParser):
     """argparse whose errors are KitErrors: one line naming the flag, no usage block (run() prints it)."""
 
@@ -796,7 +816,7 @@ def bounded(kind, lo=None, hi=None, open_lo=False):
     def check(text):
         v = kind(text)
         if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
-            want = (f"in [{lo}, {hi}]" if hi is not None else f"> {lo}" if open_lo else f">= {lo}")
+            want = f"in [{lo}, {hi}]" if hi is not None else f"> {lo}" if open_lo else f">= {lo}"
             raise argparse.ArgumentTypeError(f"value {text} is not allowed: it must be {want}")
         return v
     check.__name__ = kind.__name__  # argparse names the type in "invalid int value"
@@ -804,62 +824,116 @@ def bounded(kind, lo=None, hi=None, open_lo=False):
 
 
 POSITIVE, NON_NEGATIVE, SIZE = bounded(int, 1), bounded(int, 0), bounded(int, 16)  # SIZE: image sides
-UNIT = bounded(float, 0.0, 1.0)
+UNIT, POSITIVE_FLOAT = bounded(float, 0.0, 1.0), bounded(float, 0.0, open_lo=True)
 
 
-def add_common_args(parser):
-    """The flags every stage shares. A default of None is filled per dataset by finish_args."""
-    g = parser.add_argument_group("shared by every stage")
-    g.add_argument("--dataset", default="synthetic", choices=list(N_CLASSES), help="default %(default)s")
-    g.add_argument("--data-root", help="VOC-layout root (synthetic: data/synthetic, generated on first use)")
-    g.add_argument("--fold", type=int, default=0, choices=[0, 1, 2, 3], help="i of PASCAL-5i / COCO-20i")
-    g.add_argument("--backbone", choices=["resnet50", "vgg16", "resnet18"],
-                   help="paper: resnet50, vgg16; resnet18 for CPU runs (synthetic default)")
-    g.add_argument("--weights", "--pretrained", dest="weights",
-                   help="backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt "
-                        "(default imagenet on real data, none on synthetic)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--seed", type=int, default=321, help="PFENet/BAM seed; default %(default)s")
-    g.add_argument("--workers", type=NON_NEGATIVE, default=2, help="DataLoader workers; results do not depend on it")
-    g.add_argument("--out", help="run folder (default runs/<stage>-<dataset>-fold<F>)")
-    g.add_argument("--crop", type=SIZE, help="training crop side (protocol.md 3.1)")
-    g.add_argument("--test-size", type=SIZE, help="test canvas side (protocol.md 3.2): 473 PASCAL, 641 COCO")
-    g.add_argument("--min-pixels", type=POSITIVE, help="pixel rule for support pools (protocol.md 1.4): 2048; 128 synthetic")
-    g.add_argument("--train-pool", default="aug", choices=["aug", "oslsm"],
-                   help="aug: every mask not in val.txt; oslsm: train.txt + train_noval.txt (PFENet/BAM's 5953)")
-    g.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"],
-                   help="COCO-20i fold split; interleaved is PFENet/BAM/HSNet's")
+def dataset_of(argv):
+    """The --dataset of a command line (default synthetic), read before the parser is built so that every
+    default, and --help, is the one of that dataset."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="synthetic")
+    dataset = pre.parse_known_args(argv)[0].dataset
+    return dataset if dataset in N_CLASSES else "synthetic"  # a wrong name is refused by the full parser
+
+
+def add_flag(group, dataset, flags, default, help, **kw):
+    """Add a flag (`flags`: its names, space-separated) whose default may depend on the dataset ({dataset: value},
+    the one place it is written):
+    the parser gets the value for `dataset`, and --help prints it beside the other datasets' values."""
+    if isinstance(default, dict):
+        others = "; ".join(f"{d} {'required' if v is None else v}" for d, v in default.items() if d != dataset)
+        if default[dataset] is None:
+            help += f" (required for --dataset {dataset}; {others})"
+        else:
+            help += f" (default %(default)s for --dataset {dataset}; {others})"
+        default = default[dataset]
+    elif default is not None:
+        help += " (default %(default)s)"
+    group.add_argument(*flags.split(), default=default, help=help, **kw)
+
+
+SYNTHETIC_ROOT = "data/synthetic"
+
+
+def add_data_args(parser, dataset, stage):
+    """The data flags of a stage ('pretrain', 'metatrain', 'evaluate', 'nonparametric' or 'verify'); evaluate's
+    have no defaults (the checkpoint's fill them)."""
+    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
+    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + ("; default: the checkpoint's" if stage == "evaluate" else ""))
+    add_flag(g, dataset, "--dataset", d("synthetic"), "pascal, coco or the built-in synthetic benchmark",
+             choices=list(N_CLASSES))
+    add_flag(g, dataset, "--data-root", d(dict(pascal=None, coco=None, synthetic=SYNTHETIC_ROOT)),
+             "VOC-layout root (python prepare_data.py makes one; the synthetic one is generated on first use)")
+    if stage != "verify":
+        add_flag(g, dataset, "--fold", d(0), "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
+    add_flag(g, dataset, "--train-pool", d("aug"), "aug: every mask not in val.txt; oslsm: train.txt + "
+             "train_noval.txt, PFENet/BAM's 5953 (PROTOCOL.md 2)", choices=["aug", "oslsm"])
+    add_flag(g, dataset, "--coco-split", d("interleaved"), "COCO-20i folds: interleaved is PFENet/BAM/HSNet's "
+             "(PROTOCOL.md 1)", choices=["interleaved", "contiguous"])
+    if stage != "pretrain":  # the pixel rule and the test canvas belong to episodes
+        add_flag(g, dataset, "--min-pixels", d(dict(pascal=2048, coco=2048, synthetic=128)),
+                 "pixel rule of the support pools (PROTOCOL.md 3)", type=POSITIVE)
+    if stage not in ("pretrain", "verify"):
+        add_flag(g, dataset, "--test-size", d(dict(pascal=473, coco=641, synthetic=96)),
+                 "test canvas side (PROTOCOL.md 5)", type=SIZE)
     return parser
 
 
-def finish_args(args, stage, stage_defaults):
-    """Fill None flags from stage_defaults[dataset] then DATASET_DEFAULTS[dataset]; resolve device."""
-    for table in (stage_defaults.get(args.dataset, {}), DATASET_DEFAULTS[args.dataset]):
-        for k, v in table.items():
-            if getattr(args, k, None) is None:
-                setattr(args, k, v)
+def add_common_args(parser, dataset, stage):
+    """The flags the stages share: data, model and run flags. stage: 'pretrain', 'metatrain' (with --seed and
+    --out), 'nonparametric' (with --seed) or 'evaluate' (data and model default to the checkpoint's)."""
+    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)  # evaluate: the checkpoint's
+    add_data_args(parser, dataset, stage)
+    g = parser.add_argument_group("model" + ("; default: the checkpoint's" if stage == "evaluate" else ""))
+    add_flag(g, dataset, "--backbone", d(dict(pascal="resnet50", coco="resnet50", synthetic="resnet18")),
+             "resnet50 or vgg16 (paper Sec. 3.1); resnet18 for CPU runs", choices=["resnet50", "vgg16", "resnet18"])
+    add_flag(g, dataset, "--weights --pretrained", d(dict(pascal="imagenet", coco="imagenet", synthetic="none")),
+             "backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt", dest="weights")
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    g.add_argument("--workers", type=NON_NEGATIVE, default=2, help="DataLoader workers; results do not depend on "
+                   "it (default %(default)s)")
+    if stage != "evaluate":
+        g.add_argument("--seed", type=int, default=321, help="all randomness of the run: initialisation, "
+                       "augmentation, training episodes (PFENet/BAM's value) (default %(default)s)")
+    if stage in ("pretrain", "metatrain"):
+        g.add_argument("--out", help="run folder: last.pt, log.jsonl (default runs/<stage>-<dataset>-fold<F>...)")
+    return parser
+
+
+def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
+    """The optimisation and run-control flags of both training stages; defaults ({dataset: value} or one
+    value) come from the stage, lr as (default, help), `source` names where the values come from."""
+    g = parser.add_argument_group(f"optimisation ({source})")
+    add_flag(g, dataset, "--epochs", epochs, "passes over the training data (paper Sec. 3.1)", type=POSITIVE)
+    add_flag(g, dataset, "--batch", batch, "samples per iteration", type=POSITIVE)
+    add_flag(g, dataset, "--lr", lr[0], lr[1], type=POSITIVE_FLOAT)
+    add_flag(g, dataset, "--crop", crop, "training crop side (PROTOCOL.md 4)", type=SIZE)
+    add_flag(g, dataset, "--scale", scale, "RandScale range (PROTOCOL.md 4)", type=POSITIVE_FLOAT, nargs=2)
+    add_flag(g, dataset, "--momentum", 0.9, "SGD momentum (PROTOCOL.md 7)", type=UNIT)
+    add_flag(g, dataset, "--wd", 1e-4, "SGD weight decay (PROTOCOL.md 7)", type=bounded(float, 0.0))
+    add_flag(g, dataset, "--power", 0.9, "power of the poly lr schedule, per iteration (PROTOCOL.md 7)",
+             type=bounded(float, 0.0))
+    g = parser.add_argument_group("run control")
+    g.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations; the lr schedule is unchanged")
+    add_flag(g, dataset, "--log-every", 20, "iterations between progress lines", type=POSITIVE)
+    add_flag(g, dataset, "--save-every", 200, "iterations between checkpoints", type=POSITIVE)
+    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if none yet)")
+    g.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA (none on CPU)")
+    return parser
+
+
+def finish_args(args, out_name=None):
+    """Checks that need several flags, derived values, the device; out_name: the default run folder name."""
     if args.data_root is None:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
-    if args.out is None:
-        args.out = os.path.join("runs", f"{stage}-{args.dataset}-fold{args.fold}")
+    if out_name and args.out is None:
+        args.out = os.path.join("runs", out_name)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.novel, args.base = (novel_classes(args.dataset, args.fold, args.coco_split),
                              base_classes(args.dataset, args.fold, args.coco_split))
     return args
-
-
-def open_data(args):
-    """Pools and per-class pixel counts of both splits; generates the synthetic world on first use."""
-    if args.dataset == "synthetic" and _synthetic_params(args.data_root) is None:
-        make_synthetic(args.data_root)  # an existing world (of any size) is used as it is
-    train_ids, val_ids = image_pools(args.data_root, args.train_pool)
-    n = N_CLASSES[args.dataset]
-    data = {"train": (train_ids, class_pixel_counts(args.data_root, train_ids, n, args.workers)),
-            "val": (val_ids, class_pixel_counts(args.data_root, val_ids, n, args.workers))}
-    print(f"data: {args.data_root} train pool {len(train_ids)} images ({args.train_pool}), val {len(val_ids)}; "
-          f"fold {args.fold} novel {args.novel}")
-    return data
 
 
 def seed_everything(seed):
@@ -891,6 +965,24 @@ def save_checkpoint(path, state):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect=None):
+    """torch.load(weights_only=True); refuse a kit checkpoint whose args disagree with `expect`."""
+    if not os.path.isfile(path):
+        raise KitError(f"checkpoint {path} does not exist: check the path (or use imagenet / none)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise KitError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}): "
+                       "is it a state dict or a file written by this kit?") from None
+    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    for key, want in (expect or {}).items():
+        if key in saved and saved[key] != want:
+            flag = "--" + key.replace("_", "-")
+            raise KitError(f"checkpoint {path} was made with {flag} {saved[key]} but this run has {flag} {want}: "
+                           "pass the matching checkpoint or flag")
+    return ckpt
 
 
 @contextlib.contextmanager
@@ -929,30 +1021,63 @@ def run_folder(out):
         f.close()
 
 
-def load_checkpoint(path, expect=None):
-    """torch.load(weights_only=True); refuse a kit checkpoint whose args disagree with `expect`."""
-    if not os.path.isfile(path):
-        raise KitError(f"checkpoint {path} does not exist: check the path (or use imagenet / none)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise KitError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}): "
-                       "is it a state dict or a file written by this kit?") from None
-    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    for key, want in (expect or {}).items():
-        if key in saved and saved[key] != want:
-            raise KitError(f"checkpoint {path} was made with --{key.replace('_', '-')} {saved[key]} "
-                           f"but this run has --{key.replace('_', '-')} {want}: pass the matching checkpoint or flag")
-    return ckpt
+def poly_lr(opt, base_lrs, t, total, power=0.9):
+    """lr = base_lr (1 - t / total)^power for each parameter group, every iteration (PROTOCOL.md 7)."""
+    for group, lr in zip(opt.param_groups, base_lrs):
+        group["lr"] = lr * (1 - t / total) ** power
+    return opt.param_groups[0]["lr"]
 
 
-def resume_from(path, expect):
-    """--resume: the checkpoint at `path` checked against `expect`, or None (a fresh start, said so) if
-    there is none yet, so one command both starts and continues a run."""
-    if not os.path.isfile(path):
-        print(f"--resume: no {path} yet, starting from iteration 0")
-        return None
-    return load_checkpoint(path, expect)
+class Trainer:
+    """What both training stages share around their own step: resume (refusing a checkpoint made with other
+    flags), the resumable batch stream, the poly lr, the NaN stop that keeps the last good state, and atomic
+    checkpoints holding everything --resume needs (model, optimiser, scaler, iteration, RNG states, flags)."""
+
+    def __init__(self, args, stage, model, opt, scaler, base_lrs, total, power=0.9):
+        self.args, self.stage, self.model, self.opt, self.scaler = args, stage, model, opt, scaler
+        self.base_lrs, self.total, self.power = base_lrs, total, power
+        self.path, self.extra = os.path.join(args.out, "last.pt"), {}  # extra: stage fields of the checkpoint
+
+    def save(self, t, path=None, **extra):
+        save_checkpoint(path or self.path, {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+            "iter": t, "rng": rng_state(), "args": dict(vars(self.args)), "stage": self.stage, **self.extra, **extra})
+        return path or self.path
+
+    def resume(self, keys):
+        """--resume: load <out>/last.pt into model, optimiser and scaler, refusing one whose `keys` flags
+        differ from this run's. -> the checkpoint, or None (a fresh start, said so)."""
+        if not self.args.resume:
+            return None
+        if not os.path.isfile(self.path):
+            print(f"--resume: no {self.path} yet, starting from iteration 0")
+            return None
+        ckpt = load_checkpoint(self.path, {k: getattr(self.args, k) for k in keys})
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        print(f"resumed from {self.path} at iteration {ckpt['iter']}")
+        return ckpt
+
+    def run(self, dataset, device, ckpt, stop, step, report):
+        """Iterations ckpt's (or 0) .. stop-1. step(batch) -> (loss, metrics) must change nothing when the loss
+        is not finite; report(t, loss, lr, metrics) after each iteration t (1-based)."""
+        start, args = ckpt["iter"] if ckpt else 0, self.args
+        with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG,
+            batches = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, device))
+        if ckpt:  # ... so that after a resume every RNG is where a straight run has it
+            set_rng_state(ckpt["rng"])
+        for t, batch in enumerate(batches, start):
+            lr = poly_lr(self.opt, self.base_lrs, t, self.total, self.power)
+            loss, metrics = step(batch)
+            if not torch.isfinite(loss):
+                path = self.save(t)
+                raise KitError(f"loss is {loss.item()} at iteration {t}: the last good state is saved in {path}; "
+                               f"lower --lr (now {args.lr}) and rerun with --resume")
+            report(t + 1, loss.item(), lr, metrics)
+            if (t + 1) % args.save_every == 0 or t + 1 == stop:
+                self.save(t + 1)
+        print(f"saved {self.path}")
 
 
 class Progress:
@@ -967,13 +1092,12 @@ class Progress:
         if not (force or t % self.every == 0 or t == self.total):
             return
         rate = (t - self.start) / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - t) / max(rate, 1e-9)
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - t) / max(rate, 1e-9)))
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"[{t}/{self.total}] {text} | {rate:.2f} {self.unit}/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-              flush=True)
+        print(f"[{t}/{self.total}] {text} | {rate:.2f} {self.unit}/s ETA {eta}", flush=True)
         if self.log:
             with open(self.log, "a") as f:
-                f.write(json.dumps({"step": t, **{k: v for k, v in metrics.items()}, "rate": rate}) + "\n")
+                f.write(json.dumps({"step": t, **metrics, "rate": rate}) + "\n")
 
 
 def run(main):
@@ -985,540 +1109,3 @@ def run(main):
         msg = str(e).strip().splitlines()[-1].replace("common.KitError: ", "")
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-
-
-# ============ 10. The synthetic benchmark: a seeded world in the VOC layout ============
-# Base RGB colours; each is shared by 2-3 classes, so colour alone never identifies a class.
-COLOURS = dict(red=(200, 40, 40), green=(50, 165, 60), blue=(45, 75, 205), yellow=(225, 200, 45),
-               purple=(140, 55, 175), orange=(235, 130, 35), cyan=(45, 190, 200), white=(225, 225, 220))
-# Class k+1 is "colour_shape_texture": every shape is used twice, colours and textures repeat.
-SYNTHETIC_CLASS_NAMES = """red_circle_solid blue_circle_striped green_square_checker yellow_square_dots
-blue_triangle_solid orange_triangle_checker purple_ellipse_striped red_ellipse_dots yellow_star_solid
-cyan_star_striped white_cross_checker green_cross_solid orange_ring_dots purple_ring_solid
-cyan_diamond_checker red_diamond_striped blue_hexagon_dots yellow_hexagon_checker
-green_crescent_striped white_crescent_dots""".split()
-CLASSES = [name.split("_") for name in SYNTHETIC_CLASS_NAMES]  # (colour, shape, texture)
-
-
-def _ngon(n, r=1.0, phase=np.pi / 2):
-    """Regular n-gon (n x 2 array) of radius r; many sides approximate a circle."""
-    a = phase + 2 * np.pi * np.arange(n) / n
-    return np.stack([r * np.cos(a), -r * np.sin(a)], 1)
-
-
-_CIRC = _ngon(48)
-_BAR = np.array([(-1, -.33), (1, -.33), (1, .33), (-1, .33)])  # a cross is two crossing bars
-# Unit-frame polygons per shape: (filled polygons, holes cut out afterwards).
-_SHAPES = {"circle": ([_CIRC], []), "ellipse": ([_CIRC * [1, .55]], []),
-           "square": ([_ngon(4, 1.2, np.pi / 4)], []), "triangle": ([_ngon(3, 1.25)], []),
-           "diamond": ([_ngon(4) * [.65, 1.1]], []), "hexagon": ([_ngon(6)], []),
-           "star": ([_ngon(10, 1.15) * np.tile([[1.0], [.42]], (5, 1))], []),
-           "cross": ([_BAR, _BAR[:, ::-1]], []),
-           "ring": ([_CIRC], [_CIRC * .55]), "crescent": ([_CIRC - [.2, 0]], [_CIRC * .85 + [.25, -.15]])}
-
-
-def _shape_mask(shape, size, cx, cy, r, angle, aspect):
-    """Boolean size x size mask of a shape with given centre, radius, rotation and aspect jitter."""
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    m = np.zeros((size, size), np.uint8)
-    for polys, val in zip(_SHAPES[shape], (1, 0)):
-        for p in polys:  # aspect scaling keeps the area; fixed-point coords give sub-pixel accuracy
-            q = (p * [aspect, 1 / aspect]) @ rot.T * r + [cx, cy]
-            cv2.fillPoly(m, [np.round(q * 16).astype(np.int32)], val, cv2.LINE_8, 4)
-    return m.astype(bool)
-
-
-# Area of each shape at unit radius, used to draw objects with a target pixel area.
-_UNIT_AREA = {s: float(_shape_mask(s, 400, 200, 200, 100, 0, 1).sum()) / 1e4 for s in _SHAPES}
-
-
-@functools.lru_cache(maxsize=4)
-def _grid(size):
-    """Float32 pixel coordinate grids (y, x)."""
-    return np.mgrid[:size, :size].astype(np.float32)
-
-
-def _hsv2rgb(h, s, v):
-    """OpenCV-range HSV (h in 0..180) to a float32 RGB triple."""
-    return cv2.cvtColor(np.uint8([[np.clip([h, s, v], 0, 255)]]), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
-
-
-def _object_texture(rng, cls, size, cx, cy, r, angle):
-    """Float RGB image of a class texture laid out in the object's own rotated, scaled frame."""
-    colour, _, tex = CLASSES[cls]
-    # per-instance colour jitter: hue shift, saturation and brightness scale
-    hue, sat, val = cv2.cvtColor(np.uint8([[COLOURS[colour]]]), cv2.COLOR_RGB2HSV)[0, 0].astype(float)
-    base = _hsv2rgb((hue + rng.uniform(-6, 6)) % 180, sat * rng.uniform(.8, 1.1), val * rng.uniform(.75, 1.1))
-    y, x = _grid(size)
-    c, s = math.cos(angle) / r / .45, math.sin(angle) / r / .45  # python floats keep float32
-    u, v = (x - cx) * c + (y - cy) * s, (y - cy) * c - (x - cx) * s  # object frame, in pattern periods
-    on = {"striped": lambda: u % 1 < .5, "checker": lambda: (np.floor(u) + np.floor(v)) % 2 == 0,
-          "dots": lambda: (u % 1 - .5) ** 2 + (v % 1 - .5) ** 2 > .09, "solid": lambda: True}[tex]()
-    d, grain = rng.uniform(0, 2 * math.pi), .05 if tex == "solid" else .02
-    grain = grain * rng.standard_normal((size, size), np.float32)
-    shade = 1 + .08 * (u * math.cos(d) + v * math.sin(d)) + grain  # directional light, like a 3-D object
-    return np.where(on, shade, .35 * shade)[..., None] * base
-
-
-def _bg_texture(rng, size):
-    """One background 'stuff' texture: gradient, low/fine noise, grass streaks or bricks."""
-    hue, sat, val = rng.uniform(0, 180), rng.uniform(15, 150), rng.uniform(50, 220)  # overlaps objects
-    c1 = _hsv2rgb(hue, sat, val)
-    c2 = _hsv2rgb((hue + rng.uniform(-15, 15)) % 180, sat + rng.uniform(-40, 40), val + rng.uniform(-90, 90))
-    (y, x), kind, low = _grid(size), rng.integers(5), lambda k: rng.random(k, np.float32)
-    if kind == 0:  # smooth gradient
-        a = rng.uniform(0, 2 * math.pi)
-        t = (x * math.cos(a) + y * math.sin(a)) / size / 1.5 + .5
-    elif kind == 1:  # low-frequency noise
-        t = cv2.resize(low((4, 4)), (size, size), interpolation=cv2.INTER_CUBIC)
-    elif kind == 2:  # fine noise over a soft ramp
-        t = .6 * low((size, size)) + .4 * cv2.resize(low((3, 3)), (size, size))
-    elif kind == 3:  # grass-like vertical streaks
-        t = cv2.resize(low((size // 8, size)), (size, size)) * .8 + .2 * low((size, size))
-    else:  # bricks: staggered rows with dark mortar lines
-        bh = int(rng.integers(6, 12))  # brick height; bricks are 2 * bh wide
-        row, xs = y // bh, x + (y // bh % 2) * bh
-        shade = .6 + .4 * np.sin(row * 7.3 + xs // (2 * bh) * 3.1) ** 2  # pseudo-random per brick
-        t = np.where((y % bh < 1.5) | (xs % (2 * bh) < 1.5), 0, shade)
-    return c1 + (c2 - c1) * np.clip(t, 0, 1)[..., None]
-
-
-def _background(rng, size):
-    """Background of 2-3 regions (wavy tilted horizon plus optional blob), each its own texture."""
-    y, x = _grid(size)
-    horizon = (size * rng.uniform(.25, .75) + (x - size / 2) * rng.uniform(-.5, .5)
-               + rng.uniform(1, 5) * np.sin(x / rng.uniform(4, 12) + rng.uniform(0, 6)))
-    region = (y > horizon).astype(np.int32)
-    if rng.random() < .5:  # blob: thresholded low-frequency noise
-        blob = cv2.resize(rng.random((3, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
-        region[blob > np.quantile(blob, rng.uniform(.6, .85))] = 2
-    img = np.zeros((size, size, 3), np.float32)
-    for k in np.unique(region):
-        img[region == k] = _bg_texture(rng, size)[region == k]
-    return img
-
-
-def _render(rng, size):
-    """Render one image with 1-4 objects; returns (uint8 RGB image, uint8 VOC label map)."""
-    img, inst = _background(rng, size), np.zeros((size, size), np.int32)
-    classes = rng.integers(0, 20, rng.choice([1, 2, 3, 4], p=[.3, .3, .25, .15]))
-    for k, c in enumerate(classes, 1):  # later objects occlude earlier ones
-        shape = CLASSES[c][1]
-        area = rng.uniform(.08, .3) if rng.random() < .8 else rng.uniform(.02, .08)
-        r = math.sqrt(area * size * size / _UNIT_AREA[shape])
-        cx, cy = rng.uniform(.6 * r, size - .6 * r), rng.uniform(.6 * r, size - .6 * r)  # may touch border
-        angle, aspect = rng.uniform(0, 2 * math.pi), math.exp(rng.uniform(-.25, .25))
-        m = _shape_mask(shape, size, cx, cy, r, angle, aspect)
-        img[m], inst[m] = _object_texture(rng, c, size, cx, cy, r, angle)[m], k
-    lab = np.concatenate([[0], classes + 1]).astype(np.uint8)[inst]  # instance id -> class label
-    kernel = np.ones((3, 3), np.uint8)
-    for k in np.unique(inst[inst > 0]):  # VOC-style void band along each visible object outline
-        mk = (inst == k).astype(np.uint8)
-        lab[cv2.dilate(mk, kernel) > cv2.erode(mk, kernel)] = 255
-    img = cv2.GaussianBlur(img, (0, 0), .6) + 3 * rng.standard_normal(img.shape, np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8), lab
-
-
-SYNTHETIC_MARKER = ".complete"  # written into a finished synthetic world: its generation parameters (JSON)
-PREPARED_MARKER = ".prepared.json"  # written by prepare-pascal / prepare-coco into their --out
-
-
-def _synthetic_params(root):
-    """The generation parameters recorded in the world's marker, or None if root is not a finished world."""
-    try:
-        with open(os.path.join(root, SYNTHETIC_MARKER)) as f:
-            params = json.load(f)
-        return params if isinstance(params, dict) and {"n_train", "n_val", "size", "seed"} <= set(params) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _prepared_kind(root):
-    """'pascal' / 'coco' if root carries prepare-pascal's / prepare-coco's marker, else None."""
-    try:
-        with open(os.path.join(root, PREPARED_MARKER)) as f:
-            return json.load(f).get("dataset")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def claim_root(root, flag, kind):
-    """The kit writes a data root only if it does not exist, is empty, or carries the kit's own marker of
-    the same kind ('synthetic', 'pascal' or 'coco'); anything else is refused and left untouched."""
-    if not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root)):
-        return
-    if kind == "synthetic" and _synthetic_params(root) is not None:
-        return
-    if kind != "synthetic" and _prepared_kind(root) == kind:
-        return
-    names = set(os.listdir(root)) if os.path.isdir(root) else set()
-    made = _prepared_kind(root) or ("synthetic" if _synthetic_params(root) else None)
-    if made:
-        hint = f"it holds a {made} root made by this kit: did you mean --dataset {made}?"
-    elif {IMAGES, MASKS} & names:
-        hint = "it looks like a prepared VOC/COCO root: did you mean --dataset pascal or --dataset coco?"
-    else:
-        hint = "point it at a new or empty folder"
-    raise KitError(f"{flag} {root} is not empty and was not made by this kit for {kind} data, so nothing "
-                   f"is written there: {hint}")
-
-
-def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0, flag="--data-root"):
-    """Write the synthetic benchmark to `root` in VOC layout; return root. Idempotent: if root holds a
-    world with the same parameters, return at once. Only a missing or empty folder, or a synthetic world
-    this kit made, is (re)written (claim_root). The world is written to a private temporary folder and
-    published with one rename, so runs started side by side never read a half-written world."""
-    params = dict(n_train=n_train, n_val=n_val, size=size, seed=seed)
-    if _synthetic_params(root) == params:
-        return root
-    claim_root(root, flag, "synthetic")
-    parent, name = os.path.split(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
-    t0 = time.time()
-    print(f"synthetic: writing {n_train} + {n_val} images of {size} px to {root} ...", flush=True)
-    try:
-        dirs = [os.path.join(tmp, d) for d in (IMAGES, MASKS, LISTS)]
-        for d in dirs:
-            os.makedirs(d)
-        for split_idx, (split, n) in enumerate((("train", n_train), ("val", n_val))):
-            for i in range(n):
-                img, lab = _render(np.random.default_rng([seed, split_idx, i]), size)
-                stem = f"{split}_{i:06d}"
-                cv2.imwrite(os.path.join(dirs[0], stem + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, 95])
-                cv2.imwrite(os.path.join(dirs[1], stem + ".png"), lab)
-        with open(os.path.join(dirs[2], "val.txt"), "w") as f:
-            f.writelines(f"val_{i:06d}\n" for i in range(n_val))
-        with open(os.path.join(tmp, SYNTHETIC_MARKER), "w") as f:
-            json.dump(params, f)
-        _publish_world(tmp, root, params, flag)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"synthetic: done in {time.time() - t0:.0f}s", flush=True)
-    return root
-
-
-def _publish_world(tmp, root, params, flag):
-    """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made world of
-    this kit there (checked again now: the folder may have changed during generation). If another process
-    published the same world first, keep theirs."""
-    if _synthetic_params(root) == params:
-        return
-    claim_root(root, flag, "synthetic")
-    try:  # move the old (empty or differently-made) world out of the way, then delete it
-        old = tmp + "-old"
-        os.rename(root, old)
-        shutil.rmtree(old, ignore_errors=True)
-    except FileNotFoundError:
-        pass
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        if _synthetic_params(root) != params:
-            raise
-
-
-# ============ 11. Data preparation from the official downloads (python common.py prepare-...) ============
-EXPECTED_PASCAL = {'val': 1449, 'oslsm': 5953, 'trainaug': 10582}
-EXPECTED_COCO = {'train': 82081, 'val': 40137}
-
-
-def _write_png_atomic(path, array):
-    """Write a 2-D uint8 array as a single-channel PNG via a temp file and os.replace."""
-    tmp = '%s.tmp%d.png' % (path, os.getpid())
-    if not cv2.imwrite(tmp, np.ascontiguousarray(array, dtype=np.uint8)):
-        raise KitError('could not write %s' % tmp)
-    os.replace(tmp, path)
-
-
-def _link_or_copy(src, dst):
-    """Symlink dst -> abspath(src); copy when symlinks fail. Leaves a correct existing link/copy."""
-    src = os.path.abspath(src)
-    if os.path.islink(dst):
-        if os.readlink(dst) == src:
-            return
-        os.remove(dst)
-    elif os.path.exists(dst):
-        return
-    try:
-        os.symlink(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def _write_list(path, ids):
-    """Write sorted unique ids, one per line."""
-    with open(path, 'w') as f:
-        f.writelines(i + '\n' for i in sorted(set(ids)))
-
-
-
-def _need(path, what):
-    """KitError naming a missing input path and what it should contain."""
-    if not os.path.exists(path):
-        raise KitError('%s at %s' % (what, path))
-    return path
-
-
-def _dirs(out, kind):
-    """Claim `out` for prepared `kind` data (claim_root: new, empty or made by this command before), mark
-    it as such, then create and return the three output folders."""
-    claim_root(out, "--out", kind)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, PREPARED_MARKER), "w") as f:
-        json.dump({"dataset": kind, "made_by": f"prepare-{kind}"}, f)
-    d = {k: os.path.join(out, k) for k in ('JPEGImages', 'SegmentationClassAug', 'ImageSets/Segmentation')}
-    for p in d.values():
-        os.makedirs(p, exist_ok=True)
-    return d
-
-
-def _report(name, counts, expected):
-    """Print counts and a warning for each that differs from the real-data count."""
-    print('%s: %s' % (name, ' '.join('%s=%d' % kv for kv in counts.items())))
-    for k, v in expected.items():
-        if counts[k] != v:
-            print('WARNING: %s %s count %d differs from the real-data count %d' % (name, k, counts[k], v))
-
-
-def _read_index_png(path):
-    """Class indices of a palette (P) or single-channel (L) PNG: palette indices, never luminance."""
-    img = Image.open(path)
-    if img.mode not in ('P', 'L'):
-        raise KitError('%s: mode %s, expected a palette (P) or index (L) PNG' % (path, img.mode))
-    return np.array(img)
-
-
-def _read_sbd_mat(path):
-    """GTcls.Segmentation (HxW uint8) of an SBD cls/<id>.mat file."""
-    try:
-        import scipy.io
-    except ImportError:
-        raise KitError('prepare-pascal reads SBD .mat files with scipy: pip install scipy, '
-                         'or pass --aug DIR with ready PNG masks')
-    gt = scipy.io.loadmat(path, struct_as_record=False)['GTcls'].flat[0]
-    return np.asarray(gt.Segmentation)
-
-
-def _check_mask(m, path):
-    """KitError naming the file unless m is 2-D with values in 0..20 or 255."""
-    bad = np.setdiff1d(np.unique(m), np.r_[0:21, 255])
-    if m.ndim != 2 or bad.size:
-        raise KitError('%s: invalid mask values %s (allowed 0..20, 255)' % (path, bad.tolist()))
-
-
-def _pascal_inputs(voc, sbd, aug):
-    """Check the inputs; return (VOC train ids, VOC val ids, VOC mask ids, SBD train+val ids)."""
-    V, S = '--voc VOCdevkit/VOC2012: no ', '--sbd benchmark_RELEASE/dataset: no '
-    for sub in ('JPEGImages', 'SegmentationClass'):
-        _need(os.path.join(voc, sub), V + sub + '/ folder')
-    sets = os.path.join(voc, 'ImageSets', 'Segmentation')
-    train, val = (read_list(_need(os.path.join(sets, s), V + 'segmentation id list'))
-                  for s in ('train.txt', 'val.txt'))
-    voc_ids = {f[:-4] for f in os.listdir(os.path.join(voc, 'SegmentationClass')) if f.endswith('.png')}
-    missing = sorted((set(train) | set(val)) - voc_ids)
-    if missing:
-        raise KitError('--voc VOCdevkit/VOC2012: no SegmentationClass/%s.png (%d listed ids lack a mask)'
-                         % (missing[0], len(missing)))
-    if sbd is None and aug is None:
-        raise KitError('prepare-pascal needs --sbd benchmark_RELEASE/dataset or --aug DIR')
-    sbd_ids = []
-    if sbd is not None:
-        sbd_ids = [i for s in ('train.txt', 'val.txt')
-                   for i in read_list(_need(os.path.join(sbd, s), S + 'id list'))]
-        if aug is None:
-            _need(os.path.join(sbd, 'cls'), S + 'cls/ folder of <id>.mat masks')
-    if aug is not None:
-        _need(aug, '--aug: no folder of single-channel index PNG masks')
-    return train, set(val), voc_ids, sbd_ids
-
-
-def _pascal_mask(i, voc, sbd, aug, voc_ids):
-    """(mask, source path) for one id: VOC's own PNG wins, else the aug PNG, else SBD cls/<id>.mat."""
-    if i in voc_ids:
-        p = os.path.join(voc, 'SegmentationClass', i + '.png')
-        return _read_index_png(p), p
-    if aug is not None:
-        p = os.path.join(aug, i + '.png')
-        return _read_index_png(_need(p, '--aug: no mask PNG')), p
-    p = _need(os.path.join(sbd, 'cls', i + '.mat'), '--sbd: no cls/<id>.mat mask')
-    return _read_sbd_mat(p), p
-
-
-def prepare_pascal(voc, sbd, out, aug=None, train_noval=None):
-    """PASCAL VOC2012 + SBD -> kit layout. Returns counts val/train/train_noval/oslsm/trainaug/masks.
-
-    train_noval: optional path of SBD's separately published train_noval.txt (5623 ids); default
-    sbd/train_noval.txt if present, else computed as SBD train+val (or aug ids) minus VOC val, which is
-    much larger than the published list (a warning is printed)."""
-    voc_train, voc_val, voc_ids, sbd_ids = _pascal_inputs(voc, sbd, aug)
-    extra = [f[:-4] for f in os.listdir(aug) if f.endswith('.png')] if aug is not None else sbd_ids
-    noval_file = train_noval or (sbd and os.path.join(sbd, 'train_noval.txt'))
-    if noval_file and os.path.exists(noval_file):
-        noval = set(read_list(noval_file)) - voc_val
-    else:
-        noval = set(sbd_ids or extra) - voc_val
-        print('WARNING: no SBD train_noval.txt; using SBD ids minus VOC val (%d ids; the published list has 5623)'
-              % len(noval))
-    d = _dirs(out, 'pascal')
-    all_ids, t0 = sorted(voc_ids | set(extra)), time.time()
-    for k, i in enumerate(all_ids):
-        if k and k % 2000 == 0:
-            print('pascal: %d / %d masks (%.0f/s)' % (k, len(all_ids), k / (time.time() - t0)), flush=True)
-        m, p = _pascal_mask(i, voc, sbd, aug, voc_ids)
-        _check_mask(m, p)
-        src = os.path.join(voc, 'JPEGImages', i + '.jpg')
-        if not os.path.exists(src) and sbd is not None:
-            src = os.path.join(sbd, 'img', i + '.jpg')
-        _link_or_copy(_need(src, 'no JPEG for %s (VOC JPEGImages/ or SBD img/)' % i),
-                      os.path.join(d['JPEGImages'], i + '.jpg'))
-        _write_png_atomic(os.path.join(d['SegmentationClassAug'], i + '.png'), m)
-    lists = {'val': voc_val, 'train': voc_train, 'train_noval': noval, 'trainaug': set(all_ids) - voc_val}
-    for k, v in lists.items():
-        _write_list(os.path.join(d['ImageSets/Segmentation'], k + '.txt'), v)
-    counts = {k: len(set(v)) for k, v in lists.items()}
-    counts.update(oslsm=len(set(voc_train) | noval), masks=len(all_ids))
-    _report('pascal', counts, EXPECTED_PASCAL)
-    return counts
-
-
-def _coco_mask(coco, img, ann_list, cat_rank):
-    """Class map: instances largest-area first, then crowd as 255 over background only."""
-    m = np.zeros((img['height'], img['width']), np.uint8)
-    normal = sorted((a for a in ann_list if not a.get('iscrowd', 0)), key=lambda a: (-a['area'], a['id']))
-    for a in normal:
-        m[coco.annToMask(a) > 0] = cat_rank[a['category_id']]
-    for a in (a for a in ann_list if a.get('iscrowd', 0)):
-        m[(coco.annToMask(a) > 0) & (m == 0)] = 255
-    return m
-
-
-def prepare_coco(coco, out):
-    """COCO2014 instances -> kit layout (one PNG per annotated image). Returns counts train/val."""
-    try:
-        from pycocotools.coco import COCO
-    except ImportError:
-        raise KitError('prepare-coco needs pycocotools: pip install pycocotools')
-    splits = {s: (_need(os.path.join(coco, 'annotations', 'instances_%s2014.json' % s),
-                        '--coco: no COCO2014 instance annotation file'),
-                  _need(os.path.join(coco, '%s2014' % s), '--coco: no %s2014/ image folder' % s))
-              for s in ('train', 'val')}
-    d, counts = _dirs(out, 'coco'), {}
-    for split, (ann_file, img_dir) in splits.items():
-        api = COCO(ann_file)
-        cat_rank = {c: r + 1 for r, c in enumerate(sorted(api.getCatIds()))}
-        ids, t0 = [], time.time()
-        for img_id in sorted(api.getImgIds()):
-            anns = api.imgToAnns.get(img_id, [])
-            if not anns:
-                continue
-            img = api.imgs[img_id]
-            stem = os.path.splitext(img['file_name'])[0]
-            _link_or_copy(_need(os.path.join(img_dir, img['file_name']), '--coco: no image file'),
-                          os.path.join(d['JPEGImages'], stem + '.jpg'))
-            _write_png_atomic(os.path.join(d['SegmentationClassAug'], stem + '.png'),
-                              _coco_mask(api, img, anns, cat_rank))
-            ids.append(stem)
-            if len(ids) % 5000 == 0:
-                rate = len(ids) / (time.time() - t0)
-                print('coco %s: %d images (%.1f/s)' % (split, len(ids), rate), flush=True)
-        _write_list(os.path.join(d['ImageSets/Segmentation'], split + '.txt'), ids)
-        counts[split] = len(ids)
-    _report('coco', counts, EXPECTED_COCO)
-    return counts
-
-
-# ============ 12. Checks and the command line (python common.py ...) ============
-EXPECTED_FOLDS = {  # BAM's released fss lists (protocol.md 1.4), PASCAL-5i, 5953-image pool, 2048-pixel rule
-    ("pascal", "oslsm"): {"train": [4208, 3726, 2752, 4510], "val": [364, 445, 592, 336]}}
-
-
-def bad_files(root, ids, n_classes, workers=4):
-    """Decode every image in full and read every mask; one line per bad file (all of them, not the first)."""
-    def problems(i):
-        try:
-            label = read_mask(root, i, n_classes)
-            check_image_file(root, i, label.shape)
-        except KitError as e:
-            return str(e)
-        path = os.path.join(root, IMAGES, i + ".jpg")
-        return None if decodes_fully(path) else f"image {path} does not decode fully (truncated or corrupt)"
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return [p for p in pool.map(problems, ids) if p]
-
-
-def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved", workers=2):
-    """Per fold: images of the training list (BAM: novel-containing dropped; PFENet: kept) and of the val list,
-    and per class the support pool sizes after the pixel rule (protocol.md 1.4 / 2.3). Returns the numbers."""
-    train_ids, val_ids = image_pools(root, train_pool)
-    n = N_CLASSES[dataset]
-    bad = bad_files(root, train_ids + val_ids, n, workers)
-    if bad:
-        print(f"{len(bad)} bad files:\n" + "\n".join("  " + b for b in bad))
-        raise KitError(f"verify: {len(bad)} of the {len(train_ids) + len(val_ids)} images or masks under {root} "
-                       "are bad (listed above): restore them or drop their ids from the lists")
-    ct, cv = class_pixel_counts(root, train_ids, n, workers), class_pixel_counts(root, val_ids, n, workers)
-    expected = EXPECTED_FOLDS.get((dataset, train_pool), {})
-    print(f"{dataset} at {root}: train pool {len(train_ids)} images ({train_pool}), val {len(val_ids)}; "
-          f"pixel rule >= {min_pixels}")
-    out = []
-    for fold in range(4):
-        novel, base = novel_classes(dataset, fold, coco_split), base_classes(dataset, fold, coco_split)
-        no_novel = ct[:, novel].sum(1) == 0  # BAM drops an image with any pixel of a novel class
-        has_base, has_novel = (ct[:, base] >= min_pixels).any(1), (cv[:, novel] >= min_pixels).any(1)
-        r = {"fold": fold, "train_bam": int((has_base & no_novel).sum()), "train_pfenet": int(has_base.sum()),
-             "val": int(has_novel.sum()),
-             "train_pools": {c: int(((ct[:, c] >= min_pixels) & no_novel).sum()) for c in base},
-             "val_pools": {c: int((cv[:, c] >= min_pixels).sum()) for c in novel}}
-        want = lambda key: f" (BAM's lists: {expected[key][fold]})" if expected else ""
-        print(f"fold {fold}: train {r['train_bam']} images without novel classes{want('train')}, "
-              f"{r['train_pfenet']} keeping them; val {r['val']}{want('val')}")
-        print("  val pools (novel): " + " ".join(f"{c}:{k}" for c, k in r["val_pools"].items()))
-        print("  train pools (base, BAM): " + " ".join(f"{c}:{k}" for c, k in r["train_pools"].items()))
-        out.append(r)
-    return out
-
-
-def main(argv=None):
-    p = KitParser(description="BCPT kit data commands: build and check the data roots")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("make-synthetic", help="write the synthetic benchmark (VOC layout)")
-    s.add_argument("--out", default=DATASET_DEFAULTS["synthetic"]["data_root"], help="default %(default)s")
-    s.add_argument("--n-train", type=POSITIVE, default=2000)
-    s.add_argument("--n-val", type=POSITIVE, default=500)
-    s.add_argument("--size", type=SIZE, default=96, help="image side in pixels; default %(default)s")
-    s.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("prepare-pascal", help="PASCAL VOC2012 + SBD -> SegmentationClassAug and lists")
-    s.add_argument("--voc", required=True, help="VOCdevkit/VOC2012 (JPEGImages, SegmentationClass, ImageSets)")
-    s.add_argument("--sbd", help="SBD benchmark_RELEASE/dataset (cls/*.mat, img/, train.txt, val.txt); needs scipy")
-    s.add_argument("--aug", help="an existing SegmentationClassAug folder, instead of --sbd")
-    s.add_argument("--train-noval", help="SBD's published train_noval.txt (5623 ids), for the 5953-image pool")
-    s.add_argument("--out", required=True)
-    s = sub.add_parser("prepare-coco", help="COCO2014 instances -> one class-index PNG per image and lists")
-    s.add_argument("--coco", required=True, help="folder with annotations/, train2014/, val2014/; needs pycocotools")
-    s.add_argument("--out", required=True)
-    s = sub.add_parser("verify", help="print per-fold, per-class image counts after the pixel rule")
-    s.add_argument("--dataset", required=True, choices=sorted(N_CLASSES))
-    s.add_argument("--data-root", required=True)
-    s.add_argument("--min-pixels", type=POSITIVE, help="default: 2048 (128 synthetic)")
-    s.add_argument("--train-pool", default="aug", choices=["aug", "oslsm"])
-    s.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"])
-    s.add_argument("--workers", type=POSITIVE, default=4)
-    a = p.parse_args(argv)
-    if a.command == "make-synthetic":
-        make_synthetic(a.out, a.n_train, a.n_val, a.size, a.seed, flag="--out")
-        print(f"synthetic benchmark at {a.out}")
-    elif a.command == "prepare-pascal":
-        if not (a.sbd or a.aug):
-            raise KitError("prepare-pascal needs --sbd benchmark_RELEASE/dataset or --aug SegmentationClassAug")
-        prepare_pascal(a.voc, a.sbd, a.out, a.aug, a.train_noval)
-    elif a.command == "prepare-coco":
-        prepare_coco(a.coco, a.out)
-    else:
-        verify(a.dataset, a.data_root, a.min_pixels or DATASET_DEFAULTS[a.dataset]["min_pixels"], a.train_pool,
-               a.coco_split, a.workers)
-
-
-if __name__ == "__main__":
-    run(main)

@@ -1,13 +1,13 @@
-"""evaluate.py: the few-shot test of a metatrain.py checkpoint (paper Sec. 3.2, Table 1; protocol.md 3.2, 4).
+"""evaluate.py: the few-shot test of a metatrain.py checkpoint (paper Sec. 3.2, Table 1; PROTOCOL.md 5, 6, 8).
 
 Episodes: --episodes per seed, drawn up front from the seed (the same for any worker count), walking the
-fold's val list in order; test geometry of protocol.md 3.2 (keep-aspect resize to --test-size, logits
+fold's val list in order; test geometry of PROTOCOL.md 5 (keep-aspect resize to --test-size, logits
 resized to the original label size, 255 ignored), batch 1. Reports per seed and mean +- std over the seeds
 (never a "best seed"): mIoU (per-class IoU over the novel classes) and FB-IoU in percent, episodes/s and
 the share of time spent in the model. Dataset, fold, shot, backbone and data root come from the checkpoint;
 a flag passed explicitly that disagrees with it is refused.
 
-Outputs: --json FILE (schema of issue 4), --vis DIR (Fig. 2-style PNGs; with --compare, the two
+Outputs: --json FILE (README "Results files"), --vis DIR (Fig. 2-style PNGs; with --compare, the two
 predictions side by side), --table FILE... (a Table 1-style table from several JSON files).
 
 Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
@@ -15,46 +15,32 @@ Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
 CPU smoke run on the built-in synthetic benchmark:
     python evaluate.py --checkpoint runs/metatrain-synthetic-fold0-1shot/last.pt --episodes 100 --seeds 510
 """
-import argparse
+import functools
 import os
 
 import cv2
 import numpy as np
 import torch
 
-from common import KitParser, POSITIVE
-from common import (AsppPFENet, EpisodeDataset, KitError, add_common_args, add_eval_args,
-                    build_backbone, evaluate_seeds, finish_args, format_table, load_checkpoint, open_data,
-                    pretrain_label, run, to_bgr_image, write_results)
+from common import (POSITIVE, AsppPFENet, EpisodeDataset, KitError, KitParser, add_common_args, add_eval_args,
+                    argmax_mask, build_backbone, dataset_of, evaluate_seeds, finish_args, format_table,
+                    load_checkpoint, open_data, predict_meta, pretrain_label, run, to_bgr_image, write_results)
 
-STAGE_DEFAULTS = {"pascal": {}, "coco": {}, "synthetic": {}}  # everything else comes from the checkpoint
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
-                   "train_pool", "coco_split", "crop")
-MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights", "crop")  # refused if typed and different
+                   "train_pool", "coco_split")  # each taken from the checkpoint unless typed
+MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if typed and different
 
 
 def parse_args(argv):
-    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0])))
+    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), dataset_of(argv), "evaluate"))
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
-    p.add_argument("--shot", type=POSITIVE, help="supports per episode; must match the checkpoint (default: the checkpoint's)")
+    p.add_argument("--shot", type=POSITIVE, help="supports per episode; must match the checkpoint (default: the "
+                   "checkpoint's)")
     p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "
                                      "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)")
     p.add_argument("--vis", help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here")
-    p.add_argument("--vis-count", type=POSITIVE, default=8, help="episodes drawn by --vis; default %(default)s")
-    args = p.parse_args(argv)
-    return args, typed_flags(p, argv)
-
-
-def typed_flags(parser, argv):
-    """{dest: value} of the flags given on the command line (not argparse's defaults)."""
-    saved = [(a, a.default) for a in parser._actions]
-    for a, _ in saved:
-        a.default = argparse.SUPPRESS
-    try:
-        return vars(parser.parse_args(argv))
-    finally:
-        for a, default in saved:
-            a.default = default
+    p.add_argument("--vis-count", type=POSITIVE, default=8, help="episodes drawn by --vis (default %(default)s)")
+    return p.parse_args(argv)
 
 
 def metatrain_checkpoint(path, expect):
@@ -106,7 +92,7 @@ def write_vis(args, data, models, device):
 
 # ============ the evaluation ============
 def main(argv=None):
-    args, typed = parse_args(argv)
+    args = parse_args(argv)
     if args.table:
         print(format_table(args.table))
         return
@@ -114,20 +100,21 @@ def main(argv=None):
         raise KitError("--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table")
     if args.compare and not args.vis:
         raise KitError("--compare only adds a column to the pictures: add --vis DIR")
-    ckpt = metatrain_checkpoint(args.checkpoint, {k: typed[k] for k in MUST_MATCH if k in typed})
-    for k in FROM_CHECKPOINT:
-        if k not in typed:
-            setattr(args, k, ckpt["args"][k])
-    args = finish_args(args, "evaluate", STAGE_DEFAULTS)
+    typed = {k for k in FROM_CHECKPOINT if getattr(args, k) is not None}
+    ckpt = metatrain_checkpoint(args.checkpoint, {k: getattr(args, k) for k in MUST_MATCH if k in typed})
+    for k in set(FROM_CHECKPOINT) - typed:
+        setattr(args, k, ckpt["args"][k])
+    args = finish_args(args)
     device = torch.device(args.device)
     model = load_model(ckpt, device)
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
     print(f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
-          f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds {args.seeds}")
+          f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds "
+          f"{args.seeds}")
     data = open_data(args)
     with torch.no_grad():
-        predict = lambda it: model(it["query"].to(device), it["support"].to(device), it["support_mask"].to(device))
-        result = evaluate_seeds(args, data, predict, lambda s: {"ASPP-PFENet": s.argmax(1)[0]})["ASPP-PFENet"]
+        result = evaluate_seeds(args, data, functools.partial(predict_meta, model),
+                                {"ASPP-PFENet": argmax_mask})["ASPP-PFENet"]
     if args.json:
         write_results(args.json, result, args, method="ASPP-PFENet", pretrained=label, weights=args.weights,
                       select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"])

@@ -2,8 +2,8 @@
 
 Following PFENet, the prior mask of the backbone's last layer (common.prior_mask: max cosine similarity to
 the support foreground, min-max normalised; K shots averaged) is thresholded at --threshold into a
-segmentation mask, on the same deterministic episodes and test geometry as evaluate.py (common section
-8b). The paper uses "the same threshold" for every pre-training without giving its value: 0.5 is our
+segmentation mask, on the same deterministic episodes and test geometry as evaluate.py (common.py section
+8). The paper uses "the same threshold" for every pre-training without giving its value: 0.5 is our
 choice, so a sweep over thresholds is scored from the same priors and saved too.
 
 Inputs: --pretrained imagenet | none | pretrain_bcpt.py's <out>/last.pt (same dataset and fold).
@@ -16,25 +16,42 @@ CPU smoke run on the built-in synthetic benchmark:
     python nonparametric_eval.py --pretrained none --episodes 100 --seeds 510
 """
 
+import functools
+
 import torch
 
-from common import KitParser, POSITIVE, UNIT
-from common import (add_common_args, add_eval_args, build_backbone, evaluate_seeds, finish_args, format_table,
-                    frozen_features, open_data, pretrain_label, resize, run, seed_everything, shot_prior,
-                    write_results)
-
-STAGE_DEFAULTS = {"pascal": {}, "coco": {}, "synthetic": {}}  # no stage-specific dataset defaults
+from common import (UNIT, POSITIVE, KitParser, add_common_args, add_eval_args, add_flag, build_backbone, dataset_of,
+                    evaluate_seeds, finish_args, format_table, frozen_features, open_data, pretrain_label, resize,
+                    run, seed_everything, shot_prior, write_results)
 
 
 def parse_args(argv):
-    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0])))
-    p.add_argument("--shot", type=POSITIVE, default=1, help="supports per episode (Table 2 is 1-shot); default %(default)s")
-    p.add_argument("--threshold", type=UNIT, default=0.5,
-                   help="prior > threshold is foreground, the same for every backbone (paper Sec. 3.2 gives no "
-                        "value; our choice); default %(default)s")
-    p.add_argument("--sweep", type=UNIT, nargs="+", default=[round(0.1 * i, 1) for i in range(1, 10)],
-                   help="thresholds also scored from the same priors; default %(default)s")
-    return finish_args(p.parse_args(argv), "nonparametric", STAGE_DEFAULTS)
+    ds = dataset_of(argv)
+    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "nonparametric"))
+    g = p.add_argument_group("non-parametric test (paper Sec. 3.2, Table 2)")
+    add_flag(g, ds, "--shot", 1, "supports per episode (Table 2 is 1-shot)", type=POSITIVE)
+    add_flag(g, ds, "--threshold", 0.5, "prior > threshold is foreground, the same for every backbone (paper Sec. "
+             "3.2 gives no value: our choice)", type=UNIT)
+    add_flag(g, ds, "--sweep", [round(0.1 * i, 1) for i in range(1, 10)], "thresholds also scored from the same "
+             "priors", type=UNIT, nargs="+")
+    return finish_args(p.parse_args(argv))
+
+
+# ============ the prior of the last layer (PFENet), one backbone pass per image ============
+@torch.no_grad()
+def predict_prior(backbone, item):
+    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test canvas."""
+    device = next(backbone.parameters()).device
+    shots = item["support"].shape[1]
+    m = (item["support_mask"].to(device) == 1).float().flatten(0, 1).unsqueeze(1)  # (S, 1, s, s); 255 -> 0
+    _, q_high = frozen_features(backbone, item["query"].to(device))
+    _, s_high, _, m_high = frozen_features(backbone, item["support"].to(device).flatten(0, 1), m)
+    return resize(shot_prior(q_high, s_high, m_high, shots), item["query"].shape[-2:])  # (1, 1, s, s)
+
+
+def above(scores, threshold):
+    """Prediction (L, L) in {0, 1}: the prior (1, 1, L, L) above the threshold."""
+    return (scores[0, 0] > threshold).long()
 
 
 def main(argv=None):
@@ -52,16 +69,9 @@ def main(argv=None):
           f"threshold {args.threshold}, sweep {thresholds}, {args.episodes} episodes x seeds {args.seeds}")
     data = open_data(args)
 
-    # ============ the prior of the last layer (PFENet), one backbone pass per image ============
-    def predict(it):
-        shots = it["support"].shape[1]
-        m = (it["support_mask"].to(device) == 1).float().flatten(0, 1).unsqueeze(1)  # (S, 1, s, s); 255 -> 0
-        _, q_high = frozen_features(backbone, it["query"].to(device))
-        _, s_high, _, m_high = frozen_features(backbone, it["support"].to(device).flatten(0, 1), m)
-        return resize(shot_prior(q_high, s_high, m_high, shots), it["query"].shape[-2:])  # (1, 1, s, s)
-
     # ============ every threshold scored from the same prior ============
-    results = evaluate_seeds(args, data, predict, lambda p: {t: (p[0, 0] > t).long() for t in thresholds})
+    rules = {t: functools.partial(above, threshold=t) for t in thresholds}
+    results = evaluate_seeds(args, data, functools.partial(predict_prior, backbone), rules)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))
     result = results[args.threshold]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import common
+import prepare_data
 from common import KitError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +47,7 @@ def blocks(classes, size=64, block=32):
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
-    return common.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=200, n_val=100, size=64)
+    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=200, n_val=100, size=64)
 
 
 # ---------- 1. folds ----------
@@ -115,13 +116,14 @@ def test_oslsm_pool(tmp_path):
 
 
 def test_base_dataset_remap(tmp_path):
+    from pretrain_bcpt import BaseClassDataset
     root = make_root(tmp_path)
-    ds = common.BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 0), 64, [1, 1], seed=0)
+    ds = BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 0), 64, [1, 1], seed=0)
     mask = common.read_mask(root, "t0", 20)  # classes 1 (novel), 2 (novel), 6 (base) and background
     remapped = ds.lut[mask]
     assert set(np.unique(remapped)) == {0, 1}  # novel -> 0 (merged background), 6 -> 1 (first base class)
     assert (remapped[mask == 6] == 1).all() and (remapped[mask == 1] == 0).all()
-    ds16 = common.BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 3), 64, [1, 1], seed=0)
+    ds16 = BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 3), 64, [1, 1], seed=0)
     assert ds16.lut[255] == 255 and ds16.lut[6] == 6 and ds16.lut[16] == 0
     x, y = ds[0]
     assert x.shape == (3, 64, 64) and set(y.unique().tolist()) <= {0, 1, 255}
@@ -260,7 +262,7 @@ def test_cli_error_is_one_line(tmp_path):
                         "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "missing does not exist" in r.stderr and "prepare-pascal" in r.stderr
+    assert "missing does not exist" in r.stderr and "prepare_data.py pascal" in r.stderr
 
 
 # ---------- 10. the synthetic benchmark ----------
@@ -271,7 +273,7 @@ N_TRAIN, N_VAL, SIZE = 100, 60, 96
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """One small benchmark shared by the read-only tests."""
-    return common.make_synthetic(str(tmp_path_factory.mktemp("synth")), n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
+    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synth")), n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
 
 
 def _masks(root, split):
@@ -294,7 +296,7 @@ def test_layout_and_counts(root):
     assert not any(i.startswith("train_") for i in ids)
     with open(os.path.join(root, ".complete")) as f:
         assert json.load(f) == dict(n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
-    assert len(common.SYNTHETIC_CLASS_NAMES) == 20 == len(set(common.SYNTHETIC_CLASS_NAMES))
+    assert len(prepare_data.SYNTHETIC_CLASS_NAMES) == 20 == len(set(prepare_data.SYNTHETIC_CLASS_NAMES))
 
 
 def test_mask_format_and_content(root):
@@ -337,9 +339,9 @@ def test_foreground_fraction_plausible(root):
 
 
 def test_determinism(tmp_path):
-    a = common.make_synthetic(str(tmp_path / "a"), n_train=20, n_val=10, seed=3)
-    b = common.make_synthetic(str(tmp_path / "b"), n_train=20, n_val=10, seed=3)
-    c = common.make_synthetic(str(tmp_path / "c"), n_train=20, n_val=10, seed=4)
+    a = prepare_data.make_synthetic(str(tmp_path / "a"), n_train=20, n_val=10, seed=3)
+    b = prepare_data.make_synthetic(str(tmp_path / "b"), n_train=20, n_val=10, seed=3)
+    c = prepare_data.make_synthetic(str(tmp_path / "c"), n_train=20, n_val=10, seed=4)
     read = lambda r, n: open(os.path.join(r, "SegmentationClassAug", n), "rb").read()  # noqa: E731
     names = sorted(os.listdir(os.path.join(a, "SegmentationClassAug")))
     assert names == sorted(os.listdir(os.path.join(b, "SegmentationClassAug")))
@@ -348,16 +350,16 @@ def test_determinism(tmp_path):
 
 
 def test_idempotent_no_rewrite(tmp_path):
-    r = common.make_synthetic(str(tmp_path / "d"), n_train=10, n_val=5)
+    r = prepare_data.make_synthetic(str(tmp_path / "d"), n_train=10, n_val=5)
     for p in _mtimes(r):  # backdate every file so that any rewrite is detectable
         os.utime(p, ns=(10**18, 10**18))
-    assert common.make_synthetic(r, n_train=10, n_val=5) == r
+    assert prepare_data.make_synthetic(r, n_train=10, n_val=5) == r
     assert set(_mtimes(r).values()) == {10**18}
 
 
 def test_changed_parameters_regenerate(tmp_path):
-    r = common.make_synthetic(str(tmp_path / "f"), n_train=10, n_val=5)
-    common.make_synthetic(r, n_train=6, n_val=5)
+    r = prepare_data.make_synthetic(str(tmp_path / "f"), n_train=10, n_val=5)
+    prepare_data.make_synthetic(r, n_train=6, n_val=5)
     assert len(_masks(r, "train")) == 6
     with open(os.path.join(r, ".complete")) as f:
         assert json.load(f)["n_train"] == 6
@@ -367,13 +369,13 @@ def test_changed_parameters_regenerate(tmp_path):
 def test_two_processes_generate_one_world(tmp_path):
     """Stage scripts started side by side both generate on first use; each must see a complete world."""
     root = str(tmp_path / "w")
-    cmd = [sys.executable, "-c", "import common, sys; common.make_synthetic(sys.argv[1], 40, 10, 48); "
+    cmd = [sys.executable, "-c", "import prepare_data, sys; prepare_data.make_synthetic(sys.argv[1], 40, 10, 48); "
            "import os; print(len(os.listdir(os.path.join(sys.argv[1], 'SegmentationClassAug'))))", root]
     procs = [subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate()[0].split()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs == ["50", "50"]
     assert sorted(os.listdir(tmp_path)) == ["w"]  # no temporary folder left behind
-    ref = common.make_synthetic(str(tmp_path / "ref"), 40, 10, 48)
+    ref = prepare_data.make_synthetic(str(tmp_path / "ref"), 40, 10, 48)
     read = lambda r, n: open(os.path.join(r, "SegmentationClassAug", n), "rb").read()  # noqa: E731
     assert all(read(root, n) == read(ref, n) for n in os.listdir(os.path.join(ref, "SegmentationClassAug")))
 
@@ -381,17 +383,17 @@ def test_two_processes_generate_one_world(tmp_path):
 def test_world_appears_whole_even_if_another_run_publishes_first(tmp_path, monkeypatch):
     """Deterministic version of the race: mid-generation, root is untouched; then another run publishes
     the same world first; this run keeps it and leaves no temporary folder."""
-    root, render, calls, seen = str(tmp_path / "w"), common._render, [], {}
+    root, render, calls, seen = str(tmp_path / "w"), prepare_data._render, [], {}
 
     def spy(rng, size):
         calls.append(1)
         if len(calls) == 5:  # a quarter of the way through this run's 20 images
             seen["root mid-generation"] = os.path.exists(root)
-            monkeypatch.setattr(common, "_render", render)
-            common.make_synthetic(root, 16, 4, 32)  # the other run, start to finish
+            monkeypatch.setattr(prepare_data, "_render", render)
+            prepare_data.make_synthetic(root, 16, 4, 32)  # the other run, start to finish
         return render(rng, size)
-    monkeypatch.setattr(common, "_render", spy)
-    assert common.make_synthetic(root, 16, 4, 32) == root
+    monkeypatch.setattr(prepare_data, "_render", spy)
+    assert prepare_data.make_synthetic(root, 16, 4, 32) == root
     assert seen == {"root mid-generation": False}
     assert len(os.listdir(os.path.join(root, "SegmentationClassAug"))) == 20
     assert sorted(os.listdir(tmp_path)) == ["w"]
@@ -400,7 +402,7 @@ def test_world_appears_whole_even_if_another_run_publishes_first(tmp_path, monke
 def test_synthetic_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(KitError, match="is not empty and was not made by this kit.*new or empty folder"):
-        common.make_synthetic(str(tmp_path), n_train=5, n_val=2)
+        prepare_data.make_synthetic(str(tmp_path), n_train=5, n_val=2)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 # ---------- 11. data preparation (PASCAL VOC + SBD, COCO) ----------
@@ -506,7 +508,7 @@ def snapshot(out):
 
 def test_pascal_from_sbd_mat(voc, sbd, tmp_path, capsys):
     out = str(tmp_path / 'out')
-    counts = common.prepare_pascal(voc, sbd, out)
+    counts = prepare_data.prepare_pascal(voc, sbd, out)
     assert counts == {'val': 2, 'train': 2, 'train_noval': 3, 'trainaug': 4, 'oslsm': 4, 'masks': 6}
     text = capsys.readouterr().out
     assert 'WARNING' in text and '1449' in text and '5953' in text and '10582' in text
@@ -526,7 +528,7 @@ def test_pascal_from_sbd_mat(voc, sbd, tmp_path, capsys):
     assert os.readlink(link) == os.path.abspath(os.path.join(voc, 'JPEGImages', '2008_000010.jpg'))
     assert not os.path.exists(os.path.join(out, 'JPEGImages', '2009_000099.jpg'))
     before = snapshot(out)
-    assert common.prepare_pascal(voc, sbd, out) == counts        # idempotent
+    assert prepare_data.prepare_pascal(voc, sbd, out) == counts        # idempotent
     assert snapshot(out) == before
     assert not [f for f in os.listdir(seg) if 'tmp' in f]
 
@@ -535,7 +537,7 @@ def test_pascal_train_noval_file(voc, sbd, tmp_path):
     with open(os.path.join(sbd, 'train_noval.txt'), 'w') as f:
         f.write('2008_000010\n2007_000003\n')   # a VOC val id is still dropped
     out = str(tmp_path / 'out')
-    counts = common.prepare_pascal(voc, sbd, out)
+    counts = prepare_data.prepare_pascal(voc, sbd, out)
     assert lists(out)['train_noval'] == ['2008_000010']
     assert counts['train_noval'] == 1 and counts['oslsm'] == 3 and counts['trainaug'] == 4
 
@@ -546,7 +548,7 @@ def test_pascal_from_aug(voc, tmp_path):
     cv2.imwrite(str(aug / '2007_000002.png'), np.full((H, W), 4, np.uint8))   # VOC must win
     cv2.imwrite(str(aug / '2008_000010.png'), mask_with(11, 6))
     out = str(tmp_path / 'out')
-    counts = common.prepare_pascal(voc, None, out, aug=str(aug))
+    counts = prepare_data.prepare_pascal(voc, None, out, aug=str(aug))
     assert counts == {'val': 2, 'train': 2, 'train_noval': 2, 'trainaug': 3, 'oslsm': 3, 'masks': 5}
     L = lists(out)
     assert L['trainaug'] == ['2007_000001', '2007_000002', '2008_000010']
@@ -560,17 +562,17 @@ def test_pascal_missing_folder(voc, tmp_path):
     seg = os.path.join(voc, 'SegmentationClass')
     os.rename(seg, seg + '_gone')
     with pytest.raises(KitError) as e:
-        common.prepare_pascal(voc, None, str(tmp_path / 'out'), aug=str(tmp_path))
+        prepare_data.prepare_pascal(voc, None, str(tmp_path / 'out'), aug=str(tmp_path))
     assert seg in str(e.value) and 'SegmentationClass/' in str(e.value)
     with pytest.raises(KitError) as e:
-        common.prepare_pascal(os.path.join(voc, 'nope'), None, str(tmp_path / 'out'), aug=str(tmp_path))
+        prepare_data.prepare_pascal(os.path.join(voc, 'nope'), None, str(tmp_path / 'out'), aug=str(tmp_path))
     assert os.path.join(voc, 'nope') in str(e.value)
 
 
 def test_pascal_missing_sbd_cls(voc, sbd, tmp_path):
     os.rename(os.path.join(sbd, 'cls'), os.path.join(sbd, 'cls_gone'))
     with pytest.raises(KitError) as e:
-        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+        prepare_data.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
     assert os.path.join(sbd, 'cls') in str(e.value)
 
 
@@ -578,7 +580,7 @@ def test_pascal_bad_value_rejected(voc, sbd, tmp_path):
     bad = os.path.join(voc, 'SegmentationClass', '2007_000004.png')
     write_p_png(bad, mask_with(37))
     with pytest.raises(KitError) as e:
-        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+        prepare_data.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
     assert bad in str(e.value) and '37' in str(e.value)
 
 
@@ -587,7 +589,7 @@ def test_pascal_bad_value_in_mat_rejected(voc, sbd, tmp_path):
     bad = os.path.join(sbd, 'cls', '2008_000011.mat')
     scipy.io.savemat(bad, {'GTcls': {'Segmentation': mask_with(37)}})
     with pytest.raises(KitError) as e:
-        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+        prepare_data.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
     assert bad in str(e.value) and '37' in str(e.value)
 
 
@@ -595,7 +597,7 @@ def test_pascal_rgb_mask_rejected(voc, tmp_path):
     bad = os.path.join(voc, 'SegmentationClass', '2007_000001.png')
     Image.fromarray(np.zeros((H, W, 3), np.uint8), 'RGB').save(bad)
     with pytest.raises(KitError) as e:
-        common.prepare_pascal(voc, None, str(tmp_path / 'out'), aug=str(tmp_path))
+        prepare_data.prepare_pascal(voc, None, str(tmp_path / 'out'), aug=str(tmp_path))
     assert bad in str(e.value)
 
 
@@ -603,7 +605,7 @@ def test_pascal_no_scipy_message(voc, sbd, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'scipy.io', None)
     monkeypatch.setitem(sys.modules, 'scipy', None)
     with pytest.raises(KitError) as e:
-        common.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
+        prepare_data.prepare_pascal(voc, sbd, str(tmp_path / 'out'))
     assert 'pip install scipy' in str(e.value) and '--aug' in str(e.value)
 
 
@@ -661,7 +663,7 @@ def coco(tmp_path):
 
 def test_coco(coco, tmp_path, capsys):
     out = str(tmp_path / 'out')
-    counts = common.prepare_coco(coco, out)
+    counts = prepare_data.prepare_coco(coco, out)
     assert counts == {'train': 1, 'val': 1}
     assert 'WARNING' in capsys.readouterr().out
     L = lists(out)
@@ -682,7 +684,7 @@ def test_coco(coco, tmp_path, capsys):
     assert sorted(os.listdir(os.path.join(out, 'JPEGImages'))) == [
         'COCO_train2014_000000000009.jpg', 'COCO_val2014_000000000042.jpg']
     before = snapshot(out)
-    assert common.prepare_coco(coco, out) == counts
+    assert prepare_data.prepare_coco(coco, out) == counts
     assert snapshot(out) == before
 
 
@@ -698,10 +700,10 @@ def test_coco_missing_annotation(coco, tmp_path):
     ann = os.path.join(coco, 'annotations', 'instances_val2014.json')
     os.remove(ann)
     with pytest.raises(KitError) as e:
-        common.prepare_coco(coco, str(tmp_path / 'out'))
+        prepare_data.prepare_coco(coco, str(tmp_path / 'out'))
     assert ann in str(e.value)
     with pytest.raises(KitError) as e:
-        common.prepare_coco(str(tmp_path / 'nowhere'), str(tmp_path / 'out'))
+        prepare_data.prepare_coco(str(tmp_path / 'nowhere'), str(tmp_path / 'out'))
     assert os.path.join(str(tmp_path / 'nowhere'), 'annotations') in str(e.value)
 
 
@@ -725,7 +727,9 @@ def test_eq2_matches_explicit_log_softmax():
     for n in range(50):
         scores = [float(emb[:, n] @ centers[:, k]) for k in range(4)]
         expected += -(scores[assign[n]] - np.log(np.sum(np.exp(scores))))
-    assert common.background_mining_loss(emb, centers, assign).item() == pytest.approx(expected / 50, rel=1e-5)
+    none = torch.zeros(8, 0)  # no base pixel: Eq. 4 is then alpha * Eq. 2 / N_bg
+    loss, parts = common.bcpt_loss(none, torch.zeros(0, dtype=torch.long), emb, assign, torch.randn(8, 3), centers, 1.0)
+    assert loss.item() == pytest.approx(expected / 50, rel=1e-5) and parts["l_bm"] == pytest.approx(expected / 50, rel=1e-5)
 
 
 def test_eqs6_7_two_guidance_vectors_on_one_centre():
@@ -756,7 +760,7 @@ def test_to_bgr_image_inverts_to_tensor():
 # ---------- pretrain_bcpt.py end to end ----------
 def pretrain_args(root, out, *extra):
     return ["--data-root", root, "--out", str(out), "--workers", "0", "--crop", "48", "--batch", "4",
-            "--epochs", "1", "--min-pixels", "64", "--log-every", "1", "--seed", "3", *extra]
+            "--epochs", "1", "--log-every", "1", "--seed", "3", *extra]
 
 
 @pytest.mark.parametrize("method", ["standard", "bcpt"])
@@ -969,8 +973,8 @@ def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrain
 # ---------- 8. common.py command line ----------
 def test_cli_make_synthetic_and_verify(tmp_path):
     root = str(tmp_path / "w")
-    cmd = [sys.executable, os.path.join(HERE, "common.py")]
-    subprocess.run(cmd + ["make-synthetic", "--out", root, "--n-train", "30", "--n-val", "20", "--size", "48"],
+    cmd = [sys.executable, os.path.join(HERE, "prepare_data.py")]
+    subprocess.run(cmd + ["synthetic", "--out", root, "--n-train", "30", "--n-val", "20", "--size", "48"],
                    check=True, capture_output=True)
     out = subprocess.run(cmd + ["verify", "--dataset", "synthetic", "--data-root", root, "--min-pixels", "64"],
                          check=True, capture_output=True, text=True).stdout
@@ -1008,7 +1012,7 @@ def test_every_stage_refuses_a_prepared_root_as_synthetic(voc, sbd, metatrained,
     import nonparametric_eval
     import pretrain_bcpt
     prepared = str(tmp_path / "mydata")
-    common.prepare_pascal(voc, sbd, prepared)  # exactly what prepare-pascal writes, marker included
+    prepare_data.prepare_pascal(voc, sbd, prepared)  # exactly what prepare_data.py pascal writes, marker included
     hand = write_voc(tmp_path / "handmade", {"a": blocks([1, 2, 0, 0]), "b": blocks([3, 0, 0, 0])}, val=["b"])
     for root, hint in ((prepared, "pascal root made by this kit: did you mean --dataset pascal"),
                        (hand, "looks like a prepared VOC/COCO root: did you mean --dataset pascal or --dataset coco")):
@@ -1017,26 +1021,26 @@ def test_every_stage_refuses_a_prepared_root_as_synthetic(voc, sbd, metatrained,
                 lambda: metatrain.main(["--data-root", root, "--max-iters", "1", "--out", str(tmp_path / "m")]),
                 lambda: nonparametric_eval.main(["--data-root", root, "--episodes", "1", "--seeds", "1"]),
                 lambda: evaluate.main(["--checkpoint", metatrained[1], "--data-root", root, "--episodes", "1"]),
-                lambda: common.make_synthetic(root, 5, 2, 32, flag="--out")]
+                lambda: prepare_data.make_synthetic(root, 5, 2, 32, flag="--out")]
         for stage in runs:
             with pytest.raises(KitError, match=f"{root} is not empty and was not made by this kit.*{hint}"):
                 stage()
         assert tree_bytes(root) == before  # not one byte changed, nothing added (no cache, no lock)
-    cli = subprocess.run([sys.executable, os.path.join(HERE, "common.py"), "make-synthetic", "--out", prepared],
+    cli = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "synthetic", "--out", prepared],
                          capture_output=True, text=True)
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "--out " + prepared in cli.stderr
 
 
 def test_synthetic_world_without_marker_is_refused(tmp_path):
-    r = common.make_synthetic(str(tmp_path / "e"), n_train=10, n_val=5)
-    os.remove(os.path.join(r, common.SYNTHETIC_MARKER))  # no longer recognisably the kit's own
+    r = prepare_data.make_synthetic(str(tmp_path / "e"), n_train=10, n_val=5)
+    os.remove(os.path.join(r, prepare_data.SYNTHETIC_MARKER))  # no longer recognisably the kit's own
     before = tree_bytes(r)
     with pytest.raises(KitError, match="looks like a prepared VOC/COCO root"):
-        common.make_synthetic(r, n_train=10, n_val=5)
+        prepare_data.make_synthetic(r, n_train=10, n_val=5)
     assert tree_bytes(r) == before
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert common.make_synthetic(str(empty), n_train=4, n_val=2) == str(empty)  # an empty folder is fine
+    assert prepare_data.make_synthetic(str(empty), n_train=4, n_val=2) == str(empty)  # an empty folder is fine
 
 
 def test_prepare_refuses_a_foreign_out_and_reruns_into_its_own(voc, sbd, tmp_path):
@@ -1044,16 +1048,16 @@ def test_prepare_refuses_a_foreign_out_and_reruns_into_its_own(voc, sbd, tmp_pat
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     with pytest.raises(KitError, match="--out .*somewhere is not empty and was not made by this kit for pascal"):
-        common.prepare_pascal(voc, sbd, str(out))
+        prepare_data.prepare_pascal(voc, sbd, str(out))
     assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "years of work"
-    syn = common.make_synthetic(str(tmp_path / "syn"), 4, 2, 32)
+    syn = prepare_data.make_synthetic(str(tmp_path / "syn"), 4, 2, 32)
     with pytest.raises(KitError, match="synthetic root made by this kit: did you mean --dataset synthetic"):
-        common.prepare_pascal(voc, sbd, syn)
+        prepare_data.prepare_pascal(voc, sbd, syn)
     own = str(tmp_path / "own")
-    common.prepare_pascal(voc, sbd, own)
-    with open(os.path.join(own, common.PREPARED_MARKER)) as f:
+    prepare_data.prepare_pascal(voc, sbd, own)
+    with open(os.path.join(own, prepare_data.PREPARED_MARKER)) as f:
         assert json.load(f)["dataset"] == "pascal"
-    common.prepare_pascal(voc, sbd, own)  # re-running into its own output is allowed
+    prepare_data.prepare_pascal(voc, sbd, own)  # re-running into its own output is allowed
 
 
 def test_one_run_per_folder(synthetic_root, tmp_path, capsys):
@@ -1101,7 +1105,7 @@ def test_second_process_on_the_same_folder_stops_with_one_line(synthetic_root, t
     ("nonparametric_eval", "--threshold", "1.2", "in [0.0, 1.0]"), ("nonparametric_eval", "--min-pixels", "0", ">= 1")])
 def test_flags_checked_before_any_work(script, flag, value, rule, tmp_path, monkeypatch):
     mod = __import__(script)
-    monkeypatch.setattr(common, "open_data", lambda *a: pytest.fail("work started before the flags were checked"))
+    monkeypatch.setattr(mod, "open_data", lambda *a: pytest.fail("work started before the flags were checked"))
     with pytest.raises(KitError) as e:
         mod.main([flag, value, "--data-root", str(tmp_path / "never")])
     assert str(e.value) == f"argument {flag}: value {value} is not allowed: it must be {rule}"
@@ -1120,7 +1124,7 @@ def truncate(path, keep=0.5):
 
 
 def test_truncated_jpeg_stops_the_scan_naming_the_file(tmp_path):
-    root = common.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    root = prepare_data.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
     img = os.path.join(root, common.IMAGES, "train_000004.jpg")
     assert cv2.imread(img) is not None
     truncate(img)
@@ -1137,12 +1141,12 @@ def test_truncated_jpeg_stops_the_scan_naming_the_file(tmp_path):
 
 
 def test_verify_lists_every_bad_file(tmp_path):
-    root = common.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    root = prepare_data.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
     bad = [os.path.join(root, common.IMAGES, f"train_00000{i}.jpg") for i in (1, 7)]
     for p in bad:
         truncate(p, 0.8)
     cv2.imwrite(os.path.join(root, common.MASKS, "val_000002.png"), np.full((48, 48), 77, np.uint8))
-    r = subprocess.run([sys.executable, os.path.join(HERE, "common.py"), "verify", "--dataset", "synthetic",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "verify", "--dataset", "synthetic",
                         "--data-root", root], capture_output=True, text=True)
     assert r.returncode == 2 and "verify: 3 of the 18 images or masks" in r.stderr
     assert all(p in r.stdout for p in bad) and "val_000002.png has value 77" in r.stdout

@@ -130,14 +130,15 @@ def prior_mask(query_feat, support_feat, support_mask):
     b, _, h, w = query_feat.shape
     q = query_feat.flatten(2)  # (B, C, Nq)
     s = (support_feat * support_mask).flatten(2)  # (B, C, Ns)
-    cos = torch.bmm(s.transpose(1, 2), q) / (s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None, :] + 1e-7)  # (B, Ns, Nq)
+    norms = s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None, :]  # (B, Ns, Nq)
+    cos = torch.bmm(s.transpose(1, 2), q) / (norms + 1e-7)  # (B, Ns, Nq)
     prior = cos.max(1).values  # (B, Nq)
     lo, hi = prior.min(1, keepdim=True).values, prior.max(1, keepdim=True).values
     return ((prior - lo) / (hi - lo + 1e-7)).view(b, 1, h, w)  # (B, 1, H, W)
 
 
 def resize(x, size):
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # PROTOCOL.md 10
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # PROTOCOL.md 10.13
 
 
 def frozen_features(backbone, images, masks=None):
@@ -151,7 +152,7 @@ def frozen_features(backbone, images, masks=None):
         mid = torch.cat([f3, resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2], 1)
         if masks is None:
             return mid, backbone.layer4(f3)
-        m3 = resize(masks, f3.shape[-2:])  # soft mask at the feature size (PROTOCOL.md 9)
+        m3 = resize(masks, f3.shape[-2:])  # soft mask at the feature size (PROTOCOL.md 9.4)
         high = backbone.layer4(f3 * m3)
         return mid, high, m3, resize(masks, high.shape[-2:])
 
@@ -202,7 +203,7 @@ class AsppPFENet(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.backbone.eval()  # BN statistics frozen (BAM fix_bn, PROTOCOL.md 9)
+        self.backbone.eval()  # BN statistics frozen (BAM fix_bn, PROTOCOL.md 9.3)
         return self
 
     def forward(self, query, support, support_mask):
@@ -302,8 +303,8 @@ def image_pools(root, train_pool="aug"):
         lists = [os.path.join(root, LISTS, name) for name in ("train.txt", "train_noval.txt")]
         missing = [p for p in lists if not os.path.exists(p)]
         if missing:
-            raise KitError(f"--train-pool oslsm needs {' and '.join(missing)} (python prepare_data.py pascal writes them); "
-                           "or use --train-pool aug")
+            raise KitError(f"--train-pool oslsm needs {' and '.join(missing)} (python prepare_data.py pascal "
+                           "writes them); or use --train-pool aug")
         train = set(read_list(lists[0])) | set(read_list(lists[1]))
     return sorted(train - val_set), val
 
@@ -337,35 +338,26 @@ def read_pair(root, img_id, n_classes):
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32), label
 
 
-def decodes_fully(path):
-    """True if the whole image decodes (PIL raises on a truncated file, where OpenCV only warns)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except Exception:
-        return False
-
-
-def check_image_file(root, img_id, shape):
-    """Cheap check of one image at the index scan, without decoding it: the header's size equals the
-    mask's `shape` (H, W), and a JPEG ends with its end-of-image marker, as a truncated download does not.
-    A file without the marker is decoded in full before it is called bad (valid files may carry trailing bytes)."""
+def check_image_file(root, img_id, shape, full=False):
+    """Check one image against its mask's `shape` (H, W) without decoding it (at every index scan): the header's
+    size, and for a JPEG the end-of-image marker that a truncated download lacks. A file without the marker, or
+    every file with `full` (prepare_data.py verify), is decoded in full: PIL raises where OpenCV only warns."""
     path = os.path.join(root, IMAGES, img_id + ".jpg")
     fix = f"re-extract or re-download it, or drop {img_id} from the lists"
     try:
         with Image.open(path) as im:
             (w, h), fmt = im.size, im.format
+            if (h, w) != tuple(shape):
+                raise KitError(f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate the mask")
+            with open(path, "rb") as f:
+                f.seek(max(os.path.getsize(path) - 64, 0))
+                if full or (fmt == "JPEG" and not f.read().rstrip(b"\0").endswith(b"\xff\xd9")):
+                    im.load()
+    except KitError:
+        raise
     except Exception as e:
-        raise KitError(f"cannot read image {path} ({type(e).__name__}): missing or corrupt; {fix}") from None
-    if (h, w) != tuple(shape):
-        raise KitError(f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate the mask")
-    if fmt == "JPEG":
-        with open(path, "rb") as f:
-            f.seek(max(os.path.getsize(path) - 64, 0))
-            tail = f.read()
-        if not tail.rstrip(b"\0").endswith(b"\xff\xd9") and not decodes_fully(path):
-            raise KitError(f"image {path} is truncated (no JPEG end marker, and it does not decode fully): {fix}")
+        raise KitError(f"cannot read image {path} ({type(e).__name__}: {e}): missing, truncated or corrupt; {fix}") \
+            from None
 
 
 def _cache_path(root, key):
@@ -413,7 +405,7 @@ def class_pixel_counts(root, ids, n_classes, workers=2):
 
 
 def class_index(ids, counts, classes, min_pixels):
-    """{c: [ids whose mask has >= min_pixels pixels of c]}: the support pools (PROTOCOL.md 3)."""
+    """{c: [ids whose mask has >= min_pixels pixels of c]}: the support pools (PROTOCOL.md 3.1)."""
     return {c: [ids[j] for j in np.flatnonzero(counts[:, c] >= min_pixels)] for c in classes}
 
 
@@ -493,7 +485,7 @@ def test_transform(img, label, size):
 
 
 def logits_at_label_size(logits, raw_label):
-    """PROTOCOL.md 5 ori_resize: logits (B, 2, s, s) -> (B, 2, L, L) with L = max(H, W) of the raw
+    """PROTOCOL.md 5.2 ori_resize: logits (B, 2, s, s) -> (B, 2, L, L) with L = max(H, W) of the raw
     label, and the raw label (H, W) pasted top-left into an L x L canvas of 255."""
     h, w = raw_label.shape[-2:]
     side = max(h, w)
@@ -502,14 +494,14 @@ def logits_at_label_size(logits, raw_label):
     return F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=True), target
 
 
-# ============ 6. Datasets: base-class pre-training, episodes, the resumable stream (PROTOCOL.md 2, 3) ============
+# ============ 6. Datasets: few-shot episodes and the resumable batch stream (PROTOCOL.md 3) ============
 def binarize(label, cls):
     """Episode mask: cls -> 1, 255 kept, everything else (background, other classes) -> 0."""
     return np.where(label == cls, 1, np.where(label == IGNORE, IGNORE, 0)).astype(np.uint8)
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
-    """Few-shot episodes: a query and `shot` supports of one class (PROTOCOL.md 3).
+    """Few-shot episodes: a query and `shot` supports of one class (PROTOCOL.md 3.2-3.3).
 
     Training (`episodes=None`): query = data_list[idx % n], random class and supports from
     default_rng([seed, idx]), PFENet augmentation. Evaluation: `episodes` drawn up front from
@@ -557,7 +549,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         item = {"query": xs[0][0], "query_mask": xs[0][1],                   # (3, H, W), (H, W)
                 "support": torch.stack([x[0] for x in xs[1:]]),               # (S, 3, H, W)
                 "support_mask": torch.stack([x[1] for x in xs[1:]]), "cls": cls}  # (S, H, W)
-        if self.episodes:  # scores are computed against the original-size label (PROTOCOL.md 5)
+        if self.episodes:  # scores are computed against the original-size label (PROTOCOL.md 5.2)
             item["raw_label"] = torch.from_numpy(pairs[0][1]).long()         # (H0, W0)
         return item
 
@@ -639,7 +631,7 @@ def _load_strict(module, state, source):
 
 
 def build_backbone(name, weights="none", expect=None):
-    """torchvision backbone split into layer0..layer4 (PROTOCOL.md 9).
+    """torchvision backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2).
 
     name: resnet50 / resnet18 (layer3, layer4 dilated 2 and 4: output stride 8) or vgg16 (vgg16_bn,
     PFENet split, ceil-mode pools). weights: 'imagenet', 'none', a torchvision state-dict file, or a
@@ -675,11 +667,13 @@ def build_backbone(name, weights="none", expect=None):
 def add_eval_args(parser):
     g = parser.add_argument_group("episodic evaluation (PROTOCOL.md 5, 8)")
     g.add_argument("--episodes", type=POSITIVE, default=1000,
-                   help="episodes per seed, as BAM and HSNet; use >= 10000 on COCO (PROTOCOL.md 8) (default %(default)s)")
+                   help="episodes per seed, as BAM and HSNet; use >= 10000 on COCO (PROTOCOL.md 8.2-8.4) "
+                   "(default %(default)s)")
     g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988],
                    help="one evaluation per seed, reported as mean +- std (BAM test.py's seeds) (default %(default)s)")
     g.add_argument("--json", help="write the results to this file")
-    g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, bcpt K=6...)")
+    g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, "
+                   "bcpt K=6...)")
     g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
     return parser
 
@@ -748,13 +742,14 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None):
     episodes, seeds = episodes or args.episodes, seeds or args.seeds
     if args.dataset == "coco" and episodes < 10000:
         print(f"warning: {episodes} COCO episodes move mIoU by 2-3 points between seeds; "
-              "use --episodes 10000 to compare methods (PROTOCOL.md 8)")
+              "use --episodes 10000 to compare methods (PROTOCOL.md 8.4)")
     runs, total, model = [], 0.0, 0.0
     for seed in seeds:
         meters, t = run_episodes(args, data, seed, episodes, predict, decide)
         runs.append(meters)
         total, model = total + t["total"], model + t["model"]
-        print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}" for k, m in meters.items()))
+        print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}"
+                                           for k, m in meters.items()))
     print(f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * model / total:.0f}% of the time in the model")
     out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
     for name, r in out.items():
@@ -766,7 +761,8 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None):
 def write_results(path, summary, args, **fields):
     """The results JSON of evaluate.py / nonparametric_eval.py (README "Results files"), written atomically."""
     protocol = {"split": "val, novel classes", "query_order": "val list in order, wrapping", "batch": 1,
-                "test_size": args.test_size, "scoring": "logits resized to max(H, W) of the original label (ori_resize)",
+                "test_size": args.test_size,
+                "scoring": "logits resized to max(H, W) of the original label (ori_resize)",
                 "ignore": IGNORE, "min_pixels": args.min_pixels, "train_pool": args.train_pool,
                 "coco_split": args.coco_split, "std": "sample std over seeds"}
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
@@ -797,7 +793,8 @@ def format_table(paths):
         for s in sorted(shots):
             folds = [got.get((s, f), []) for f in range(4)]
             means = [np.mean(v) for v in folds if v]
-            vals += [cell(v) for v in folds] + [(f"{np.mean(means):.2f}" + ("*" if len(means) < 4 else "")) if means else "-"]
+            mean = f"{np.mean(means):.2f}" + ("*" if len(means) < 4 else "") if means else "-"
+            vals += [cell(v) for v in folds] + [mean]
         lines.append("| " + " | ".join(list(row) + vals) + " |")
     return "\n".join(lines + ["mIoU in %; * = mean over the folds present only."])
 
@@ -859,7 +856,7 @@ def add_data_args(parser, dataset, stage):
     """The data flags of a stage ('pretrain', 'metatrain', 'evaluate', 'nonparametric' or 'verify'); evaluate's
     have no defaults (the checkpoint's fill them)."""
     d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
-    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + ("; default: the checkpoint's" if stage == "evaluate" else ""))
+    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + ("; default: the checkpoint's" * (stage == "evaluate")))
     add_flag(g, dataset, "--dataset", d("synthetic"), "pascal, coco or the built-in synthetic benchmark",
              choices=list(N_CLASSES))
     add_flag(g, dataset, "--data-root", d(dict(pascal=None, coco=None, synthetic=SYNTHETIC_ROOT)),
@@ -867,15 +864,15 @@ def add_data_args(parser, dataset, stage):
     if stage != "verify":
         add_flag(g, dataset, "--fold", d(0), "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
     add_flag(g, dataset, "--train-pool", d("aug"), "aug: every mask not in val.txt; oslsm: train.txt + "
-             "train_noval.txt, PFENet/BAM's 5953 (PROTOCOL.md 2)", choices=["aug", "oslsm"])
+             "train_noval.txt, PFENet/BAM's 5953 (PROTOCOL.md 2.2)", choices=["aug", "oslsm"])
     add_flag(g, dataset, "--coco-split", d("interleaved"), "COCO-20i folds: interleaved is PFENet/BAM/HSNet's "
-             "(PROTOCOL.md 1)", choices=["interleaved", "contiguous"])
+             "(PROTOCOL.md 1.2)", choices=["interleaved", "contiguous"])
     if stage != "pretrain":  # the pixel rule and the test canvas belong to episodes
         add_flag(g, dataset, "--min-pixels", d(dict(pascal=2048, coco=2048, synthetic=128)),
-                 "pixel rule of the support pools (PROTOCOL.md 3)", type=POSITIVE)
+                 "pixel rule of the support pools (PROTOCOL.md 3.1)", type=POSITIVE)
     if stage not in ("pretrain", "verify"):
         add_flag(g, dataset, "--test-size", d(dict(pascal=473, coco=641, synthetic=96)),
-                 "test canvas side (PROTOCOL.md 5)", type=SIZE)
+                 "test canvas side (PROTOCOL.md 5.1)", type=SIZE)
     return parser
 
 
@@ -908,11 +905,11 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     add_flag(g, dataset, "--epochs", epochs, "passes over the training data (paper Sec. 3.1)", type=POSITIVE)
     add_flag(g, dataset, "--batch", batch, "samples per iteration", type=POSITIVE)
     add_flag(g, dataset, "--lr", lr[0], lr[1], type=POSITIVE_FLOAT)
-    add_flag(g, dataset, "--crop", crop, "training crop side (PROTOCOL.md 4)", type=SIZE)
-    add_flag(g, dataset, "--scale", scale, "RandScale range (PROTOCOL.md 4)", type=POSITIVE_FLOAT, nargs=2)
-    add_flag(g, dataset, "--momentum", 0.9, "SGD momentum (PROTOCOL.md 7)", type=UNIT)
-    add_flag(g, dataset, "--wd", 1e-4, "SGD weight decay (PROTOCOL.md 7)", type=bounded(float, 0.0))
-    add_flag(g, dataset, "--power", 0.9, "power of the poly lr schedule, per iteration (PROTOCOL.md 7)",
+    add_flag(g, dataset, "--crop", crop, "training crop side (PROTOCOL.md 4.2)", type=SIZE)
+    add_flag(g, dataset, "--scale", scale, "RandScale range (PROTOCOL.md 4.2)", type=POSITIVE_FLOAT, nargs=2)
+    add_flag(g, dataset, "--momentum", 0.9, "SGD momentum (PROTOCOL.md 7.1)", type=UNIT)
+    add_flag(g, dataset, "--wd", 1e-4, "SGD weight decay (PROTOCOL.md 7.1)", type=bounded(float, 0.0))
+    add_flag(g, dataset, "--power", 0.9, "power of the poly lr schedule, per iteration (PROTOCOL.md 7.1)",
              type=bounded(float, 0.0))
     g = parser.add_argument_group("run control")
     g.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations; the lr schedule is unchanged")
@@ -1022,7 +1019,7 @@ def run_folder(out):
 
 
 def poly_lr(opt, base_lrs, t, total, power=0.9):
-    """lr = base_lr (1 - t / total)^power for each parameter group, every iteration (PROTOCOL.md 7)."""
+    """lr = base_lr (1 - t / total)^power for each parameter group, every iteration (PROTOCOL.md 7.1)."""
     for group, lr in zip(opt.param_groups, base_lrs):
         group["lr"] = lr * (1 - t / total) ** power
     return opt.param_groups[0]["lr"]

@@ -122,7 +122,8 @@ def main(argv=None):
         models = {f"prediction: {label}": model}
         if args.compare:
             other = metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in ("dataset", "fold", "shot")})
-            models[f"prediction: {other['args'].get('pretrain_label', 'compare')} (compare)"] = load_model(other, device)
+            name = f"prediction: {other['args'].get('pretrain_label', 'compare')} (compare)"
+            models[name] = load_model(other, device)
         write_vis(args, data, models, device)
     return result
 

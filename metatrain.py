@@ -1,8 +1,8 @@
 """metatrain.py: episodic meta-training of ASPP PFENet on a frozen pre-trained backbone (paper Sec. 3.1).
 
 The backbone (imagenet, none, or pretrain_bcpt.py's last.pt of the same dataset and fold) is frozen with BN
-in eval; the meta learner (common.AsppPFENet) is trained on base-class episodes as BAM does (PROTOCOL.md 2, 3,
-7, 9): SGD momentum 0.9, weight decay 1e-4, poly lr (power 0.9) every iteration, effective lr 0.05, batch 8.
+in eval; the meta learner (common.AsppPFENet) is trained on base-class episodes as BAM does (PROTOCOL.md 2.4, 3,
+7.4, 9.3-9.5): SGD momentum 0.9, weight decay 1e-4, poly lr (power 0.9) every iteration, effective lr 0.05, batch 8.
 
 Writes <out>/last.pt (resumable: the whole model, frozen backbone included, optimiser, AMP scaler, iteration,
 RNG states, flags), <out>/log.jsonl and, with --select best-val, <out>/best.pt. evaluate.py takes either.
@@ -34,10 +34,10 @@ def parse_args(argv):
     add_flag(g, ds, "--shot", 1, "supports per episode (1 or 5 in the paper)", type=POSITIVE)
     g.add_argument("--novel-images", default="drop", choices=["drop", "keep"],
                    help="training images containing a novel class: drop (BAM) or keep as background (PFENet), "
-                        "PROTOCOL.md 2 (default %(default)s)")
+                        "PROTOCOL.md 2.4 (default %(default)s)")
     g.add_argument("--select", default="last", choices=["last", "best-val"],
                    help="last: the final model (honest); best-val: also keep best.pt, chosen on the val episodes "
-                        "that are later reported, as BAM/PFENet do (PROTOCOL.md 8) (default %(default)s)")
+                        "that are later reported, as BAM/PFENet do (PROTOCOL.md 8.1) (default %(default)s)")
     g.add_argument("--val-every", type=POSITIVE, help="iterations between validations of best-val (default: one "
                    "epoch, as BAM)")
     add_flag(g, ds, "--val-episodes", dict(pascal=1000, coco=1000, synthetic=200), "validation episodes, seed "
@@ -45,7 +45,7 @@ def parse_args(argv):
     add_flag(g, ds, "--val-seed", 321, "seed of the validation episodes (BAM)", type=int)
     # deviation: the synthetic benchmark's 96-px images take crop 81 ((crop - 1) % 8 == 0, as PFENet asserts)
     # and 3 epochs (~450 iterations, a few minutes on 2 CPU cores)
-    add_training_args(p, ds, "BAM's meta-training, PROTOCOL.md 7", epochs=dict(pascal=200, coco=50, synthetic=3),
+    add_training_args(p, ds, "BAM's meta-training, PROTOCOL.md 7.4", epochs=dict(pascal=200, coco=50, synthetic=3),
                       batch=8, lr=(0.05, "effective lr of every trainable module (BAM base_lr 0.005 x 10)"),
                       crop=dict(pascal=473, coco=641, synthetic=81),
                       scale=dict(pascal=[0.9, 1.1], coco=[0.8, 1.25], synthetic=[0.9, 1.1]))
@@ -63,7 +63,7 @@ def build(args, device):
     return model, opt, torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
 
-# ============ one episodic training step (PROTOCOL.md 4: CE ignoring 255 on the crop-size output) ============
+# ============ one episodic training step (PROTOCOL.md 4.2: CE ignoring 255 on the crop-size output) ============
 def train_step(model, opt, scaler, batch, args, device):
     query, target = batch["query"].to(device), batch["query_mask"].to(device)  # (B, 3, H, W), (B, H, W)
     support, s_mask = batch["support"].to(device), batch["support_mask"].to(device)  # (B, S, 3, H, W), (B, S, H, W)
@@ -81,7 +81,7 @@ def train_step(model, opt, scaler, batch, args, device):
 
 @torch.no_grad()
 def validate(model, args, data):
-    """mIoU on --val-episodes val episodes of seed --val-seed: the peers' model selection (PROTOCOL.md 8)."""
+    """mIoU on --val-episodes val episodes of seed --val-seed: the peers' model selection (PROTOCOL.md 8.1)."""
     model.eval()
     with torch.random.fork_rng(devices=[]):  # loader seeding must not move the training RNG (resume exactness)
         result = evaluate_seeds(args, data, functools.partial(predict_meta, model), {"val": argmax_mask},
@@ -99,7 +99,7 @@ def main(argv=None):
     drop = args.novel if args.novel_images == "drop" else ()
     dataset = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.base, args.shot, args.min_pixels,
                              args.seed, crop=args.crop, scale=args.scale, drop_classes=drop)
-    args.iters_per_epoch = len(dataset) // args.batch  # drop_last (PROTOCOL.md 7)
+    args.iters_per_epoch = len(dataset) // args.batch  # drop_last (PROTOCOL.md 7.2)
     if args.iters_per_epoch == 0:
         raise KitError(f"--batch {args.batch} is larger than the {len(dataset)} training queries: lower --batch")
     args.total_iters = args.epochs * args.iters_per_epoch

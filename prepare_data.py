@@ -3,15 +3,17 @@
   synthetic  the built-in synthetic benchmark: a seeded world of shape classes on textured "stuff" backgrounds,
              in the VOC layout, with objects of every class in the training images (the merged background of
              BCPT, paper Sec. 1). Stages generate it on first use of --dataset synthetic.
-  pascal     PASCAL VOC2012 + SBD -> JPEGImages, SegmentationClassAug, ImageSets/Segmentation lists (PROTOCOL.md 2).
-  coco       COCO 2014 instances -> one class-index PNG per image and the lists (PROTOCOL.md 2).
+  pascal     PASCAL VOC2012 + SBD -> JPEGImages, SegmentationClassAug, ImageSets/Segmentation lists
+             (PROTOCOL.md 2.1-2.2).
+  coco       COCO 2014 instances -> one class-index PNG per image and the lists (PROTOCOL.md 2.3).
   verify     decode every image and mask, list all bad files, and print per-fold pool sizes after the pixel rule.
 
 The kit writes only into a folder that is new, empty, or carries its own marker of the same kind
 (claim_root): a user's data is never overwritten.
 
     python prepare_data.py synthetic --out data/synthetic
-    python prepare_data.py pascal --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset --train-noval train_noval.txt --out ROOT
+    python prepare_data.py pascal --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset \
+        --train-noval train_noval.txt --out ROOT
     python prepare_data.py coco --coco COCO2014 --out ROOT
     python prepare_data.py verify --dataset pascal --data-root ROOT --train-pool oslsm
 """
@@ -29,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from common import (IMAGES, LISTS, MASKS, N_CLASSES, POSITIVE, SIZE, SYNTHETIC_ROOT, KitError, KitParser,
-                    add_data_args, base_classes, check_image_file, class_pixel_counts, dataset_of, decodes_fully,
+                    add_data_args, base_classes, check_image_file, class_pixel_counts, dataset_of,
                     image_pools, novel_classes, read_list, read_mask, run)
 
 # ============ 1. The synthetic benchmark: a seeded world in the VOC layout ============
@@ -483,7 +485,7 @@ def prepare_coco(coco, out):
 
 
 # ============ 3. verify, and the command line ============
-EXPECTED_FOLDS = {  # BAM's released fss lists (PROTOCOL.md 3), PASCAL-5i, 5953-image pool, 2048-pixel rule
+EXPECTED_FOLDS = {  # BAM's released fss lists (PROTOCOL.md 2.4), PASCAL-5i, 5953-image pool, 2048-pixel rule
     ("pascal", "oslsm"): {"train": [4208, 3726, 2752, 4510], "val": [364, 445, 592, 336]}}
 
 
@@ -491,19 +493,16 @@ def bad_files(root, ids, n_classes, workers=4):
     """Decode every image in full and read every mask; one line per bad file (all of them, not the first)."""
     def problems(i):
         try:
-            label = read_mask(root, i, n_classes)
-            check_image_file(root, i, label.shape)
+            check_image_file(root, i, read_mask(root, i, n_classes).shape, full=True)
         except KitError as e:
             return str(e)
-        path = os.path.join(root, IMAGES, i + ".jpg")
-        return None if decodes_fully(path) else f"image {path} does not decode fully (truncated or corrupt)"
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return [p for p in pool.map(problems, ids) if p]
 
 
 def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved", workers=2):
     """Per fold: images of the training list (BAM: novel-containing dropped; PFENet: kept) and of the val list,
-    and per class the support pool sizes after the pixel rule (PROTOCOL.md 3). Returns the numbers."""
+    and per class the support pool sizes after the pixel rule (PROTOCOL.md 3.1). Returns the numbers."""
     train_ids, val_ids = image_pools(root, train_pool)
     n = N_CLASSES[dataset]
     bad = bad_files(root, train_ids + val_ids, n, workers)

@@ -10,7 +10,7 @@ Reads the training pool of a VOC-layout root; writes <out>/last.pt (resumable: m
 centres, RNG states, flags), <out>/log.jsonl and, with --vis-clusters, <out>/clusters/*.png. Later stages
 take the backbone as --pretrained <out>/last.pt.
 
-Full run (one CUDA GPU, BAM's base pre-training settings, PROTOCOL.md 7):
+Full run (one CUDA GPU, BAM's base pre-training settings, PROTOCOL.md 7.3):
     python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 --out runs/bcpt-f0
 CPU run on the built-in synthetic benchmark (about 3 minutes on 2 cores; --max-iters 20 for a smoke test):
     python pretrain_bcpt.py --method bcpt --fold 0 --vis-clusters 4
@@ -53,7 +53,7 @@ def parse_args(argv):
                    "and exit")
     # deviation: the synthetic benchmark starts from random weights, hence its higher lr, and its 96-px images
     # its smaller crop and scale range
-    add_training_args(p, ds, "BAM's base-learner pre-training, PROTOCOL.md 7",
+    add_training_args(p, ds, "BAM's base-learner pre-training, PROTOCOL.md 7.3",
                       epochs=dict(pascal=100, coco=20, synthetic=2), batch=12,
                       lr=(dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01), "backbone lr; W gets 10x (BAM)"),
                       crop=dict(pascal=417, coco=417, synthetic=64),
@@ -62,7 +62,7 @@ def parse_args(argv):
     return finish_args(args, f"pretrain-{args.method}-{args.dataset}-fold{args.fold}")
 
 
-# ============ Data: base classes remapped, the merged background (PROTOCOL.md 2) ============
+# ============ Data: base classes remapped, the merged background (PROTOCOL.md 2.5) ============
 class BaseClassDataset(torch.utils.data.Dataset):
     """Base classes -> 1..n_base in id order, novel classes and background -> 0 (the merged background),
     255 kept. Item idx draws its augmentation from default_rng([seed, idx]), so a stream of indices gives

@@ -22,7 +22,7 @@ from common import KitError
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ---------- fixtures: real files in the VOC layout ----------
+# ---------- fixtures: real files in the VOC layout, written by the tests ----------
 def write_voc(root, items, val=()):
     """items: {id: (rgb uint8 (H, W, 3), mask uint8 (H, W))}; val ids go to val.txt."""
     for sub in (common.IMAGES, common.MASKS, common.LISTS):
@@ -45,25 +45,111 @@ def blocks(classes, size=64, block=32):
     return img, mask
 
 
+def make_root(tmp_path, n=8):
+    """8 train images with classes (quadrant layout, 1024 px per quadrant) + 2 val images."""
+    items = {f"t{i}": blocks([i % 4 + 1, 0, (i + 1) % 4 + 1, 6]) for i in range(n)}
+    items["v0"], items["v1"] = blocks([1, 2, 0, 0]), blocks([3, 1, 0, 0])
+    return write_voc(tmp_path / "voc", items, val=["v0", "v1"])
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=200, n_val=100, size=64)
 
 
-# ---------- 1. folds ----------
-def test_folds():
-    assert common.novel_classes("pascal", 0) == [1, 2, 3, 4, 5]
-    assert common.novel_classes("pascal", 3) == [16, 17, 18, 19, 20]
-    assert common.base_classes("pascal", 1) == [1, 2, 3, 4, 5] + list(range(11, 21))
-    assert common.novel_classes("coco", 1) == list(range(2, 81, 4)) and len(common.novel_classes("coco", 1)) == 20
-    assert common.novel_classes("coco", 2, "contiguous") == list(range(41, 61))
-    assert sorted(common.novel_classes("coco", 0) + common.base_classes("coco", 0)) == list(range(1, 81))
-    assert common.novel_classes("synthetic", 2) == [11, 12, 13, 14, 15]
-    with pytest.raises(KitError, match="--fold 4"):
-        common.novel_classes("pascal", 4)
+# ---------- common.py 1. BCPT, Eqs. 1-7, against hand-computed values ----------
+def test_cluster_assign_and_eq1_with_empty_cluster():
+    centers = torch.tensor([[1.0, 0.0, 0.6], [0.0, 2.0, 0.8]])  # p1 (1, 0), p2 (0, 2), p3 (0.6, 0.8)
+    emb = torch.tensor([[3.0, 0.0, 0.0], [4.0, 1.0, 3.0]])  # pixels (3, 4), (0, 1), (0, 3)
+    assign = common.cluster_assign(centers, emb)  # S = P^T I: (3, 4) -> 3, 8, 5.0; (0, 1) -> 0, 2, 0.8
+    assert assign.tolist() == [1, 1, 1]
+    assign = torch.tensor([0, 1, 1])  # p3 gets no pixel
+    new = common.momentum_update(centers, emb, assign, mu=0.5)
+    # p1: 0.5 (1, 0) + 0.5 (3, 4)/5 = (0.8, 0.4); p2: 0.5 (0, 1) + 0.5 (0, 4)/4 = (0, 1); p3 unchanged
+    assert torch.allclose(new, torch.tensor([[0.8, 0.0, 0.6], [0.4, 1.0, 0.8]]))
 
 
-# ---------- 8. metrics, hand-computed ----------
+def test_eq2_matches_explicit_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    emb, centers = torch.randn(8, 50, generator=g), torch.randn(8, 4, generator=g)
+    assign = common.cluster_assign(centers, emb)
+    expected = 0.0
+    for n in range(50):
+        scores = [float(emb[:, n] @ centers[:, k]) for k in range(4)]
+        expected += -(scores[assign[n]] - np.log(np.sum(np.exp(scores))))
+    none = torch.zeros(8, 0)  # no base pixel: Eq. 4 is then alpha * Eq. 2 / N_bg
+    loss, parts = common.bcpt_loss(none, torch.zeros(0, dtype=torch.long), emb, assign, torch.randn(8, 3), centers, 1.0)
+    assert loss.item() == pytest.approx(expected / 50, rel=1e-5)
+    assert parts["l_bm"] == pytest.approx(expected / 50, rel=1e-5)
+
+
+def test_eqs6_7_two_guidance_vectors_on_one_centre():
+    centers = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    guidance = torch.tensor([[2.0, 1.0], [1.0, 0.5]])  # g1 (2, 1), g2 (1, 0.5): both most similar to p1
+    new = common.guide_centers(centers, guidance, mu=0.9)
+    g_hat = np.array([3.0, 1.5]) / np.hypot(3.0, 1.5)
+    assert torch.allclose(new[:, 0], torch.tensor(0.9 * np.array([1.0, 0.0]) + 0.1 * g_hat, dtype=torch.float32))
+    assert torch.equal(new[:, 1:], centers[:, 1:])  # centres given no guidance vector are unchanged
+
+
+def test_kmeans_is_deterministic_and_correct():
+    x = torch.tensor([[0.0, 0.2, 10.0, 10.4, 0.1], [0.0, 0.0, 5.0, 5.0, 0.3]])  # two groups of columns
+    init = common.farthest_point_init(x, 2)
+    assert torch.equal(init, common.farthest_point_init(x, 2)) and torch.equal(init[:, 0], x[:, 0])
+    g = common.kmeans(x, init)
+    assert torch.allclose(g[:, 0], x[:, [0, 1, 4]].mean(1)) and torch.allclose(g[:, 1], x[:, [2, 3]].mean(1))
+    assert torch.equal(common.kmeans(x, g), g)  # a warm start from the solution stays there
+
+
+def test_eqs3_4_hand_computed():
+    # base pixel j = (1, 0) of class 1; background pixel i = (0, 1); w1 = (1, 0), w2 = (0, 1); p1 = (0, 2), p2 = (1, 1)
+    W, P = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    I_base, I_bg = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])
+    assign = common.cluster_assign(P, I_bg)  # <i, p1> = 2 > <i, p2> = 1
+    loss, parts = common.bcpt_loss(I_base, torch.tensor([1]), I_bg, assign, W, P, alpha=0.5)
+    l3 = -1 + np.log(2 * np.e + 2)  # Eq. 3: logits <j, w1> 1, <j, w2> 0, <j, p1> 0, <j, p2> 1; target w1
+    l2 = np.log(1 + np.exp(-1))  # Eq. 2: logits 2, 1; target p1
+    assert assign.tolist() == [0] and parts["l_base"] == pytest.approx(l3) and parts["l_bm"] == pytest.approx(l2)
+    assert loss.item() == pytest.approx((l3 + 0.5 * l2) / 2)  # Eq. 4: sums / the 2 labelled pixels
+
+
+# ---------- common.py 2. ASPP-PFENet and the prior mask ----------
+def test_masked_average_pooling_hand_computed():
+    feat = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(1, 1, 2, 2)
+    assert common.masked_average_pooling(feat, mask).item() == pytest.approx(4.0 / (2 + 5e-4))
+
+
+def test_prior_mask_known_max_cosine():
+    # query positions (1, 0), (-1, 0), (1, 1); support positions (1, 0) in the mask and (0, 1) outside it.
+    q = torch.tensor([[1.0, -1.0, 1.0], [0.0, 0.0, 1.0]]).view(1, 2, 1, 3)
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
+    m = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    # cos to the masked support: (1, 0) -> 1, 0 (the zeroed position counts as cos 0, as PFENet);
+    # (-1, 0) -> -1, 0; (1, 1) -> 0.7071, 0. Max: 1, 0, 0.7071; min-max over the query keeps them.
+    prior = common.prior_mask(q, s, m).flatten()
+    assert torch.allclose(prior, torch.tensor([1.0, 0.0, 2 ** -0.5]), atol=1e-5)
+    # K shots: the mean of the per-shot priors
+    s2 = torch.cat([s, s.flip(-1)]), torch.cat([m, m.flip(-1)])
+    two = common.shot_prior(q, *s2, shots=2).flatten()
+    assert torch.allclose(two, (prior + common.prior_mask(q, s.flip(-1), m.flip(-1)).flatten()) / 2)
+
+
+def test_aspp_pfenet_shape_and_frozen_backbone():
+    torch.manual_seed(0)
+    model = common.AsppPFENet(common.build_backbone("resnet18", "none")).train()
+    assert not model.backbone.training and model.down_query.training  # BN of the backbone stays in eval
+    bn = model.backbone.layer1[0].bn1
+    before = bn.running_mean.clone()
+    q, s, m = torch.randn(2, 3, 41, 41), torch.randn(2, 3, 3, 41, 41), (torch.rand(2, 3, 41, 41) > 0.5).long()
+    logits = model(q, s, m)
+    assert logits.shape == (2, 2, 41, 41)
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.cls[-1].weight.grad is not None and torch.equal(bn.running_mean, before)
+
+
+# ---------- common.py 3. metrics ----------
 def test_fewshot_iou_hand_computed():
     m = common.FewShotIoU([1, 2, 3])
     pred = torch.tensor([[1, 1, 0], [0, 1, 0]])
@@ -81,12 +167,17 @@ def test_fewshot_iou_hand_computed():
         m.update(torch.tensor([[2]]), torch.tensor([[1]]), cls=1)
 
 
-# ---------- 2. pools, index cache, pixel rule ----------
-def make_root(tmp_path, n=8):
-    """8 train images with classes (quadrant layout, 1024 px per quadrant) + 2 val images."""
-    items = {f"t{i}": blocks([i % 4 + 1, 0, (i + 1) % 4 + 1, 6]) for i in range(n)}
-    items["v0"], items["v1"] = blocks([1, 2, 0, 0]), blocks([3, 1, 0, 0])
-    return write_voc(tmp_path / "voc", items, val=["v0", "v1"])
+# ---------- common.py 4. data on disk: folds, pools, the index, bad files ----------
+def test_folds():
+    assert common.novel_classes("pascal", 0) == [1, 2, 3, 4, 5]
+    assert common.novel_classes("pascal", 3) == [16, 17, 18, 19, 20]
+    assert common.base_classes("pascal", 1) == [1, 2, 3, 4, 5] + list(range(11, 21))
+    assert common.novel_classes("coco", 1) == list(range(2, 81, 4)) and len(common.novel_classes("coco", 1)) == 20
+    assert common.novel_classes("coco", 2, "contiguous") == list(range(41, 61))
+    assert sorted(common.novel_classes("coco", 0) + common.base_classes("coco", 0)) == list(range(1, 81))
+    assert common.novel_classes("synthetic", 2) == [11, 12, 13, 14, 15]
+    with pytest.raises(KitError, match="--fold 4"):
+        common.novel_classes("pascal", 4)
 
 
 def test_pools_index_and_cache(tmp_path, monkeypatch):
@@ -115,18 +206,77 @@ def test_oslsm_pool(tmp_path):
     assert common.image_pools(root, "oslsm")[0] == ["t0", "t1", "t2"]  # union, deduplicated, minus val
 
 
-def test_base_dataset_remap(tmp_path):
-    from pretrain_bcpt import BaseClassDataset
+def test_bad_inputs(tmp_path):
+    with pytest.raises(KitError, match="does not exist"):
+        common.image_pools(str(tmp_path / "nowhere"))
     root = make_root(tmp_path)
-    ds = BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 0), 64, [1, 1], seed=0)
-    mask = common.read_mask(root, "t0", 20)  # classes 1 (novel), 2 (novel), 6 (base) and background
-    remapped = ds.lut[mask]
-    assert set(np.unique(remapped)) == {0, 1}  # novel -> 0 (merged background), 6 -> 1 (first base class)
-    assert (remapped[mask == 6] == 1).all() and (remapped[mask == 1] == 0).all()
-    ds16 = BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 3), 64, [1, 1], seed=0)
-    assert ds16.lut[255] == 255 and ds16.lut[6] == 6 and ds16.lut[16] == 0
-    x, y = ds[0]
-    assert x.shape == (3, 64, 64) and set(y.unique().tolist()) <= {0, 1, 255}
+    os.remove(os.path.join(root, common.LISTS, "val.txt"))
+    with pytest.raises(KitError, match="val.txt does not exist"):
+        common.image_pools(root)
+    with open(os.path.join(root, common.IMAGES, "t1.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 truncated")
+    with pytest.raises(KitError, match="t1.jpg: missing or corrupt"):
+        common.read_pair(root, "t1", 20)
+    cv2.imwrite(os.path.join(root, common.MASKS, "t2.png"), blocks([1, 37, 0, 0])[1])
+    with pytest.raises(KitError, match="t2.png has value 37 outside 0..20"):
+        common.class_pixel_counts(root, ["t2"], 20)
+    cv2.imwrite(os.path.join(root, common.MASKS, "t3.png"), np.zeros((32, 64), np.uint8))
+    with pytest.raises(KitError, match="is 64x64 but its mask is 64x32"):
+        common.read_pair(root, "t3", 20)
+    cv2.imwrite(os.path.join(root, common.MASKS, "t4.png"), np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(KitError, match="not a single-channel"):
+        common.read_mask(root, "t4", 20)
+
+
+def truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * keep)])
+
+
+def test_truncated_jpeg_stops_the_scan_naming_the_file(tmp_path):
+    root = prepare_data.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    img = os.path.join(root, common.IMAGES, "train_000004.jpg")
+    assert cv2.imread(img) is not None
+    truncate(img)
+    assert cv2.imread(img) is not None  # OpenCV decodes a truncated JPEG, only warning on stderr
+    train, _ = common.image_pools(root)
+    with pytest.raises(KitError, match=f"cannot read image {img} .*truncated"):
+        common.class_pixel_counts(root, train, 20)
+    other = os.path.join(root, common.IMAGES, "train_000005.jpg")
+    with open(other, "ab") as f:
+        f.write(b"trailing bytes after the end marker")  # a valid JPEG with a tail is not called bad
+    common.check_image_file(root, "train_000005", (48, 48))
+    with pytest.raises(KitError, match="is 48x48 but its mask is 40x48"):
+        common.check_image_file(root, "train_000005", (48, 40))
+
+
+# ---------- common.py 5-6. transforms and datasets ----------
+def test_train_transform_keeps_image_and_mask_aligned():
+    img, mask = blocks([1, 2, 3, 4], size=96, block=48)
+    for seed in range(8):
+        x, y = common.train_transform(img.astype(np.float32), mask, np.random.default_rng(seed), 64, [0.8, 1.2])
+        raw = x.permute(1, 2, 0).numpy() * common.STD + common.MEAN  # back to 0..255
+        valid = (y != 255).numpy()
+        agree = np.abs(raw[..., 0] - y.numpy() * 10) < 6
+        assert x.shape == (3, 64, 64) and agree[valid].mean() > 0.9  # red channel encodes the class
+
+
+def test_test_transform_geometry():
+    img, mask = np.full((60, 100, 3), 200, np.float32), np.ones((60, 100), np.uint8)
+    x, y = common.test_transform(img, mask, 64)
+    # longer side 100 -> 64, shorter 60 * 0.64 = 38.4 -> 38 -> floored to 32; top-left on a 64 canvas
+    assert (y[:32] == 1).all() and (y[32:] == 255).all()
+    raw = x.permute(1, 2, 0).numpy() * common.STD + common.MEAN
+    assert np.allclose(raw[40:], 0, atol=1e-3) and np.allclose(raw[:32], 200, atol=1e-3)
+    logits, target = common.logits_at_label_size(torch.zeros(1, 2, 64, 64), torch.ones(60, 100, dtype=torch.long))
+    assert logits.shape == (1, 2, 100, 100) and (target[:60] == 1).all() and (target[60:] == 255).all()
+
+
+def test_to_bgr_image_inverts_to_tensor():
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.float64)
+    x, _ = common.to_tensor(rgb, np.zeros((5, 7), np.uint8))
+    back = common.to_bgr_image(x)  # (5, 7, 3) uint8 BGR
+    assert back.dtype == np.uint8 and np.abs(back[:, :, ::-1].astype(int) - rgb).max() <= 1
 
 
 def test_episodes_deterministic_and_worker_independent(tmp_path):
@@ -159,29 +309,7 @@ def test_episode_too_few_images(tmp_path):
         common.EpisodeDataset(root, train, counts, "pascal", [1], shot=5, min_pixels=1024, seed=0, episodes=3)
 
 
-# ---------- 3. transforms ----------
-def test_train_transform_keeps_image_and_mask_aligned():
-    img, mask = blocks([1, 2, 3, 4], size=96, block=48)
-    for seed in range(8):
-        x, y = common.train_transform(img.astype(np.float32), mask, np.random.default_rng(seed), 64, [0.8, 1.2])
-        raw = x.permute(1, 2, 0).numpy() * common.STD + common.MEAN  # back to 0..255
-        valid = (y != 255).numpy()
-        agree = np.abs(raw[..., 0] - y.numpy() * 10) < 6
-        assert x.shape == (3, 64, 64) and agree[valid].mean() > 0.9  # red channel encodes the class
-
-
-def test_test_transform_geometry():
-    img, mask = np.full((60, 100, 3), 200, np.float32), np.ones((60, 100), np.uint8)
-    x, y = common.test_transform(img, mask, 64)
-    # longer side 100 -> 64, shorter 60 * 0.64 = 38.4 -> 38 -> floored to 32; top-left on a 64 canvas
-    assert (y[:32] == 1).all() and (y[32:] == 255).all()
-    raw = x.permute(1, 2, 0).numpy() * common.STD + common.MEAN
-    assert np.allclose(raw[40:], 0, atol=1e-3) and np.allclose(raw[:32], 200, atol=1e-3)
-    logits, target = common.logits_at_label_size(torch.zeros(1, 2, 64, 64), torch.ones(60, 100, dtype=torch.long))
-    assert logits.shape == (1, 2, 100, 100) and (target[:60] == 1).all() and (target[60:] == 255).all()
-
-
-# ---------- 5. backbones ----------
+# ---------- common.py 7. backbones ----------
 @pytest.mark.parametrize("name,channels,side", [("resnet18", [64, 64, 128, 256, 512], 8),
                                                  ("resnet50", [64, 256, 512, 1024, 2048], 8),
                                                  ("vgg16", [64, 128, 256, 512, 512], 4)])
@@ -204,7 +332,7 @@ def test_backbone_state_dict_file_strict(tmp_path):
         common.build_backbone("resnet50", path)
 
 
-# ---------- 9. checkpoints ----------
+# ---------- common.py 9. plumbing: checkpoints, RNG, run folders ----------
 def test_checkpoint_round_trip_and_refusal(tmp_path):
     net = common.build_backbone("resnet18", "none")
     path = str(tmp_path / "run" / "last.pt")
@@ -234,46 +362,82 @@ def test_rng_state_round_trip(tmp_path):
     assert a == (np.random.rand(), torch.rand(1).item(), __import__("random").random())
 
 
-# ---------- bad input ----------
-def test_bad_inputs(tmp_path):
-    with pytest.raises(KitError, match="does not exist"):
-        common.image_pools(str(tmp_path / "nowhere"))
-    root = make_root(tmp_path)
-    os.remove(os.path.join(root, common.LISTS, "val.txt"))
-    with pytest.raises(KitError, match="val.txt does not exist"):
-        common.image_pools(root)
-    with open(os.path.join(root, common.IMAGES, "t1.jpg"), "wb") as f:
-        f.write(b"\xff\xd8 truncated")
-    with pytest.raises(KitError, match="t1.jpg: missing or corrupt"):
-        common.read_pair(root, "t1", 20)
-    cv2.imwrite(os.path.join(root, common.MASKS, "t2.png"), blocks([1, 37, 0, 0])[1])
-    with pytest.raises(KitError, match="t2.png has value 37 outside 0..20"):
-        common.class_pixel_counts(root, ["t2"], 20)
-    cv2.imwrite(os.path.join(root, common.MASKS, "t3.png"), np.zeros((32, 64), np.uint8))
-    with pytest.raises(KitError, match="is 64x64 but its mask is 64x32"):
-        common.read_pair(root, "t3", 20)
-    cv2.imwrite(os.path.join(root, common.MASKS, "t4.png"), np.zeros((64, 64, 3), np.uint8))
-    with pytest.raises(KitError, match="not a single-channel"):
-        common.read_mask(root, "t4", 20)
+def test_one_run_per_folder(synthetic_root, tmp_path, capsys):
+    import pretrain_bcpt
+    out = tmp_path / "run"
+    args = pretrain_args(synthetic_root, out, "--max-iters", "1")
+    with common.run_folder(str(out)):  # a run holding the folder
+        with pytest.raises(KitError, match=rf"--out {out} is in use by process {os.getpid()} on "):
+            pretrain_bcpt.main(args)
+    assert not (out / "last.pt").exists()
+    # a killed run: its lock content and a half-written temp checkpoint are left behind
+    (out / ".lock").write_text("process 999999 on somehost")
+    (out / "last.pt.tmp999999").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    pretrain_bcpt.main(args)
+    note = "was left by process 999999 on somehost, which is no longer running; taking it over"
+    assert note in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl"]  # temp file gone, no temp of ours left
+    assert (out / ".lock").read_text() == ""  # released at the end
 
 
-def test_cli_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"), "--dataset", "pascal",
-                        "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "missing does not exist" in r.stderr and "prepare_data.py pascal" in r.stderr
+def test_second_process_on_the_same_folder_stops_with_one_line(synthetic_root, tmp_path):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time\nwith common.run_folder(sys.argv[1]):\n"
+                               "    print('locked', flush=True); time.sleep(60)", out],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"),
+                            *pretrain_args(synthetic_root, out, "--max-iters", "1")], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"is in use by process {holder.pid}" in r.stderr and "choose another --out" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
 
 
-# ---------- 10. the synthetic benchmark ----------
+@pytest.mark.parametrize("dataset,expect", [
+    (None, ["--mu MU momentum mu of Eqs. 1 and 7 (paper Sec. 2.1) (default 0.99 for --dataset synthetic; pascal 0.999",
+            "--crop CROP training crop side (PROTOCOL.md 4.2) (default 64 for --dataset synthetic"]),
+    ("pascal", ["(default 0.999 for --dataset pascal; coco 0.999; synthetic 0.99)",
+                "--crop CROP training crop side (PROTOCOL.md 4.2) (default 417 for --dataset pascal",
+                "--backbone {resnet50,vgg16,resnet18} resnet50 or vgg16 (paper Sec. 3.1); resnet18 for CPU runs "
+                "(default resnet50 for --dataset pascal"])])
+def test_help_prints_the_defaults_of_the_chosen_dataset(dataset, expect, capsys):
+    import pretrain_bcpt
+    with pytest.raises(SystemExit) as e:
+        pretrain_bcpt.main((["--dataset", dataset] if dataset else []) + ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and all(x in text for x in expect) and "None" not in text
 
+
+@pytest.mark.parametrize("script", ["pretrain_bcpt", "metatrain", "evaluate", "nonparametric_eval"])
+def test_every_flag_is_read(script):
+    """No dead flags: each parsed flag is read as args.<name> in the script or in common.py."""
+    import re
+    mod = __import__(script)
+    sources = open(mod.__file__).read() + open(common.__file__).read()
+    argv = ["--checkpoint", "x.pt"] if script == "evaluate" else []
+    dests = vars(mod.parse_args(argv))
+    unread = [d for d in dests if not re.search(rf"args\.{d}\b", sources)]
+    assert len(dests) > 10 and not unread
+
+
+def test_no_line_over_120_characters():
+    for name in ("common.py", "prepare_data.py", "pretrain_bcpt.py", "metatrain.py", "evaluate.py",
+                 "nonparametric_eval.py", "test_common.py"):
+        long = [k for k, line in enumerate(open(os.path.join(HERE, name)), 1) if len(line.rstrip("\n")) > 120]
+        assert not long, (name, long)
+
+
+# ---------- prepare_data.py: the synthetic benchmark ----------
 N_TRAIN, N_VAL, SIZE = 100, 60, 96
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """One small benchmark shared by the read-only tests."""
-    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synth")), n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
+    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synth")), N_TRAIN, N_VAL, SIZE, seed=0)
 
 
 def _masks(root, split):
@@ -365,7 +529,6 @@ def test_changed_parameters_regenerate(tmp_path):
         assert json.load(f)["n_train"] == 6
 
 
-
 def test_two_processes_generate_one_world(tmp_path):
     """Stage scripts started side by side both generate on first use; each must see a complete world."""
     root = str(tmp_path / "w")
@@ -405,10 +568,21 @@ def test_synthetic_refuses_foreign_folder(tmp_path):
         prepare_data.make_synthetic(str(tmp_path), n_train=5, n_val=2)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
-# ---------- 11. data preparation (PASCAL VOC + SBD, COCO) ----------
 
+def test_synthetic_world_without_marker_is_refused(tmp_path):
+    r = prepare_data.make_synthetic(str(tmp_path / "e"), n_train=10, n_val=5)
+    os.remove(os.path.join(r, prepare_data.SYNTHETIC_MARKER))  # no longer recognisably the kit's own
+    before = tree_bytes(r)
+    with pytest.raises(KitError, match="looks like a prepared VOC/COCO root"):
+        prepare_data.make_synthetic(r, n_train=10, n_val=5)
+    assert tree_bytes(r) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_data.make_synthetic(str(empty), n_train=4, n_val=2) == str(empty)  # an empty folder is fine
+
+
+# ---------- prepare_data.py: PASCAL VOC + SBD and COCO ----------
 H, W = 16, 20
-
 
 def voc_palette():
     """The standard VOC colour map (bit-interleaved), 256 entries."""
@@ -453,10 +627,10 @@ def read_png(path):
 
 VOC_MASKS = {'2007_000001': mask_with(1, 15), '2007_000002': mask_with(20, 7),
              '2007_000003': mask_with(3), '2007_000004': mask_with(12, 2, 9)}
+
 SBD_MASKS = {'2007_000002': np.full((H, W), 4, np.uint8),   # VOC must win
              '2007_000003': np.full((H, W), 5, np.uint8),   # in VOC val: not in train_noval
              '2008_000010': mask_with(11, 6), '2008_000011': mask_with(19)}
-
 
 @pytest.fixture
 def voc(tmp_path):
@@ -503,8 +677,6 @@ def snapshot(out):
         res['JPEGImages/' + f] = os.readlink(os.path.join(out, 'JPEGImages', f))
     return res
 
-
-# ---------------------------------------------------------------- PASCAL
 
 def test_pascal_from_sbd_mat(voc, sbd, tmp_path, capsys):
     out = str(tmp_path / 'out')
@@ -609,8 +781,6 @@ def test_pascal_no_scipy_message(voc, sbd, tmp_path, monkeypatch):
     assert 'pip install scipy' in str(e.value) and '--aug' in str(e.value)
 
 
-# ---------------------------------------------------------------- COCO
-
 def rle_counts(mask):
     """Uncompressed COCO RLE counts: column-major runs, starting with a (possibly empty) run of 0."""
     flat = mask.flatten(order='F')
@@ -707,60 +877,72 @@ def test_coco_missing_annotation(coco, tmp_path):
     assert os.path.join(str(tmp_path / 'nowhere'), 'annotations') in str(e.value)
 
 
-# ---------- 6. BCPT equations, hand-computed (pretrain_bcpt.py) ----------
-def test_cluster_assign_and_eq1_with_empty_cluster():
-    centers = torch.tensor([[1.0, 0.0, 0.6], [0.0, 2.0, 0.8]])  # p1 (1, 0), p2 (0, 2), p3 (0.6, 0.8)
-    emb = torch.tensor([[3.0, 0.0, 0.0], [4.0, 1.0, 3.0]])  # pixels (3, 4), (0, 1), (0, 3)
-    assign = common.cluster_assign(centers, emb)  # S = P^T I: (3, 4) -> 3, 8, 5.0; (0, 1) -> 0, 2, 0.8
-    assert assign.tolist() == [1, 1, 1]
-    assign = torch.tensor([0, 1, 1])  # p3 gets no pixel
-    new = common.momentum_update(centers, emb, assign, mu=0.5)
-    # p1: 0.5 (1, 0) + 0.5 (3, 4)/5 = (0.8, 0.4); p2: 0.5 (0, 1) + 0.5 (0, 4)/4 = (0, 1); p3 unchanged
-    assert torch.allclose(new, torch.tensor([[0.8, 0.0, 0.6], [0.4, 1.0, 0.8]]))
+def test_prepare_refuses_a_foreign_out_and_reruns_into_its_own(voc, sbd, tmp_path):
+    out = tmp_path / "somewhere"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(KitError, match="--out .*somewhere is not empty and was not made by this kit for pascal"):
+        prepare_data.prepare_pascal(voc, sbd, str(out))
+    assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "years of work"
+    syn = prepare_data.make_synthetic(str(tmp_path / "syn"), 4, 2, 32)
+    with pytest.raises(KitError, match="synthetic root made by this kit: did you mean --dataset synthetic"):
+        prepare_data.prepare_pascal(voc, sbd, syn)
+    own = str(tmp_path / "own")
+    prepare_data.prepare_pascal(voc, sbd, own)
+    with open(os.path.join(own, prepare_data.PREPARED_MARKER)) as f:
+        assert json.load(f)["dataset"] == "pascal"
+    prepare_data.prepare_pascal(voc, sbd, own)  # re-running into its own output is allowed
 
 
-def test_eq2_matches_explicit_log_softmax():
-    g = torch.Generator().manual_seed(0)
-    emb, centers = torch.randn(8, 50, generator=g), torch.randn(8, 4, generator=g)
-    assign = common.cluster_assign(centers, emb)
-    expected = 0.0
-    for n in range(50):
-        scores = [float(emb[:, n] @ centers[:, k]) for k in range(4)]
-        expected += -(scores[assign[n]] - np.log(np.sum(np.exp(scores))))
-    none = torch.zeros(8, 0)  # no base pixel: Eq. 4 is then alpha * Eq. 2 / N_bg
-    loss, parts = common.bcpt_loss(none, torch.zeros(0, dtype=torch.long), emb, assign, torch.randn(8, 3), centers, 1.0)
-    assert loss.item() == pytest.approx(expected / 50, rel=1e-5) and parts["l_bm"] == pytest.approx(expected / 50, rel=1e-5)
+# ---------- prepare_data.py: verify and the command line ----------
+def test_cli_make_synthetic_and_verify(tmp_path):
+    root = str(tmp_path / "w")
+    cmd = [sys.executable, os.path.join(HERE, "prepare_data.py")]
+    subprocess.run(cmd + ["synthetic", "--out", root, "--n-train", "30", "--n-val", "20", "--size", "48"],
+                   check=True, capture_output=True)
+    out = subprocess.run(cmd + ["verify", "--dataset", "synthetic", "--data-root", root, "--min-pixels", "64"],
+                         check=True, capture_output=True, text=True).stdout
+    val_ids = common.read_list(os.path.join(root, common.LISTS, "val.txt"))
+    masks = {i: cv2.imread(os.path.join(root, common.MASKS, i + ".png"), cv2.IMREAD_UNCHANGED) for i in val_ids}
+    for fold in range(4):  # val images with >= 64 pixels of a novel class, counted here independently
+        novel = range(5 * fold + 1, 5 * fold + 6)
+        n = sum(any((m == c).sum() >= 64 for c in novel) for m in masks.values())
+        assert f"fold {fold}: train " in out and f"val {n}" in out.split(f"fold {fold}:")[1].splitlines()[0]
+    bad = subprocess.run(cmd + ["verify", "--dataset", "pascal", "--data-root", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--data-root" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_eqs6_7_two_guidance_vectors_on_one_centre():
-    centers = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
-    guidance = torch.tensor([[2.0, 1.0], [1.0, 0.5]])  # g1 (2, 1), g2 (1, 0.5): both most similar to p1
-    new = common.guide_centers(centers, guidance, mu=0.9)
-    g_hat = np.array([3.0, 1.5]) / np.hypot(3.0, 1.5)
-    assert torch.allclose(new[:, 0], torch.tensor(0.9 * np.array([1.0, 0.0]) + 0.1 * g_hat, dtype=torch.float32))
-    assert torch.equal(new[:, 1:], centers[:, 1:])  # centres given no guidance vector are unchanged
+def test_verify_lists_every_bad_file(tmp_path):
+    root = prepare_data.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    bad = [os.path.join(root, common.IMAGES, f"train_00000{i}.jpg") for i in (1, 7)]
+    for p in bad:
+        truncate(p, 0.8)
+    cv2.imwrite(os.path.join(root, common.MASKS, "val_000002.png"), np.full((48, 48), 77, np.uint8))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "verify", "--dataset", "synthetic",
+                        "--data-root", root], capture_output=True, text=True)
+    assert r.returncode == 2 and "verify: 3 of the 18 images or masks" in r.stderr
+    assert all(p in r.stdout for p in bad) and "val_000002.png has value 77" in r.stdout
 
 
-def test_kmeans_is_deterministic_and_correct():
-    x = torch.tensor([[0.0, 0.2, 10.0, 10.4, 0.1], [0.0, 0.0, 5.0, 5.0, 0.3]])  # two groups of columns
-    init = common.farthest_point_init(x, 2)
-    assert torch.equal(init, common.farthest_point_init(x, 2)) and torch.equal(init[:, 0], x[:, 0])
-    g = common.kmeans(x, init)
-    assert torch.allclose(g[:, 0], x[:, [0, 1, 4]].mean(1)) and torch.allclose(g[:, 1], x[:, [2, 3]].mean(1))
-    assert torch.equal(common.kmeans(x, g), g)  # a warm start from the solution stays there
-
-
-def test_to_bgr_image_inverts_to_tensor():
-    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.float64)
-    x, _ = common.to_tensor(rgb, np.zeros((5, 7), np.uint8))
-    back = common.to_bgr_image(x)  # (5, 7, 3) uint8 BGR
-    assert back.dtype == np.uint8 and np.abs(back[:, :, ::-1].astype(int) - rgb).max() <= 1
-
-
-# ---------- pretrain_bcpt.py end to end ----------
+# ---------- pretrain_bcpt.py ----------
 def pretrain_args(root, out, *extra):
     return ["--data-root", root, "--out", str(out), "--workers", "0", "--crop", "48", "--batch", "4",
             "--epochs", "1", "--log-every", "1", "--seed", "3", *extra]
+
+
+def test_base_dataset_remap(tmp_path):
+    from pretrain_bcpt import BaseClassDataset
+    root = make_root(tmp_path)
+    ds = BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 0), 64, [1, 1], seed=0)
+    mask = common.read_mask(root, "t0", 20)  # classes 1 (novel), 2 (novel), 6 (base) and background
+    remapped = ds.lut[mask]
+    assert set(np.unique(remapped)) == {0, 1}  # novel -> 0 (merged background), 6 -> 1 (first base class)
+    assert (remapped[mask == 6] == 1).all() and (remapped[mask == 1] == 0).all()
+    ds16 = BaseClassDataset(root, ["t0"], "pascal", common.base_classes("pascal", 3), 64, [1, 1], seed=0)
+    assert ds16.lut[255] == 255 and ds16.lut[6] == 6 and ds16.lut[16] == 0
+    x, y = ds[0]
+    assert x.shape == (3, 64, 64) and set(y.unique().tolist()) <= {0, 1, 255}
 
 
 @pytest.mark.parametrize("method", ["standard", "bcpt"])
@@ -797,46 +979,23 @@ def test_pretrain_nan_loss_stops_and_keeps_last_good(synthetic_root, tmp_path):
         pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, "--lr", "1e12", "--max-iters", "20"))
     stopped = int(__import__("re").search(r"iteration (\d+)", str(e.value)).group(1))
     ckpt = common.load_checkpoint(str(tmp_path / "last.pt"))
-    assert ckpt["iter"] == stopped and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["iter"] == stopped
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-# ---------- 7. ASPP-PFENet parts, hand-computed ----------
-def test_masked_average_pooling_hand_computed():
-    feat = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
-    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(1, 1, 2, 2)
-    assert common.masked_average_pooling(feat, mask).item() == pytest.approx(4.0 / (2 + 5e-4))
+def test_vis_clusters_standard_says_why_and_bcpt_draws_a_key(synthetic_root, tmp_path, capsys):
+    import pretrain_bcpt
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "s", "--method", "standard", "--max-iters", "1",
+                                     "--vis-clusters", "2"))
+    assert "standard pre-training has no background clusters" in capsys.readouterr().out
+    assert not (tmp_path / "s" / "clusters").exists()
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "1", "--vis-clusters", "1",
+                                     "--K", "3"))
+    pic = cv2.imread(str(tmp_path / "b" / "clusters" / "000.png"))
+    assert pic.shape[0] >= 256 + 3 * 22 and pic.shape[1] >= 2 * 256  # upscaled crop pair + a 3-line key
 
 
-def test_prior_mask_known_max_cosine():
-    # query positions (1, 0), (-1, 0), (1, 1); support positions (1, 0) in the mask and (0, 1) outside it.
-    q = torch.tensor([[1.0, -1.0, 1.0], [0.0, 0.0, 1.0]]).view(1, 2, 1, 3)
-    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
-    m = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
-    # cos to the masked support: (1, 0) -> 1, 0 (the zeroed position counts as cos 0, as PFENet);
-    # (-1, 0) -> -1, 0; (1, 1) -> 0.7071, 0. Max: 1, 0, 0.7071; min-max over the query keeps them.
-    prior = common.prior_mask(q, s, m).flatten()
-    assert torch.allclose(prior, torch.tensor([1.0, 0.0, 2 ** -0.5]), atol=1e-5)
-    # K shots: the mean of the per-shot priors
-    s2 = torch.cat([s, s.flip(-1)]), torch.cat([m, m.flip(-1)])
-    two = common.shot_prior(q, *s2, shots=2).flatten()
-    assert torch.allclose(two, (prior + common.prior_mask(q, s.flip(-1), m.flip(-1)).flatten()) / 2)
-
-
-def test_aspp_pfenet_shape_and_frozen_backbone():
-    torch.manual_seed(0)
-    model = common.AsppPFENet(common.build_backbone("resnet18", "none")).train()
-    assert not model.backbone.training and model.down_query.training  # BN of the backbone stays in eval
-    bn = model.backbone.layer1[0].bn1
-    before = bn.running_mean.clone()
-    q, s, m = torch.randn(2, 3, 41, 41), torch.randn(2, 3, 3, 41, 41), (torch.rand(2, 3, 41, 41) > 0.5).long()
-    logits = model(q, s, m)
-    assert logits.shape == (2, 2, 41, 41)
-    logits.sum().backward()
-    assert all(p.grad is None for p in model.backbone.parameters())
-    assert model.cls[-1].weight.grad is not None and torch.equal(bn.running_mean, before)
-
-
-# ---------- metatrain.py, evaluate.py, nonparametric_eval.py end to end ----------
+# ---------- metatrain.py, evaluate.py, nonparametric_eval.py ----------
 @pytest.fixture(scope="module")
 def pretrained(synthetic_root, tmp_path_factory):
     """2-iteration pretraining of both methods: {method: last.pt}."""
@@ -869,7 +1028,6 @@ def metatrained(synthetic_root, pretrained, tmp_path_factory):
 
 EVAL_KEYS = {"miou", "fb_iou", "miou_std", "fb_iou_std", "class_iou", "per_seed", "episodes", "seeds", "shot",
              "fold", "dataset", "backbone", "pretrained", "select", "protocol"}
-
 
 @pytest.mark.parametrize("shot", [1, 5])
 def test_pipeline_smoke_pretrain_metatrain_evaluate(metatrained, tmp_path, shot):
@@ -970,26 +1128,15 @@ def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrain
     assert cells[4] == f"{(want0 + want1) / 2:.2f}*"
 
 
-# ---------- 8. common.py command line ----------
-def test_cli_make_synthetic_and_verify(tmp_path):
-    root = str(tmp_path / "w")
-    cmd = [sys.executable, os.path.join(HERE, "prepare_data.py")]
-    subprocess.run(cmd + ["synthetic", "--out", root, "--n-train", "30", "--n-val", "20", "--size", "48"],
-                   check=True, capture_output=True)
-    out = subprocess.run(cmd + ["verify", "--dataset", "synthetic", "--data-root", root, "--min-pixels", "64"],
-                         check=True, capture_output=True, text=True).stdout
-    val_ids = common.read_list(os.path.join(root, common.LISTS, "val.txt"))
-    masks = {i: cv2.imread(os.path.join(root, common.MASKS, i + ".png"), cv2.IMREAD_UNCHANGED) for i in val_ids}
-    for fold in range(4):  # val images with >= 64 pixels of a novel class, counted here independently
-        novel = range(5 * fold + 1, 5 * fold + 6)
-        n = sum(any((m == c).sum() >= 64 for c in novel) for m in masks.values())
-        assert f"fold {fold}: train " in out and f"val {n}" in out.split(f"fold {fold}:")[1].splitlines()[0]
-    bad = subprocess.run(cmd + ["verify", "--dataset", "pascal", "--data-root", str(tmp_path / "none")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "--data-root" in bad.stderr and "Traceback" not in bad.stderr
+# ---------- every stage: bad input, a user's data, exact resume ----------
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"), "--dataset", "pascal",
+                        "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "missing does not exist" in r.stderr and "prepare_data.py pascal" in r.stderr
 
 
-# ---------- never lose a user's data or run ----------
 def tree_bytes(root):
     """{relative path: bytes (or link target)} of everything below root, hidden files included."""
     out = {}
@@ -1031,69 +1178,6 @@ def test_every_stage_refuses_a_prepared_root_as_synthetic(voc, sbd, metatrained,
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "--out " + prepared in cli.stderr
 
 
-def test_synthetic_world_without_marker_is_refused(tmp_path):
-    r = prepare_data.make_synthetic(str(tmp_path / "e"), n_train=10, n_val=5)
-    os.remove(os.path.join(r, prepare_data.SYNTHETIC_MARKER))  # no longer recognisably the kit's own
-    before = tree_bytes(r)
-    with pytest.raises(KitError, match="looks like a prepared VOC/COCO root"):
-        prepare_data.make_synthetic(r, n_train=10, n_val=5)
-    assert tree_bytes(r) == before
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert prepare_data.make_synthetic(str(empty), n_train=4, n_val=2) == str(empty)  # an empty folder is fine
-
-
-def test_prepare_refuses_a_foreign_out_and_reruns_into_its_own(voc, sbd, tmp_path):
-    out = tmp_path / "somewhere"
-    out.mkdir()
-    (out / "thesis.tex").write_text("years of work")
-    with pytest.raises(KitError, match="--out .*somewhere is not empty and was not made by this kit for pascal"):
-        prepare_data.prepare_pascal(voc, sbd, str(out))
-    assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "years of work"
-    syn = prepare_data.make_synthetic(str(tmp_path / "syn"), 4, 2, 32)
-    with pytest.raises(KitError, match="synthetic root made by this kit: did you mean --dataset synthetic"):
-        prepare_data.prepare_pascal(voc, sbd, syn)
-    own = str(tmp_path / "own")
-    prepare_data.prepare_pascal(voc, sbd, own)
-    with open(os.path.join(own, prepare_data.PREPARED_MARKER)) as f:
-        assert json.load(f)["dataset"] == "pascal"
-    prepare_data.prepare_pascal(voc, sbd, own)  # re-running into its own output is allowed
-
-
-def test_one_run_per_folder(synthetic_root, tmp_path, capsys):
-    import pretrain_bcpt
-    out = tmp_path / "run"
-    args = pretrain_args(synthetic_root, out, "--max-iters", "1")
-    with common.run_folder(str(out)):  # a run holding the folder
-        with pytest.raises(KitError, match=rf"--out {out} is in use by process {os.getpid()} on "):
-            pretrain_bcpt.main(args)
-    assert not (out / "last.pt").exists()
-    # a killed run: its lock content and a half-written temp checkpoint are left behind
-    (out / ".lock").write_text("process 999999 on somehost")
-    (out / "last.pt.tmp999999").write_bytes(b"half a checkpoint")
-    capsys.readouterr()
-    pretrain_bcpt.main(args)
-    assert "was left by process 999999 on somehost, which is no longer running; taking it over" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl"]  # temp file gone, no temp of ours left
-    assert (out / ".lock").read_text() == ""  # released at the end
-
-
-def test_second_process_on_the_same_folder_stops_with_one_line(synthetic_root, tmp_path):
-    out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time\nwith common.run_folder(sys.argv[1]):\n"
-                               "    print('locked', flush=True); time.sleep(60)", out],
-                              cwd=HERE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"),
-                            *pretrain_args(synthetic_root, out, "--max-iters", "1")], capture_output=True, text=True)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-        assert f"is in use by process {holder.pid}" in r.stderr and "choose another --out" in r.stderr
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 @pytest.mark.parametrize("script,flag,value,rule", [
     ("pretrain_bcpt", "--mu", "1.5", "in [0.0, 1.0]"), ("pretrain_bcpt", "--alpha", "-1", ">= 0.0"),
     ("pretrain_bcpt", "--lr", "0", "> 0.0"), ("pretrain_bcpt", "--K", "1", ">= 2"),
@@ -1118,40 +1202,6 @@ def test_flag_error_is_one_line_on_the_command_line(tmp_path):
     assert not os.listdir(tmp_path)  # nothing generated, no run folder
 
 
-def truncate(path, keep=0.5):
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: int(len(data) * keep)])
-
-
-def test_truncated_jpeg_stops_the_scan_naming_the_file(tmp_path):
-    root = prepare_data.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
-    img = os.path.join(root, common.IMAGES, "train_000004.jpg")
-    assert cv2.imread(img) is not None
-    truncate(img)
-    assert cv2.imread(img) is not None  # OpenCV decodes a truncated JPEG, only warning on stderr
-    train, _ = common.image_pools(root)
-    with pytest.raises(KitError, match=f"image {img} is truncated"):
-        common.class_pixel_counts(root, train, 20)
-    other = os.path.join(root, common.IMAGES, "train_000005.jpg")
-    with open(other, "ab") as f:
-        f.write(b"trailing bytes after the end marker")  # a valid JPEG with a tail is not called bad
-    common.check_image_file(root, "train_000005", (48, 48))
-    with pytest.raises(KitError, match="is 48x48 but its mask is 40x48"):
-        common.check_image_file(root, "train_000005", (48, 40))
-
-
-def test_verify_lists_every_bad_file(tmp_path):
-    root = prepare_data.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
-    bad = [os.path.join(root, common.IMAGES, f"train_00000{i}.jpg") for i in (1, 7)]
-    for p in bad:
-        truncate(p, 0.8)
-    cv2.imwrite(os.path.join(root, common.MASKS, "val_000002.png"), np.full((48, 48), 77, np.uint8))
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "verify", "--dataset", "synthetic",
-                        "--data-root", root], capture_output=True, text=True)
-    assert r.returncode == 2 and "verify: 3 of the 18 images or masks" in r.stderr
-    assert all(p in r.stdout for p in bad) and "val_000002.png has value 77" in r.stdout
-
-
 def checkpoints_equal(a, b):
     for part in ("model", "optimizer"):
         fa, fb = (torch.utils._pytree.tree_flatten(x[part])[0] for x in (a, b))
@@ -1165,23 +1215,12 @@ def checkpoints_equal(a, b):
 def test_resume_leaves_every_rng_where_a_straight_run_has_it(synthetic_root, tmp_path):
     import metatrain
     import pretrain_bcpt
-    for name, main, args in (("pre", pretrain_bcpt.main, lambda d, *x: pretrain_args(synthetic_root, tmp_path / d, *x)),
-                             ("meta", metatrain.main, lambda d, *x: meta_args(synthetic_root, tmp_path / d, "none", 1, *x))):
+    for name, main, args in (
+            ("pre", pretrain_bcpt.main, lambda d, *x: pretrain_args(synthetic_root, tmp_path / d, *x)),
+            ("meta", metatrain.main, lambda d, *x: meta_args(synthetic_root, tmp_path / d, "none", 1, *x))):
         main(args(name + "a", "--max-iters", "10"))
         main(args(name + "b", "--max-iters", "5"))
         main(args(name + "b", "--max-iters", "10", "--resume"))
         a, b = (common.load_checkpoint(str(tmp_path / (name + d) / "last.pt")) for d in "ab")
         assert a["iter"] == b["iter"] == 10
         checkpoints_equal(a, b)
-
-
-def test_vis_clusters_standard_says_why_and_bcpt_draws_a_key(synthetic_root, tmp_path, capsys):
-    import pretrain_bcpt
-    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "s", "--method", "standard", "--max-iters", "1",
-                                     "--vis-clusters", "2"))
-    assert "standard pre-training has no background clusters" in capsys.readouterr().out
-    assert not (tmp_path / "s" / "clusters").exists()
-    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "1", "--vis-clusters", "1",
-                                     "--K", "3"))
-    pic = cv2.imread(str(tmp_path / "b" / "clusters" / "000.png"))
-    assert pic.shape[0] >= 256 + 3 * 22 and pic.shape[1] >= 2 * 256  # upscaled crop pair + a 3-line key

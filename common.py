@@ -66,19 +66,24 @@ def momentum_update(P, I_bg, assign, mu):
     return torch.where(A_t.sum(0) > 0, moved, P)
 
 
-def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha):
+def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum"):
     """Eqs. (2)-(4). I_base (D, N_base) with labels y_base in 1..C, I_bg (D, N_bg) assigned to centres
-    `assign` (N_bg,), base vectors W (D, C), centres P (D, K) (a buffer: no gradient).
+    `assign` (N_bg,), base vectors W (D, C), centres P (D, K) (a buffer: no gradient). scale: how Eq. 4's
+    sums are brought to a per-pixel size (the paper leaves it open; README "choices it leaves open"):
+    'sum' divides both sums by N_base + N_bg; 'mean' averages each term over its own pixels.
     -> (L_total, {"l_base": Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
     # Eq. 3: a base pixel against the base vectors and the K background centres (our reading, README)
     logits = torch.cat([I_base.t() @ W, I_base.t() @ P], 1)  # (N_base, C + K)
     l_base = F.cross_entropy(logits, y_base - 1, reduction="sum")
     # Eq. 2: a background pixel against the K centres, its own assigned centre as the target
     l_bm = F.cross_entropy(I_bg.t() @ P, assign, reduction="sum")  # logits (N_bg, K)
-    # Eq. 4: sum over base pixels + alpha * sum over background pixels, / the labelled count (our scale)
-    n_base, n_bg = I_base.shape[1], I_bg.shape[1]
-    loss = (l_base + alpha * l_bm) / max(n_base + n_bg, 1)
-    return loss, {"l_base": l_base.item() / max(n_base, 1), "l_bm": l_bm.item() / max(n_bg, 1)}
+    # Eq. 4: sum over base pixels + alpha * sum over background pixels
+    n_base, n_bg = max(I_base.shape[1], 1), max(I_bg.shape[1], 1)
+    if scale == "sum":  # per pixel: a base pixel weighs 1 / N, a background pixel alpha / N
+        loss = (l_base + alpha * l_bm) / max(I_base.shape[1] + I_bg.shape[1], 1)
+    else:  # per pixel: a base pixel weighs 1 / N_base, a background pixel alpha / N_bg
+        loss = l_base / n_base + alpha * l_bm / n_bg
+    return loss, {"l_base": l_base.item() / n_base, "l_bm": l_bm.item() / n_bg}
 
 
 def kmeans(x, init, iters=10):
@@ -258,7 +263,7 @@ class FewShotIoU:
 
 
 # ============ 4. Data on disk: folds, the VOC layout, pools, per-class index (PROTOCOL.md 1-3) ============
-N_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20}
+N_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20, "synthetic2": 20}
 
 
 def novel_classes(dataset, fold, coco_split="interleaved"):
@@ -411,9 +416,9 @@ def class_index(ids, counts, classes, min_pixels):
 
 def open_data(args):
     """Pools and per-class pixel counts of both splits; generates the synthetic benchmark on first use."""
-    if args.dataset == "synthetic":
+    if args.dataset in SYNTHETIC_ROOTS:
         from prepare_data import ensure_synthetic  # data-stage tooling, imported only when needed
-        ensure_synthetic(args.data_root)
+        ensure_synthetic(args.data_root, args.dataset)
     train_ids, val_ids = image_pools(args.data_root, args.train_pool)
     n = N_CLASSES[args.dataset]
     data = {"train": (train_ids, class_pixel_counts(args.data_root, train_ids, n, args.workers)),
@@ -687,9 +692,9 @@ def pretrain_label(weights):
         return os.path.basename(weights)
     if a["method"] != "bcpt":
         return a["method"]
-    alpha = a.get("alpha", 0.1)
+    alpha, scale = a.get("alpha", 0.1), a.get("loss_scale", "sum")  # files from before --loss-scale: sum
     return ("bcpt" + (" no-guidance" if a.get("no_guidance") else "") + f" K={a['K']}"
-            + (f" alpha={alpha:g}" if alpha != 0.1 else ""))  # the paper's alpha 0.1 goes unnamed
+            + (f" alpha={alpha:g}" if alpha != 0.1 else "") + f" Eq4={scale}")  # the paper's alpha goes unnamed
 
 
 def predict_meta(model, item):
@@ -703,15 +708,15 @@ def argmax_mask(scores):
     return scores.argmax(1)[0]
 
 
-def run_episodes(args, data, seed, episodes, predict, decide):
-    """One seed: `episodes` fixed val episodes of the novel classes (batch 1, test geometry, scored at the
+def run_episodes(args, data, seed, episodes, predict, decide, classes):
+    """One seed: `episodes` fixed episodes of `classes` on the val images (batch 1, test geometry, scored at the
     original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the test canvas; decide:
     {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}}. -> ({name: FewShotIoU}, seconds)."""
     ids, counts = data["val"]
-    ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.novel, args.shot, args.min_pixels, seed,
+    ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, classes, args.shot, args.min_pixels, seed,
                         test_size=args.test_size, episodes=episodes)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=args.workers)
-    meters, t_model, t0 = {name: FewShotIoU(args.novel) for name in decide}, 0.0, time.perf_counter()
+    meters, t_model, t0 = {name: FewShotIoU(classes) for name in decide}, 0.0, time.perf_counter()
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     for item in loader:
         t1 = time.perf_counter()
@@ -736,16 +741,16 @@ def summarize(meters, seeds):
             "per_seed": per_seed}
 
 
-def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None):
-    """run_episodes for every seed (default args.seeds, args.episodes episodes each); prints each seed, the
-    speed and the mean +- std. -> {name: summary} (see summarize)."""
-    episodes, seeds = episodes or args.episodes, seeds or args.seeds
+def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, classes=None):
+    """run_episodes for every seed (default args.seeds, args.episodes episodes each, of the novel classes);
+    prints each seed, the speed and the mean +- std. -> {name: summary} (see summarize)."""
+    episodes, seeds, classes = episodes or args.episodes, seeds or args.seeds, classes or args.novel
     if args.dataset == "coco" and episodes < 10000:
         print(f"warning: {episodes} COCO episodes move mIoU by 2-3 points between seeds; "
               "use --episodes 10000 to compare methods (PROTOCOL.md 8.4)")
     runs, total, model = [], 0.0, 0.0
     for seed in seeds:
-        meters, t = run_episodes(args, data, seed, episodes, predict, decide)
+        meters, t = run_episodes(args, data, seed, episodes, predict, decide, classes)
         runs.append(meters)
         total, model = total + t["total"], model + t["model"]
         print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}"
@@ -774,15 +779,17 @@ def write_results(path, summary, args, **fields):
     print(f"wrote {path}")
 
 
-def format_table(paths):
+def format_table(paths, metric="miou"):
     """Paper Table 1 / 2 layout: one row per (dataset, backbone, method, pre-training) over the files,
-    folds 0-3 and mean per shot; several files in one cell (e.g. training seeds) print as mean+-std."""
+    folds 0-3 and mean per shot; several files in one cell (e.g. training seeds) print as mean+-std.
+    metric: the results field shown (or a function of the results)."""
     cells, shots = {}, set()
     for p in paths:
         with open(p) as f:
             r = json.load(f)
         row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"])
-        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append(r["miou"])
+        value = metric(r) if callable(metric) else r[metric]
+        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append(value)
         shots.add(r["shot"])
     cell = lambda v: "-" if not v else f"{np.mean(v):.2f}" + (f"+-{np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
     head = ["Dataset", "Backbone", "Method", "Pre-train"] + [f"{s}-shot {c}" for s in sorted(shots)
@@ -838,18 +845,19 @@ def add_flag(group, dataset, flags, default, help, **kw):
     the one place it is written):
     the parser gets the value for `dataset`, and --help prints it beside the other datasets' values."""
     if isinstance(default, dict):
-        others = "; ".join(f"{d} {'required' if v is None else v}" for d, v in default.items() if d != dataset)
-        if default[dataset] is None:
+        key = dataset if dataset in default else "synthetic"  # the synthetic worlds share unless told
+        others = "; ".join(f"{d} {'required' if v is None else v}" for d, v in default.items() if d != key)
+        if default[key] is None:
             help += f" (required for --dataset {dataset}; {others})"
         else:
             help += f" (default %(default)s for --dataset {dataset}; {others})"
-        default = default[dataset]
+        default = default[key]
     elif default is not None:
         help += " (default %(default)s)"
     group.add_argument(*flags.split(), default=default, help=help, **kw)
 
 
-SYNTHETIC_ROOT = "data/synthetic"
+SYNTHETIC_ROOTS = {"synthetic": "data/synthetic", "synthetic2": "data/synthetic2"}  # the two worlds
 
 
 def add_data_args(parser, dataset, stage):
@@ -857,9 +865,9 @@ def add_data_args(parser, dataset, stage):
     have no defaults (the checkpoint's fill them)."""
     d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
     g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + ("; default: the checkpoint's" * (stage == "evaluate")))
-    add_flag(g, dataset, "--dataset", d("synthetic"), "pascal, coco or the built-in synthetic benchmark",
+    add_flag(g, dataset, "--dataset", d("synthetic"), "pascal, coco, or a built-in synthetic benchmark world",
              choices=list(N_CLASSES))
-    add_flag(g, dataset, "--data-root", d(dict(pascal=None, coco=None, synthetic=SYNTHETIC_ROOT)),
+    add_flag(g, dataset, "--data-root", d(dict(pascal=None, coco=None, **SYNTHETIC_ROOTS)),
              "VOC-layout root (python prepare_data.py makes one; the synthetic one is generated on first use)")
     if stage != "verify":
         add_flag(g, dataset, "--fold", d(0), "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])

@@ -4,11 +4,13 @@ Following PFENet, the prior mask of the backbone's last layer (common.prior_mask
 the support foreground, min-max normalised; K shots averaged) is thresholded at --threshold into a
 segmentation mask, on the same deterministic episodes and test geometry as evaluate.py (common.py section
 8). The paper uses "the same threshold" for every pre-training without giving its value: 0.5 is our
-choice, so a sweep over thresholds is scored from the same priors and saved too.
+choice, so a sweep over thresholds is scored from the same priors and saved too, and so is the threshold
+that is best on base-class episodes of the val images: a choice made without looking at any novel class.
 
 Inputs: --pretrained imagenet | none | pretrain_bcpt.py's <out>/last.pt (same dataset and fold).
-Outputs: per seed and mean +- std mIoU / FB-IoU; --json FILE (evaluate.py's fields plus "threshold" and
-"sweep": {threshold: mIoU}); --table FILE... prints a Table 2-style table.
+Outputs: per seed and mean +- std mIoU / FB-IoU; --json FILE (evaluate.py's fields plus "threshold", "sweep":
+{threshold: mIoU}, "base_threshold", "miou_base_threshold" (+ "_std") and "base_sweep"); --table FILE...
+prints a Table 2-style table of the --table-metric.
 
 Full run (PASCAL-5i fold 0, ResNet-50 pre-trained by BCPT):
     python nonparametric_eval.py --dataset pascal --data-root ROOT --fold 0 --pretrained runs/bcpt-f0/last.pt
@@ -25,6 +27,10 @@ from common import (UNIT, POSITIVE, KitParser, add_common_args, add_eval_args, a
                     run, seed_everything, shot_prior, write_results)
 
 
+TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
+                 "best-sweep": lambda r: max(r["sweep"].values())}  # what --table shows
+
+
 def parse_args(argv):
     ds = dataset_of(argv)
     p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "nonparametric"))
@@ -33,7 +39,9 @@ def parse_args(argv):
     add_flag(g, ds, "--threshold", 0.5, "prior > threshold is foreground, the same for every backbone (paper Sec. "
              "3.2 gives no value: our choice)", type=UNIT)
     add_flag(g, ds, "--sweep", [round(0.1 * i, 1) for i in range(1, 10)], "thresholds also scored from the same "
-             "priors", type=UNIT, nargs="+")
+             "priors; the one best on base-class episodes is reported too", type=UNIT, nargs="+")
+    g.add_argument("--table-metric", default="threshold", choices=list(TABLE_METRICS), help="with --table: mIoU at "
+                   "--threshold, at the base-chosen threshold, or the best of the sweep (default %(default)s)")
     return finish_args(p.parse_args(argv))
 
 
@@ -54,10 +62,18 @@ def above(scores, threshold):
     return (scores[0, 0] > threshold).long()
 
 
+def choose_threshold_on_base_classes(args, data, predict, rules):
+    """The threshold a user could pick without the novel classes: the best mIoU on base-class episodes of the
+    val images (classes seen in pre-training; novel objects there are background). -> (threshold, sweep)."""
+    base = evaluate_seeds(args, data, predict, rules, classes=args.base)
+    sweep = {t: base[t]["miou"] for t in rules}
+    return max(sweep, key=sweep.get), sweep
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
-        print(format_table(args.table))
+        print(format_table(args.table, TABLE_METRICS[args.table_metric]))
         return
     seed_everything(args.seed)  # a random (--pretrained none) backbone depends on the seed
     device = torch.device(args.device)
@@ -69,15 +85,23 @@ def main(argv=None):
           f"threshold {args.threshold}, sweep {thresholds}, {args.episodes} episodes x seeds {args.seeds}")
     data = open_data(args)
 
-    # ============ every threshold scored from the same prior ============
+    # ============ every threshold scored from the same prior, on novel-class episodes ============
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
-    results = evaluate_seeds(args, data, functools.partial(predict_prior, backbone), rules)
+    predict = functools.partial(predict_prior, backbone)
+    results = evaluate_seeds(args, data, predict, rules)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))
+    # ============ the threshold chosen on base-class episodes only ============
+    chosen, base_sweep = choose_threshold_on_base_classes(args, data, predict, rules)
+    print(f"threshold chosen on base-class episodes: {chosen:g} (base mIoU {base_sweep[chosen]:.2f}); novel mIoU "
+          f"there {results[chosen]['miou']:.2f} +- {results[chosen]['miou_std']:.2f}")
     result = results[args.threshold]
     if args.json:
         write_results(args.json, result, args, method="non-parametric prior", pretrained=label, weights=args.weights,
-                      select="none (no meta-training)", threshold=args.threshold, sweep=sweep)
+                      select="none (no meta-training)", threshold=args.threshold, sweep=sweep,
+                      base_threshold=chosen, miou_base_threshold=results[chosen]["miou"],
+                      miou_base_threshold_std=results[chosen]["miou_std"],
+                      base_sweep={f"{t:g}": v for t, v in base_sweep.items()})
     return result
 
 

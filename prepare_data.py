@@ -30,11 +30,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common import (IMAGES, LISTS, MASKS, N_CLASSES, POSITIVE, SIZE, SYNTHETIC_ROOT, KitError, KitParser,
+from common import (IMAGES, LISTS, MASKS, N_CLASSES, POSITIVE, SIZE, SYNTHETIC_ROOTS, KitError, KitParser,
                     add_data_args, base_classes, check_image_file, class_pixel_counts, dataset_of,
                     image_pools, novel_classes, read_list, read_mask, run)
 
-# ============ 1. The synthetic benchmark: a seeded world in the VOC layout ============
+# ============ 1. The synthetic benchmarks: seeded worlds in the VOC layout ============
+# ---- 1a. The first world, synthetic: many small shape classes on textured stuff ----
 # Base RGB colours; each is shared by 2-3 classes, so colour alone never identifies a class.
 COLOURS = dict(red=(200, 40, 40), green=(50, 165, 60), blue=(45, 75, 205), yellow=(225, 200, 45),
                purple=(140, 55, 175), orange=(235, 130, 35), cyan=(45, 190, 200), white=(225, 225, 220))
@@ -157,27 +158,187 @@ def _render(rng, size):
         angle, aspect = rng.uniform(0, 2 * math.pi), math.exp(rng.uniform(-.25, .25))
         m = _shape_mask(shape, size, cx, cy, r, angle, aspect)
         img[m], inst[m] = _object_texture(rng, c, size, cx, cy, r, angle)[m], k
+    return _finish(rng, img, inst, classes, blur=.6)
+
+
+def _finish(rng, img, inst, classes, blur):
+    """Instance map (H, W) -> VOC label map with a void band (255) along each visible object outline;
+    the image gets a mild blur and noise. -> (uint8 RGB image, uint8 label map)."""
     lab = np.concatenate([[0], classes + 1]).astype(np.uint8)[inst]  # instance id -> class label
     kernel = np.ones((3, 3), np.uint8)
     for k in np.unique(inst[inst > 0]):  # VOC-style void band along each visible object outline
         mk = (inst == k).astype(np.uint8)
         lab[cv2.dilate(mk, kernel) > cv2.erode(mk, kernel)] = 255
-    img = cv2.GaussianBlur(img, (0, 0), .6) + 3 * rng.standard_normal(img.shape, np.float32)
+    img = cv2.GaussianBlur(img, (0, 0), blur) + 3 * rng.standard_normal(img.shape, np.float32)
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
+# ---- 1b. The second world, synthetic2: other statistics, for a claim to be checked beyond one world ----
+# 1-2 large objects per image with smooth Fourier-blob or compound outlines, two-tone colour pairs laid out by
+# a class texture, on cloud / gradient / patchwork backgrounds with small non-class clutter.
+# Five tones; every class has two of them (all 10 pairs, each pair used by 2 classes, each tone by 8).
+PALETTE2 = dict(red=(205, 55, 45), gold=(225, 175, 40), green=(60, 155, 75), blue=(50, 95, 205),
+                pink=(200, 90, 175))
+# Classes 1-20, two a row: shape family, colour pair (first tone / second tone), texture. Each shape is
+# used by 2 classes, each pair by 2, each texture by 4; any two classes share at most one of the three cues.
+CLASS_TABLE2 = """
+    egg        red/gold   stripes     egg        green/blue rings         #  1,  2
+    clover     gold/green spots       clover     red/green  radial        #  3,  4
+    quatrefoil green/pink halves      quatrefoil gold/blue  stripes       #  5,  6
+    bean       red/blue   rings       bean       blue/pink  spots         #  7,  8
+    flower     gold/pink  radial      flower     red/pink   halves        #  9, 10
+    peanut     red/gold   rings       peanut     green/blue spots         # 11, 12
+    pan        gold/green radial      pan        red/green  halves        # 13, 14
+    mushroom   green/pink stripes     mushroom   gold/blue  rings         # 15, 16
+    dumbbell   red/blue   spots       dumbbell   blue/pink  radial        # 17, 18
+    boot       gold/pink  halves      boot       red/pink   stripes       # 19, 20
+"""
+_W2 = [w for line in CLASS_TABLE2.splitlines() for w in line.split("#")[0].split()]
+CLASSES2 = [(_W2[i], tuple(_W2[i + 1].split("/")), _W2[i + 2]) for i in range(0, 60, 3)]  # (shape, pair, tex)
+SYNTHETIC2_CLASS_NAMES = [f"{s}_{a}-{b}_{t}" for s, (a, b), t in CLASSES2]
+# Shapes as unions of parts (dx, dy, sx, sy, {harmonic k: amplitude}) in a unit frame: part outline
+# r(theta) = 1 + sum a_k cos(k theta), scaled by (sx, sy) and moved to (dx, dy).
+SHAPES2 = {"egg": [(0, 0, 1, .75, {1: .15, 2: .05})], "clover": [(0, 0, 1, 1, {3: .3})],
+           "quatrefoil": [(0, 0, 1, 1, {4: .22})], "bean": [(0, 0, 1, .6, {1: .1, 2: .25, 3: .15})],
+           "flower": [(0, 0, 1, 1, {6: .13, 2: .1})],
+           "peanut": [(-.45, 0, .6, .6, {}), (.45, 0, .55, .55, {})],
+           "pan": [(-.3, 0, .7, .7, {}), (.7, 0, .55, .13, {})],  # round body with a long handle
+           "mushroom": [(0, -.2, 1, .5, {}), (0, .55, .22, .5, {})],  # wide cap on a stem
+           "dumbbell": [(-.7, 0, .4, .4, {}), (.7, 0, .4, .4, {}), (0, 0, .75, .15, {})],
+           "boot": [(-.35, -.2, .3, .8, {}), (.15, .5, .6, .25, {})]}  # leg and foot: an L
+_THETA2 = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+
+
+def _parts2(shape, rng=None):
+    """Unit-frame polygons of a shape; with rng, each part gets per-instance outline and offset jitter."""
+    polys = []
+    for dx, dy, sx, sy, coef in SHAPES2[shape]:
+        r = np.ones_like(_THETA2) + sum(a * np.cos(k * _THETA2) for k, a in coef.items())
+        if rng is not None:  # random low harmonics of about 4% amplitude, part offsets of about 5%
+            r = r + sum(rng.normal(0, .04) * np.cos(k * _THETA2 + rng.uniform(0, 6.3)) for k in (2, 3, 4))
+            dx, dy = dx + rng.normal(0, .05), dy + rng.normal(0, .05)
+        polys.append(np.stack([dx + sx * r * np.cos(_THETA2), dy + sy * r * np.sin(_THETA2)], 1))
+    return polys
+
+
+def _mask2(polys, size, cx, cy, scale, angle, aspect):
+    """Boolean size x size mask: union of unit-frame polygons, stretched, rotated, scaled, moved."""
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    m = np.zeros((size, size), np.uint8)
+    for p in polys:  # one fillPoly per part: overlapping parts must not cancel (even-odd rule)
+        q = (p * [aspect, 1 / aspect]) @ rot.T * scale + [cx, cy]
+        cv2.fillPoly(m, [np.round(q * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
+    return m.astype(bool)
+
+
+# Area of each mean shape at unit scale, used to draw objects with a target pixel area.
+_UNIT_AREA2 = {s: float(_mask2(_parts2(s), 400, 200, 200, 100, 0, 1).sum()) / 1e4 for s in SHAPES2}
+
+
+def _tone(rng, rgb):
+    """A colour with per-draw jitter: hue shift, saturation and brightness scale."""
+    h, s, v = cv2.cvtColor(np.uint8([[rgb]]), cv2.COLOR_RGB2HSV)[0, 0].astype(float)
+    return _hsv2rgb((h + rng.uniform(-6, 6)) % 180, s * rng.uniform(.75, 1.1), v * rng.uniform(.7, 1.1))
+
+
+def _object_texture2(rng, cls, size, cx, cy, scale, angle):
+    """Float RGB two-tone texture of a class in the object's own frame (u, v in units of its scale)."""
+    _, (name1, name2), tex = CLASSES2[cls]
+    y, x = _grid(size)
+    c, s = math.cos(angle) / scale, math.sin(angle) / scale  # python floats keep float32
+    u, v = (x - cx) * c + (y - cy) * s, (y - cy) * c - (x - cx) * s
+    rho = np.sqrt(u * u + v * v)
+    if tex == "stripes":  # grating along the object's axis, about 3 periods per unit
+        t = np.sin(u * rng.uniform(17, 21) + rng.uniform(0, 6.3)) > 0
+    elif tex == "rings":  # concentric bands around the object centre
+        t = np.sin(rho * rng.uniform(13, 16)) > 0
+    elif tex == "spots":  # 8 random discs of the second tone
+        p = rng.uniform(-.9, .9, (8, 2, 1, 1)).astype(np.float32)
+        t = ((u - p[:, 0]) ** 2 + (v - p[:, 1]) ** 2).min(0) < rng.uniform(.03, .05)
+    elif tex == "radial":  # smooth gradient from the first tone at the centre to the second at the rim
+        t = np.clip(rho, 0, 1)
+    else:  # halves: first tone on one side of the long axis, second on the other, soft border
+        t = 1 / (1 + np.exp(-12 * (v - rng.uniform(-.2, .2))))
+    a, b = _tone(rng, PALETTE2[name1]), _tone(rng, PALETTE2[name2])
+    d = rng.uniform(0, 2 * math.pi)
+    shade = 1 + .1 * (u * math.cos(d) + v * math.sin(d)) + .03 * rng.standard_normal((size, size), np.float32)
+    return (a + (b - a) * t.astype(np.float32)[..., None]) * shade[..., None]
+
+
+def _bg_colour(rng):
+    """Background colour: half the time a palette tone (so colour never separates objects), else any."""
+    if rng.random() < .5:
+        return _tone(rng, list(PALETTE2.values())[rng.integers(len(PALETTE2))])
+    return _hsv2rgb(rng.uniform(0, 180), rng.uniform(20, 170), rng.uniform(60, 225))
+
+
+def _clouds(rng, size):
+    """Multi-octave value noise in [0, 1]: random grids of 3, 6, 12, 24 cells, amplitude halving."""
+    t = sum(.5 ** k * cv2.resize(rng.random((3 << k, 3 << k), np.float32), (size, size),
+                                 interpolation=cv2.INTER_CUBIC) for k in range(4))
+    return (t - t.min()) / (t.max() - t.min() + 1e-6)
+
+
+def _background2(rng, size):
+    """Background 'stuff': clouds, a soft four-corner gradient or a patchwork, cloud-shaded, with clutter."""
+    (y, x), kind = _grid(size), rng.integers(3)
+    if kind == 0:  # clouds between two colours
+        a, b = _bg_colour(rng), _bg_colour(rng)
+        img = a + (b - a) * _clouds(rng, size)[..., None]
+    elif kind == 1:  # bilinear blend of four corner colours
+        wy, wx = (y / size)[..., None], (x / size)[..., None]
+        c = [_bg_colour(rng) for _ in range(4)]
+        img = (1 - wy) * ((1 - wx) * c[0] + wx * c[1]) + wy * ((1 - wx) * c[2] + wx * c[3])
+    else:  # patchwork: Voronoi cells of 3-7 seeds, borders wobbled by noise, one colour per cell
+        n = int(rng.integers(3, 8))
+        seeds, cols = rng.uniform(0, size, (n, 2, 1, 1)).astype(np.float32), [_bg_colour(rng) for _ in range(n)]
+        wob = .15 * size * (_clouds(rng, size) - .5)
+        cell = ((x + wob - seeds[:, 0]) ** 2 + (y - wob - seeds[:, 1]) ** 2).argmin(0)
+        img = np.float32(cols)[cell]
+    img = img * (.8 + .4 * _clouds(rng, size))[..., None]  # soft light variation over every kind
+    for _ in range(rng.integers(3, 12)):  # clutter: short strokes and dots, labelled background
+        p, col = rng.uniform(0, size, 2), tuple(float(v) for v in _bg_colour(rng))
+        if rng.random() < .5:
+            length, a = rng.uniform(4, 12), rng.uniform(0, 2 * math.pi)
+            q = p + length * np.array([math.cos(a), math.sin(a)])
+            cv2.line(img, tuple(int(t) for t in p), tuple(int(t) for t in q), col, 1, cv2.LINE_AA)
+        else:
+            cv2.circle(img, tuple(int(t) for t in p), int(rng.integers(1, 3)), col, -1, cv2.LINE_AA)
+    return img
+
+
+def _render2(rng, size):
+    """Render one image with 1-2 large objects; returns (uint8 RGB image, uint8 VOC label map)."""
+    img, inst = _background2(rng, size), np.zeros((size, size), np.int32)
+    classes = rng.choice(20, 1 if rng.random() < .55 else 2, replace=False)  # 55% one object, 45% two
+    prev = None
+    for k, c in enumerate(classes, 1):  # the second object occludes the first
+        shape = CLASSES2[c][0]
+        scale = math.sqrt(rng.uniform(.12, .4) * size * size / _UNIT_AREA2[shape])  # 12-40% of the image
+        cand = rng.uniform(.2 * size, .8 * size, (8, 2))  # may cross the border; a second object takes
+        cx, cy = cand[0] if prev is None else cand[np.argmax(((cand - prev) ** 2).sum(1))]  # the farthest
+        prev, angle, aspect = (cx, cy), rng.uniform(0, 2 * math.pi), math.exp(rng.uniform(-.2, .2))
+        m = _mask2(_parts2(shape, rng), size, cx, cy, scale, angle, aspect)
+        img[m], inst[m] = _object_texture2(rng, c, size, cx, cy, scale, angle)[m], k
+    return _finish(rng, img, inst, classes, blur=.7)
+
+
+# ---- 1c. Writing a world ----
 SYNTHETIC_MARKER = ".complete"  # written into a finished synthetic world: its generation parameters (JSON)
 PREPARED_MARKER = ".prepared.json"  # written by the pascal / coco commands into their --out
 
 
 def _synthetic_params(root):
-    """The generation parameters recorded in the world's marker, or None if root is not a finished world."""
+    """The generation parameters recorded in a world's marker (world, n_train, n_val, size, seed), or None if
+    root is not a finished world. A marker from before the second world names none: it is the first."""
     try:
         with open(os.path.join(root, SYNTHETIC_MARKER)) as f:
             params = json.load(f)
-        return params if isinstance(params, dict) and {"n_train", "n_val", "size", "seed"} <= set(params) else None
+        if isinstance(params, dict) and {"n_train", "n_val", "size", "seed"} <= set(params):
+            return {"world": "synthetic", **params}
     except (OSError, ValueError):
-        return None
+        pass
+    return None
 
 
 def _prepared_kind(root):
@@ -191,15 +352,13 @@ def _prepared_kind(root):
 
 def claim_root(root, flag, kind):
     """The kit writes a data root only if it does not exist, is empty, or carries the kit's own marker of
-    the same kind ('synthetic', 'pascal' or 'coco'); anything else is refused and left untouched."""
+    the same kind ('synthetic', 'synthetic2', 'pascal' or 'coco'); anything else is refused untouched."""
     if not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root)):
         return
-    if kind == "synthetic" and _synthetic_params(root) is not None:
-        return
-    if kind != "synthetic" and _prepared_kind(root) == kind:
+    made = _prepared_kind(root) or (_synthetic_params(root) or {}).get("world")
+    if made == kind:
         return
     names = set(os.listdir(root)) if os.path.isdir(root) else set()
-    made = _prepared_kind(root) or ("synthetic" if _synthetic_params(root) else None)
     if made:
         hint = f"it holds a {made} root made by this kit: did you mean --dataset {made}?"
     elif {IMAGES, MASKS} & names:
@@ -210,35 +369,47 @@ def claim_root(root, flag, kind):
                    f"is written there: {hint}")
 
 
-def ensure_synthetic(root):
-    """What a stage calls on --dataset synthetic: a finished world at root is used as it is (of any size);
-    otherwise the default world is generated there (make_synthetic, which refuses a foreign folder)."""
-    if _synthetic_params(root) is None:
-        make_synthetic(root)
+# The worlds and their default sizes: a different image count and different statistics in each.
+WORLDS = {"synthetic": dict(n_train=2000, n_val=500, size=96), "synthetic2": dict(n_train=1200, n_val=400, size=96)}
+
+
+def ensure_synthetic(root, world="synthetic"):
+    """What a stage calls on --dataset synthetic / synthetic2: a finished world of that kind at root is used
+    as it is (of any size); no world there: the default one is generated (make_synthetic refuses a foreign
+    folder); a world of the other kind: refused, naming both."""
+    params = _synthetic_params(root)
+    if params is None:
+        make_synthetic(root, world=world)
+    elif params["world"] != world:
+        raise KitError(f"--data-root {root} holds the {params['world']} world, not {world}: pass --dataset "
+                       f"{params['world']}, or the --data-root of a {world} world (default {SYNTHETIC_ROOTS[world]})")
     return root
 
 
-def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0, flag="--data-root"):
-    """Write the synthetic benchmark to `root` in VOC layout; return root. Idempotent: if root holds a
-    world with the same parameters, return at once. Only a missing or empty folder, or a synthetic world
-    this kit made, is (re)written (claim_root). The world is written to a private temporary folder and
-    published with one rename, so runs started side by side never read a half-written world."""
-    params = dict(n_train=n_train, n_val=n_val, size=size, seed=seed)
+def make_synthetic(root, n_train=None, n_val=None, size=None, seed=0, flag="--data-root", world="synthetic"):
+    """Write a synthetic world (WORLDS; sizes default to the world's) to `root` in VOC layout; return root.
+    Idempotent: if root holds that world with the same parameters, return at once. Only a missing or empty
+    folder, or a world of the same kind this kit made, is (re)written (claim_root). The world is written to a
+    private temporary folder and published with one rename, so runs started side by side never read a
+    half-written world."""
+    spec, render = WORLDS[world], _render if world == "synthetic" else _render2
+    n_train, n_val, size = n_train or spec["n_train"], n_val or spec["n_val"], size or spec["size"]
+    params = dict(world=world, n_train=n_train, n_val=n_val, size=size, seed=seed)
     if _synthetic_params(root) == params:
         return root
-    claim_root(root, flag, "synthetic")
+    claim_root(root, flag, world)
     parent, name = os.path.split(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
     t0 = time.time()
-    print(f"synthetic: writing {n_train} + {n_val} images of {size} px to {root} ...", flush=True)
+    print(f"{world}: writing {n_train} + {n_val} images of {size} px to {root} ...", flush=True)
     try:
         dirs = [os.path.join(tmp, d) for d in (IMAGES, MASKS, LISTS)]
         for d in dirs:
             os.makedirs(d)
         for split_idx, (split, n) in enumerate((("train", n_train), ("val", n_val))):
             for i in range(n):
-                img, lab = _render(np.random.default_rng([seed, split_idx, i]), size)
+                img, lab = render(np.random.default_rng([seed, split_idx, i]), size)
                 stem = f"{split}_{i:06d}"
                 cv2.imwrite(os.path.join(dirs[0], stem + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -250,17 +421,17 @@ def make_synthetic(root, n_train=2000, n_val=500, size=96, seed=0, flag="--data-
         _publish_world(tmp, root, params, flag)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"synthetic: done in {time.time() - t0:.0f}s", flush=True)
+    print(f"{world}: done in {time.time() - t0:.0f}s", flush=True)
     return root
 
 
 def _publish_world(tmp, root, params, flag):
-    """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made world of
-    this kit there (checked again now: the folder may have changed during generation). If another process
+    """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made world of the
+    same kind there (checked again now: the folder may have changed during generation). If another process
     published the same world first, keep theirs."""
     if _synthetic_params(root) == params:
         return
-    claim_root(root, flag, "synthetic")
+    claim_root(root, flag, params["world"])
     try:  # move the old (empty or differently-made) world out of the way, then delete it
         old = tmp + "-old"
         os.rename(root, old)
@@ -535,11 +706,14 @@ def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved"
 def main(argv=None):
     p = KitParser(description="the BCPT kit's data stage: build and check the data roots")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synthetic", help="write the synthetic benchmark (VOC layout)")
-    s.add_argument("--out", default=SYNTHETIC_ROOT, help="(default %(default)s)")
-    s.add_argument("--n-train", type=POSITIVE, default=2000, help="training images (default %(default)s)")
-    s.add_argument("--n-val", type=POSITIVE, default=500, help="val images (default %(default)s)")
-    s.add_argument("--size", type=SIZE, default=96, help="image side in pixels (default %(default)s)")
+    s = sub.add_parser("synthetic", help="write a synthetic benchmark world (VOC layout)")
+    s.add_argument("--dataset", default="synthetic", choices=list(WORLDS), help="which world (default %(default)s)")
+    s.add_argument("--out", help="(default: " + ", ".join(f"{w} {r}" for w, r in SYNTHETIC_ROOTS.items()) + ")")
+    for flag, kind, what in (("--n-train", POSITIVE, "training images"), ("--n-val", POSITIVE, "val images"),
+                             ("--size", SIZE, "image side in pixels")):
+        key = flag[2:].replace("-", "_")
+        s.add_argument(flag, type=kind, help=f"{what} (default: " + ", ".join(
+            f"{w} {spec[key]}" for w, spec in WORLDS.items()) + ")")
     s.add_argument("--seed", type=int, default=0, help="world seed (default %(default)s)")
     s = sub.add_parser("pascal", help="PASCAL VOC2012 + SBD -> SegmentationClassAug and lists")
     s.add_argument("--voc", required=True, help="VOCdevkit/VOC2012 (JPEGImages, SegmentationClass, ImageSets)")
@@ -555,8 +729,9 @@ def main(argv=None):
     s.add_argument("--workers", type=POSITIVE, default=4, help="threads (default %(default)s)")
     a = p.parse_args(argv)
     if a.command == "synthetic":
-        make_synthetic(a.out, a.n_train, a.n_val, a.size, a.seed, flag="--out")
-        print(f"synthetic benchmark at {a.out}")
+        out = a.out or SYNTHETIC_ROOTS[a.dataset]
+        make_synthetic(out, a.n_train, a.n_val, a.size, a.seed, flag="--out", world=a.dataset)
+        print(f"{a.dataset} benchmark at {out}")
     elif a.command == "pascal":
         if not (a.sbd or a.aug):
             raise KitError("pascal needs --sbd benchmark_RELEASE/dataset or --aug SegmentationClassAug")

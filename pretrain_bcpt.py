@@ -30,15 +30,16 @@ from common import (IGNORE, N_CLASSES, NON_NEGATIVE, UNIT, KitParser, Progress, 
                     finish_args, guidance_step, momentum_update, open_data, read_pair, run, run_folder,
                     seed_everything, split_pixels, stream_loader, to_bgr_image, train_transform)
 
-RESUME_KEYS = ("method", "dataset", "fold", "backbone", "K", "mu", "alpha", "batch", "crop", "epochs", "seed",
-               "no_guidance")
+RESUME_KEYS = ("method", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "batch", "crop", "epochs",
+               "seed", "no_guidance")
 
 
 def parse_args(argv):
     ds = dataset_of(argv)
     p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "pretrain")
     g = p.add_argument_group("BCPT (paper Sec. 2)")
-    g.add_argument("--method", default="bcpt", choices=["standard", "bcpt"], help="(default %(default)s)")
+    g.add_argument("--method", default="bcpt", choices=["standard", "bcpt"], help="standard: cross-entropy over "
+                   "background + base classes (the paper's 'Standard'); bcpt: Eqs. 1-7 (default %(default)s)")
     add_flag(g, ds, "--K", 6, "number of background cluster centres K (Sec. 2.1, Table 4)", type=bounded(int, 2))
     # deviation: the synthetic run is ~150x shorter than the paper's (334 vs ~50k iterations), so the
     # centres' time constant 1 / (1 - mu) is 10x shorter there
@@ -46,6 +47,9 @@ def parse_args(argv):
              "(paper Sec. 2.1)", type=UNIT)
     add_flag(g, ds, "--alpha", 0.1, "weight alpha of the background mining loss in Eq. 4 (paper Sec. 2.2)",
              type=bounded(float, 0.0))
+    g.add_argument("--loss-scale", default="sum", choices=["sum", "mean"], help="Eq. 4's scale, left open by the "
+                   "paper: sum = both sums / (N_base + N_bg); mean = each sum / its own pixel count (default "
+                   "%(default)s)")
     g.add_argument("--no-guidance", action="store_true", help="skip Eqs. 5-7: Table 3's row 'BMC' only")
     g.add_argument("--vis-clusters", type=NON_NEGATIVE, default=0, help="write N pictures of the background "
                    "clusters at the end (Fig. 1b)")
@@ -133,7 +137,8 @@ def train_step(net, opt, scaler, x, y, args):
     else:
         I_base, y_base, I_bg = split_pixels(emb, y)  # (D, N_base), (N_base,), (D, N_bg)
         assign = cluster_assign(net.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
-        loss, out = bcpt_loss(I_base, y_base, I_bg, assign, net.w(), net.centers, args.alpha)  # 4. Eqs. 2-4
+        loss, out = bcpt_loss(I_base, y_base, I_bg, assign, net.w(), net.centers, args.alpha,
+                              args.loss_scale)  # 4. Eqs. 2-4
         out["clusters"] = [round(s, 3) for s in cluster_shares(assign, args.K)]
     if not torch.isfinite(loss):
         return loss, out

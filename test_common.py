@@ -113,6 +113,22 @@ def test_eqs3_4_hand_computed():
     assert loss.item() == pytest.approx((l3 + 0.5 * l2) / 2)  # Eq. 4: sums / the 2 labelled pixels
 
 
+def test_eq4_scales_sum_and_mean_on_known_pixel_counts():
+    g = torch.Generator().manual_seed(1)
+    W, P = torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
+    I_base, y_base, I_bg = torch.randn(4, 2, generator=g), torch.tensor([3, 1]), torch.randn(4, 3, generator=g)
+    assign = common.cluster_assign(P, I_bg)
+
+    def ce(logits, target):  # -log softmax, one row per pixel, by hand
+        return [float(np.log(np.exp(r).sum()) - r[t]) for r, t in zip(logits.numpy(), target)]
+    base = ce(torch.cat([I_base.t() @ W, I_base.t() @ P], 1), (y_base - 1).tolist())  # Eq. 3, 2 pixels
+    bg = ce(I_bg.t() @ P, assign.tolist())  # Eq. 2, 3 pixels
+    total, _ = common.bcpt_loss(I_base, y_base, I_bg, assign, W, P, 0.1, "sum")
+    per_term, parts = common.bcpt_loss(I_base, y_base, I_bg, assign, W, P, 0.1, "mean")
+    assert total.item() == pytest.approx((sum(base) + 0.1 * sum(bg)) / 5, rel=1e-5)
+    assert per_term.item() == pytest.approx(sum(base) / 2 + 0.1 * sum(bg) / 3, rel=1e-5)
+    assert parts == pytest.approx({"l_base": sum(base) / 2, "l_bm": sum(bg) / 3}, rel=1e-5)
+
 # ---------- common.py 2. ASPP-PFENet and the prior mask ----------
 def test_masked_average_pooling_hand_computed():
     feat = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
@@ -432,12 +448,15 @@ def test_no_line_over_120_characters():
 
 
 # ---------- prepare_data.py: the synthetic benchmark ----------
-N_TRAIN, N_VAL, SIZE = 100, 60, 96
+N_TRAIN, N_VAL, SIZE = 100, 80, 96
+WORLDS = ["synthetic", "synthetic2"]
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """One small benchmark shared by the read-only tests."""
-    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synth")), N_TRAIN, N_VAL, SIZE, seed=0)
+
+@pytest.fixture(scope="module", params=WORLDS)
+def root(request, tmp_path_factory):
+    """One small world of each kind, shared by the read-only tests."""
+    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp(request.param)), N_TRAIN, N_VAL, SIZE, seed=0,
+                                       world=request.param)
 
 
 def _masks(root, split):
@@ -459,8 +478,11 @@ def test_layout_and_counts(root):
     assert ids == sorted(ids) == [f"val_{i:06d}" for i in range(N_VAL)]
     assert not any(i.startswith("train_") for i in ids)
     with open(os.path.join(root, ".complete")) as f:
-        assert json.load(f) == dict(n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
-    assert len(prepare_data.SYNTHETIC_CLASS_NAMES) == 20 == len(set(prepare_data.SYNTHETIC_CLASS_NAMES))
+        world = json.load(f)["world"]
+    with open(os.path.join(root, ".complete")) as f:
+        assert json.load(f) == dict(world=world, n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
+    names = {"synthetic": prepare_data.SYNTHETIC_CLASS_NAMES, "synthetic2": prepare_data.SYNTHETIC2_CLASS_NAMES}[world]
+    assert world in root and len(names) == 20 == len(set(names))
 
 
 def test_mask_format_and_content(root):
@@ -502,15 +524,32 @@ def test_foreground_fraction_plausible(root):
     assert 0.1 < fg < 0.5
 
 
-def test_determinism(tmp_path):
-    a = prepare_data.make_synthetic(str(tmp_path / "a"), n_train=20, n_val=10, seed=3)
-    b = prepare_data.make_synthetic(str(tmp_path / "b"), n_train=20, n_val=10, seed=3)
-    c = prepare_data.make_synthetic(str(tmp_path / "c"), n_train=20, n_val=10, seed=4)
+@pytest.mark.parametrize("world", WORLDS)
+def test_determinism(tmp_path, world):
+    a = prepare_data.make_synthetic(str(tmp_path / "a"), n_train=20, n_val=10, seed=3, world=world)
+    b = prepare_data.make_synthetic(str(tmp_path / "b"), n_train=20, n_val=10, seed=3, world=world)
+    c = prepare_data.make_synthetic(str(tmp_path / "c"), n_train=20, n_val=10, seed=4, world=world)
     read = lambda r, n: open(os.path.join(r, "SegmentationClassAug", n), "rb").read()  # noqa: E731
     names = sorted(os.listdir(os.path.join(a, "SegmentationClassAug")))
     assert names == sorted(os.listdir(os.path.join(b, "SegmentationClassAug")))
     assert all(read(a, n) == read(b, n) for n in names)
     assert sum(read(a, n) != read(c, n) for n in names) > len(names) // 2
+
+
+def test_the_two_worlds_differ_and_each_stays_in_its_folder(tmp_path, capsys):
+    one = prepare_data.make_synthetic(str(tmp_path / "one"), 40, 10, 48)
+    two = prepare_data.make_synthetic(str(tmp_path / "two"), 40, 60, 48, world="synthetic2")
+    masks = [np.stack(list(_masks(r, "train").values())) for r in (one, two)]
+    objects = [[len(set(np.unique(m).tolist()) - {0, 255}) for m in ms] for ms in masks]
+    assert max(objects[1]) <= 2 < max(objects[0])  # synthetic2: 1-2 objects; synthetic: up to 4
+    with pytest.raises(KitError, match="holds the synthetic world, not synthetic2: pass --dataset synthetic"):
+        prepare_data.ensure_synthetic(one, "synthetic2")
+    with pytest.raises(KitError, match="holds a synthetic2 root made by this kit: did you mean --dataset synthetic2"):
+        prepare_data.make_synthetic(two, 40, 10, 48, flag="--out")  # world 1 is never written over world 2
+    import nonparametric_eval
+    nonparametric_eval.main(["--dataset", "synthetic2", "--data-root", two, "--episodes", "2", "--seeds", "1",
+                             "--workers", "0", "--min-pixels", "16", "--test-size", "48"])
+    assert "synthetic2 fold 0" in capsys.readouterr().out
 
 
 def test_idempotent_no_rewrite(tmp_path):
@@ -1040,7 +1079,8 @@ def test_pipeline_smoke_pretrain_metatrain_evaluate(metatrained, tmp_path, shot)
                    "--json", str(path), "--vis", str(tmp_path / "vis"), "--vis-count", "2", *compare])
     r = json.loads(path.read_text())
     assert EVAL_KEYS <= set(r) and r["shot"] == shot and r["episodes"] == 5 and r["seeds"] == [510, 7]
-    assert r["pretrained"] == "bcpt K=6" and r["select"] == "last" and set(r["class_iou"]) == {"1", "2", "3", "4", "5"}
+    assert r["pretrained"] == "bcpt K=6 Eq4=sum" and r["select"] == "last"
+    assert set(r["class_iou"]) == {"1", "2", "3", "4", "5"}
     seeds = [s["miou"] for s in r["per_seed"]]
     assert r["miou"] == pytest.approx(np.mean(seeds)) and r["miou_std"] == pytest.approx(np.std(seeds, ddof=1))
     assert 0 <= r["miou"] <= 100 and 0 <= r["fb_iou"] <= 100
@@ -1098,9 +1138,15 @@ def test_pretrain_label_names_each_variant(tmp_path):
         return common.pretrain_label(path)
     assert common.pretrain_label("none") == "none" and common.pretrain_label("imagenet") == "imagenet"
     assert label(method="standard", K=6, alpha=0.1) == "standard"
-    assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False) == "bcpt K=6"
-    assert label(method="bcpt", K=2, alpha=0.1, no_guidance=True) == "bcpt no-guidance K=2"
-    assert label(method="bcpt", K=6, alpha=0.0, no_guidance=False) == "bcpt K=6 alpha=0"
+    assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False) == "bcpt K=6 Eq4=sum"  # before --loss-scale
+    assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False, loss_scale="sum") == "bcpt K=6 Eq4=sum"
+    assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False, loss_scale="mean") == "bcpt K=6 Eq4=mean"
+    assert label(method="bcpt", K=2, alpha=0.1, no_guidance=True, loss_scale="sum") == "bcpt no-guidance K=2 Eq4=sum"
+    assert label(method="bcpt", K=6, alpha=0.0, no_guidance=False, loss_scale="mean") == "bcpt K=6 alpha=0 Eq4=mean"
+    variants = [dict(method=m, K=k, alpha=a, no_guidance=g, loss_scale=s) for m in ("standard", "bcpt")
+                for k in (2, 6) for a in (0.0, 0.1) for g in (False, True) for s in ("sum", "mean")]
+    labels = {label(**v) for v in variants if v["method"] == "bcpt"}
+    assert len(labels) == 2 * 2 * 2 * 2  # every bcpt variant has its own table row
 
 
 def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrained, tmp_path, capsys):
@@ -1120,13 +1166,34 @@ def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrain
     nonparametric_eval.main(["--table", *files, str(fold1)])
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| synthetic")]
-    assert len(rows) == 3 and {r.split("|")[4].strip() for r in rows} == {"none", "standard", "bcpt K=6"}
+    assert len(rows) == 3 and {r.split("|")[4].strip() for r in rows} == {"none", "standard", "bcpt K=6 Eq4=sum"}
     none_row = next(r for r in rows if r.split("|")[4].strip() == "none").split("|")
     cells = [c.strip() for c in none_row[5:10]]  # folds 0-3 and mean
     want0, want1 = (json.loads(open(f).read())["miou"] for f in (files[0], fold1))
     assert cells[0] == f"{want0:.2f}" and cells[1] == f"{want1:.2f}" and cells[2] == cells[3] == "-"
     assert cells[4] == f"{(want0 + want1) / 2:.2f}*"
 
+
+def test_base_threshold_reads_no_novel_episode(synthetic_root, pretrained, tmp_path, monkeypatch):
+    import nonparametric_eval
+    seen, get = [], common.EpisodeDataset.__getitem__
+
+    def spy(self, idx):
+        item = get(self, idx)
+        seen.append((frozenset(self.classes), item["cls"]))
+        return item
+    monkeypatch.setattr(common.EpisodeDataset, "__getitem__", spy)
+    path = tmp_path / "r.json"
+    nonparametric_eval.main(np_args(synthetic_root, pretrained["bcpt"], path))
+    j = json.loads(path.read_text())
+    novel, base = frozenset(range(1, 6)), frozenset(range(6, 21))
+    assert {classes for classes, _ in seen} == {novel, base}  # two phases: novel episodes, base episodes
+    assert all(c in classes for classes, c in seen)  # every base-phase episode is of a base class
+    assert j["base_threshold"] == float(max(j["base_sweep"], key=j["base_sweep"].get))  # chosen on base only
+    assert j["miou_base_threshold"] == j["sweep"][f"{j['base_threshold']:g}"] and "miou_base_threshold_std" in j
+    for metric, want in (("base-threshold", j["miou_base_threshold"]), ("best-sweep", max(j["sweep"].values()))):
+        capsys = nonparametric_eval.format_table([str(path)], nonparametric_eval.TABLE_METRICS[metric])
+        assert f"| {want:.2f} |" in capsys
 
 # ---------- every stage: bad input, a user's data, exact resume ----------
 def test_cli_error_is_one_line(tmp_path):

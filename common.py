@@ -16,6 +16,7 @@ H, W spatial size, N pixels. Embeddings are columns, as in the paper: I (D, N), 
 """
 import argparse
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -42,6 +43,17 @@ class KitError(Exception):
     """A user-facing error: one line naming the file or flag and the fix."""
 
 
+def fp32(fn):
+    """Run fn in float32 with autocast off: the numerically sensitive steps (the losses of Eqs. 2-4, the centre
+    updates of Eqs. 1 and 7, k-means, the prior mask's cosines) stay in full precision under mixed precision."""
+    @functools.wraps(fn)
+    def in_fp32(*args, **kwargs):
+        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args], **kwargs)
+    return in_fp32
+
+
 # ============ 1. BCPT: online clustering of the merged background (paper Sec. 2) ============
 def split_pixels(emb, y):
     """Sec. 2.2: embeddings (B, D, h, w) and labels (B, h, w) -> I_base (D, N_base) with its labels y_base
@@ -57,6 +69,7 @@ def cluster_assign(P, I_bg):
     return (P.t() @ I_bg).argmax(0)
 
 
+@fp32
 def momentum_update(P, I_bg, assign, mu):
     """Eq. (1): P_hat = I_bg A^T (D, K), then p <- mu p/|p| + (1 - mu) p_hat/|p_hat| for each centre.
     A centre with no pixel in the batch keeps its value (Eq. 1 is undefined there)."""
@@ -66,14 +79,16 @@ def momentum_update(P, I_bg, assign, mu):
     return torch.where(A_t.sum(0) > 0, moved, P)
 
 
-def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum"):
+@fp32
+def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centres"):
     """Eqs. (2)-(4). I_base (D, N_base) with labels y_base in 1..C, I_bg (D, N_bg) assigned to centres
-    `assign` (N_bg,), base vectors W (D, C), centres P (D, K) (a buffer: no gradient). scale: how Eq. 4's
-    sums are brought to a per-pixel size (the paper leaves it open; README "choices it leaves open"):
-    'sum' divides both sums by N_base + N_bg; 'mean' averages each term over its own pixels.
+    `assign` (N_bg,), base vectors W (D, C), centres P (D, K) (a buffer: no gradient). Two readings the paper
+    leaves open (README "choices it leaves open"): eq3, the softmax of Eq. 3 over the base vectors and the K
+    centres ('centres') or over the base vectors only ('base'); scale, how Eq. 4's sums are brought to a
+    per-pixel size: 'sum' divides both sums by N_base + N_bg, 'mean' averages each term over its own pixels.
     -> (L_total, {"l_base": Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
-    # Eq. 3: a base pixel against the base vectors and the K background centres (our reading, README)
-    logits = torch.cat([I_base.t() @ W, I_base.t() @ P], 1)  # (N_base, C + K)
+    # Eq. 3: a base pixel against the base vectors (and the K background centres)
+    logits = I_base.t() @ W if eq3 == "base" else torch.cat([I_base.t() @ W, I_base.t() @ P], 1)  # (N_base, C+K)
     l_base = F.cross_entropy(logits, y_base - 1, reduction="sum")
     # Eq. 2: a background pixel against the K centres, its own assigned centre as the target
     l_bm = F.cross_entropy(I_bg.t() @ P, assign, reduction="sum")  # logits (N_bg, K)
@@ -86,6 +101,7 @@ def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum"):
     return loss, {"l_base": l_base.item() / n_base, "l_bm": l_bm.item() / n_bg}
 
 
+@fp32
 def kmeans(x, init, iters=10):
     """Eq. (5): Lloyd's k-means on the columns of x (D, C), from init (D, k); an empty cluster keeps its
     centre. Deterministic: no random restarts."""
@@ -106,6 +122,7 @@ def farthest_point_init(x, k):
     return x[:, chosen].clone()
 
 
+@fp32
 def guide_centers(P, G, mu):
     """Eqs. (6)-(7). Eq. 6: M (K-1, K) maximising Tr(M^T G^T P) with one 1 per row, i.e. each guidance
     vector goes to its most similar centre. Eq. 7: p <- mu p + (1 - mu) g_hat/|g_hat|, g_hat the sum of
@@ -128,6 +145,7 @@ def masked_average_pooling(feat, mask):
     return (feat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 5e-4)
 
 
+@fp32
 def prior_mask(query_feat, support_feat, support_mask):
     """PFENet's training-free prior for ONE shot (the caller averages shots): for each query position the
     max over support positions of cos(f_q, f_s * M), then min-max over the query's positions.
@@ -162,10 +180,38 @@ def frozen_features(backbone, images, masks=None):
         return mid, high, m3, resize(masks, high.shape[-2:])
 
 
-def shot_prior(q_high, s_high, s_mask, shots):
-    """K-shot prior = mean over shots of prior_mask. q_high (B, C, H, W), s_high (B*S, C, h, w)."""
+def shot_prior(q_high, s_high, s_mask, shots, weights=None):
+    """K-shot prior: the mean over shots of prior_mask, or their weighted sum with weights (B, S).
+    q_high (B, C, H, W), s_high (B*S, C, h, w), s_mask (B*S, 1, h, w) -> (B, 1, H, W)."""
     s_high, s_mask = s_high.unflatten(0, (-1, shots)), s_mask.unflatten(0, (-1, shots))  # (B, S, ...)
-    return torch.stack([prior_mask(q_high, s_high[:, k], s_mask[:, k]) for k in range(shots)]).mean(0)
+    priors = torch.stack([prior_mask(q_high, s_high[:, k], s_mask[:, k]) for k in range(shots)])  # (S, B, 1, H, W)
+    return priors.mean(0) if weights is None else (weights.t()[:, :, None, None, None] * priors).sum(0)
+
+
+def gram(feat):
+    """Normalised Gram matrix of the channels: (B, C, h, w) -> (B, C, C), entry (i, j) = <F_i, F_j> /
+    (|F_i| |F_j| + 1e-7), F_i channel i flattened over the positions (BAM, PROTOCOL.md 9.7)."""
+    f = feat.flatten(2)  # (B, C, N)
+    n = f.norm(dim=2, keepdim=True)  # (B, C, 1)
+    return torch.bmm(f, f.transpose(1, 2)) / (torch.bmm(n, n.transpose(1, 2)) + 1e-7)
+
+
+class ShotWeights(nn.Module):
+    """BAM's K-shot weighting (PROTOCOL.md 9.7): a support's scene difference est_k = |G_query - G_k|_F / C from
+    the layer-2 Gram matrices; the est sorted ascending pass 1x1 convs K -> 2 -> K (ReLU between); back in shot
+    order, a softmax over the shots weighs the supports' priors and prototypes."""
+
+    def __init__(self, shots):
+        super().__init__()
+        self.rw = nn.Sequential(nn.Conv2d(shots, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(2, shots, 1))
+
+    def forward(self, q_low, s_low):
+        """q_low (B, C, h, w), s_low (B, S, C, h, w) -> weights (B, S), each row summing to 1."""
+        diff = gram(q_low)[:, None] - gram(s_low.flatten(0, 1)).unflatten(0, s_low.shape[:2])  # (B, S, C, C)
+        est = diff.flatten(2).norm(dim=2) / q_low.shape[1]  # (B, S)
+        sorted_est, order = est.sort(1)
+        w = self.rw(sorted_est[:, :, None, None])[:, :, 0, 0].gather(1, order.argsort(1))  # (B, S), shot order
+        return w.softmax(1)
 
 
 class ASPP(nn.Module):
@@ -191,10 +237,11 @@ def _conv_relu(c_in, c_out, k):
 
 
 class AsppPFENet(nn.Module):
-    """ASPP PFENet (paper Sec. 3.1): BAM's meta learner without the base-learner ensemble. The backbone
-    is frozen (no gradient, BN always in eval); everything else trains."""
+    """ASPP PFENet (paper Sec. 3.1): BAM's meta learner without the base-learner ensemble. The backbone is frozen
+    (no gradient, BN always in eval); everything else trains. fusion of the K supports' priors and prototypes:
+    'mean' (PFENet) or 'weighted' (BAM's ShotWeights, for a fixed shot count)."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, shots=1, fusion="mean"):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
         mid = backbone.channels[2] + backbone.channels[3]
@@ -205,6 +252,8 @@ class AsppPFENet(nn.Module):
         self.res1 = nn.Sequential(*_conv_relu(256 * 5, 256, 1))
         self.res2 = nn.Sequential(*_conv_relu(256, 256, 3), *_conv_relu(256, 256, 3))
         self.cls = nn.Sequential(*_conv_relu(256, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, 2, 1))
+        if fusion == "weighted" and shots > 1:
+            self.shot_weights = ShotWeights(shots)
 
     def train(self, mode=True):
         super().train(mode)
@@ -218,9 +267,14 @@ class AsppPFENet(nn.Module):
         q_mid, q_high = frozen_features(self.backbone, query)
         m = (support_mask == 1).float().flatten(0, 1).unsqueeze(1)  # (B*S, 1, H, W); 255 -> 0
         s_mid, s_high, m_mid, m_high = frozen_features(self.backbone, support.flatten(0, 1), m)
+        w = None  # (B, S) shot weights, or None for the mean
+        if hasattr(self, "shot_weights"):  # layer-2 features: the channels after layer3's in `mid`
+            c3 = self.backbone.channels[3]
+            w = self.shot_weights(q_mid[:, c3:], s_mid[:, c3:].unflatten(0, (-1, shots)))
         q = self.down_query(q_mid)  # (B, 256, h, w)
-        proto = masked_average_pooling(self.down_supp(s_mid), m_mid).unflatten(0, (-1, shots)).mean(1)  # (B, 256)
-        prior = resize(shot_prior(q_high, s_high, m_high, shots), q.shape[-2:])  # (B, 1, h, w)
+        protos = masked_average_pooling(self.down_supp(s_mid), m_mid).unflatten(0, (-1, shots))  # (B, S, 256)
+        proto = protos.mean(1) if w is None else (w[:, :, None] * protos).sum(1)  # (B, 256)
+        prior = resize(shot_prior(q_high, s_high, m_high, shots, w), q.shape[-2:])  # (B, 1, h, w)
         x = self.init_merge(torch.cat([q, proto[:, :, None, None].expand_as(q), prior], 1))  # (B, 513, h, w) in
         x = self.res1(self.aspp(x))  # (B, 1280, h, w) -> (B, 256, h, w)
         x = self.res2(x) + x
@@ -308,8 +362,8 @@ def image_pools(root, train_pool="aug"):
         lists = [os.path.join(root, LISTS, name) for name in ("train.txt", "train_noval.txt")]
         missing = [p for p in lists if not os.path.exists(p)]
         if missing:
-            raise KitError(f"--train-pool oslsm needs {' and '.join(missing)} (python prepare_data.py pascal "
-                           "writes them); or use --train-pool aug")
+            raise KitError(f"--train-pool oslsm (the PASCAL default) needs {' and '.join(missing)}: make them "
+                           "with python prepare_data.py pascal --train-noval train_noval.txt, or pass --train-pool aug")
         train = set(read_list(lists[0])) | set(read_list(lists[1]))
     return sorted(train - val_set), val
 
@@ -584,7 +638,10 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
                                        pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-# ============ 7. Backbones (PROTOCOL.md 9) ============
+# ============ 7. Backbones and the weight files of the kit and of PFENet / BAM (PROTOCOL.md 9.1-9.2) ============
+BACKBONES = ("resnet50v2", "resnet50", "vgg16", "resnet18")
+
+
 class Backbone(nn.Module):
     """layer0 .. layer4; forward returns the five feature maps. `channels[i]` = channels of layer i."""
 
@@ -612,11 +669,28 @@ def _dilate(layer, dilation):
 
 
 def _torchvision_net(name):
-    return {"resnet50": torchvision.models.resnet50, "resnet18": torchvision.models.resnet18,
-            "vgg16": torchvision.models.vgg16_bn}[name](weights=None)
+    """The unsplit network whose state-dict keys are those of the weight files: torchvision's, or for
+    resnet50v2 PSPNet/PFENet/BAM's deep stem (three 3x3 convs 3->64 s2, 64->64, 64->128, each BN + ReLU;
+    layer1 then starts from 128 channels; the bottlenecks are torchvision's, with the same keys)."""
+    if name != "resnet50v2":
+        return {"resnet50": torchvision.models.resnet50, "resnet18": torchvision.models.resnet18,
+                "vgg16": torchvision.models.vgg16_bn}[name](weights=None)
+    net = torchvision.models.resnet50(weights=None)
+    for k, (c_in, c_out, stride) in enumerate([(3, 64, 2), (64, 64, 1), (64, 128, 1)], 1):
+        setattr(net, f"conv{k}", nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False))
+        setattr(net, f"bn{k}", nn.BatchNorm2d(c_out))
+    net.inplanes, net.fc = 128, nn.Identity()  # the file's fc (ImageNet classifier) is not used
+    net.layer1 = net._make_layer(torchvision.models.resnet.Bottleneck, 64, 3)
+    for m in net.modules():  # torchvision's init for the rebuilt parts too
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
 
 
 def _imagenet_state(name):
+    if name == "resnet50v2":
+        raise KitError("--backbone resnet50v2 has no torchvision ImageNet weights: pass --weights "
+                       "initmodel/resnet50_v2.pth (PFENet/BAM's file, PROTOCOL.md 9.1)")
     weights = {"resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
                "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
                "vgg16": torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1}[name]
@@ -627,7 +701,26 @@ def _imagenet_state(name):
                        f"download {weights.url} elsewhere and pass --weights PATH, or use --weights none") from None
 
 
-def _load_strict(module, state, source):
+def backbone_kind(state):
+    """Which backbone a state dict holds, from its keys and stem shape: resnet50v2 (3x3 deep stem), resnet50,
+    resnet18 (7x7 stem; bottleneck or basic blocks) or vgg16; for unsplit (torchvision-style) or split
+    (layer0..layer4) keys alike. None if unknown."""
+    stem = state.get("conv1.weight", state.get("layer0.0.weight"))
+    if "features.0.weight" in state or ("layer0.0.weight" in state and "layer1.0.conv1.weight" not in state):
+        return "vgg16"
+    if stem is None:
+        return None
+    if stem.shape[-1] == 3:
+        return "resnet50v2"
+    return "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+
+
+def _load_strict(module, state, source, name):
+    """load_state_dict(strict=True); a file of another backbone, or with a missing or unexpected key, is refused."""
+    kind = backbone_kind(state)
+    if kind not in (None, name):
+        raise KitError(f"{source} holds a {kind} backbone but this run has --backbone {name}: pass --backbone "
+                       f"{kind}, or weights of a {name}")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -635,36 +728,57 @@ def _load_strict(module, state, source):
         raise KitError(f"{source} does not match the backbone: {' '.join(first)[:300]}") from None
 
 
-def build_backbone(name, weights="none", expect=None):
-    """torchvision backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2).
+def _split_state(ckpt, source):
+    """The layer0..layer4 part of a kit pre-training checkpoint (backbone.*) or of BAM's base learner best.pth
+    ({'state_dict': {'module.layer0...', 'module.encoder...', 'module.ppm...', 'module.cls...'}}), else None."""
+    if "model" in ckpt and "args" in ckpt:  # pretrain_bcpt.py's last.pt / best.pt
+        return {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    flat = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
+    if not any(k.startswith("layer0.") for k in flat):
+        return None
+    state = {k: v for k, v in flat.items() if k.split(".")[0] in ("layer0", "layer1", "layer2", "layer3", "layer4")}
+    print(f"{source}: took layer0-layer4 ({len(state)} tensors) of BAM's base learner; left out "
+          f"{len(flat) - len(state)} (its encoder.* copies, ppm.*, cls.*)")
+    return state
 
-    name: resnet50 / resnet18 (layer3, layer4 dilated 2 and 4: output stride 8) or vgg16 (vgg16_bn,
-    PFENet split, ceil-mode pools). weights: 'imagenet', 'none', a torchvision state-dict file, or a
-    kit checkpoint (pretrain_bcpt.py's last.pt), which must match `expect` (e.g. dataset and fold).
+
+def build_backbone(name, weights="none", expect=None):
+    """The backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2).
+
+    name: resnet50v2 (PSPNet/PFENet/BAM's deep stem), resnet50, resnet18 (torchvision; layer3 and layer4 dilated
+    2 and 4: output stride 8), or vgg16 (vgg16_bn, PFENet/BAM's split, ceil-mode pools). weights: 'imagenet',
+    'none', a state-dict file of the unsplit network (torchvision's, PFENet/BAM's resnet50_v2.pth or vgg16_bn.pth),
+    BAM's base learner best.pth, or a kit pre-training checkpoint, which must match `expect` (dataset, fold).
     """
-    if name not in ("resnet50", "resnet18", "vgg16"):
-        raise KitError(f"--backbone {name!r}: choose resnet50, resnet18 or vgg16")
-    net, ckpt = _torchvision_net(name), None
+    if name not in BACKBONES:
+        raise KitError(f"--backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    net, split = _torchvision_net(name), None
     if weights == "imagenet":
         net.load_state_dict(_imagenet_state(name))
     elif weights not in (None, "none"):
         ckpt = load_checkpoint(weights, {**(expect or {}), "backbone": name})
-        if "model" not in ckpt:
-            _load_strict(net, ckpt, weights)  # a plain torchvision state dict
+        split = _split_state(ckpt, weights)
+        if split is None:  # a plain state dict of the unsplit network; PFENet/BAM's ImageNet fc is dropped
+            _load_strict(net, {k: v for k, v in ckpt.items() if not k.startswith("fc.") or name != "resnet50v2"},
+                         weights, name)
     if name == "vgg16":
         f = net.features
         for m in f:
             if isinstance(m, nn.MaxPool2d):
                 m.ceil_mode = True
-        layers, channels = [f[0:7], f[7:14], f[14:24], f[24:34], f[34:43]], [64, 128, 256, 512, 512]
+        cuts = [(0, 7), (7, 14), (14, 24), (24, 34), (34, 43)]  # each layer re-indexed from 0, as BAM's
+        layers, channels = [nn.Sequential(*f[a:b]) for a, b in cuts], [64, 128, 256, 512, 512]
     else:
-        layers = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2,
-                  _dilate(net.layer3, 2), _dilate(net.layer4, 4)]
-        channels = [64, 64, 128, 256, 512] if name == "resnet18" else [64, 256, 512, 1024, 2048]
+        stem = [net.conv1, net.bn1, nn.ReLU(inplace=True)]
+        if name == "resnet50v2":  # BAM's layer0 order: conv1 bn1 relu1 conv2 bn2 relu2 conv3 bn3 relu3 maxpool
+            stem += [net.conv2, net.bn2, nn.ReLU(inplace=True), net.conv3, net.bn3, nn.ReLU(inplace=True)]
+        layers = [nn.Sequential(*stem, net.maxpool), net.layer1, net.layer2, _dilate(net.layer3, 2),
+                  _dilate(net.layer4, 4)]
+        channels = {"resnet18": [64, 64, 128, 256, 512], "resnet50": [64, 256, 512, 1024, 2048],
+                    "resnet50v2": [128, 256, 512, 1024, 2048]}[name]
     backbone = Backbone(name, layers, channels)
-    if ckpt is not None and "model" in ckpt:  # the backbone part of a pretraining checkpoint
-        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
-        _load_strict(backbone, state, weights)
+    if split is not None:
+        _load_strict(backbone, split, weights, name)
     return backbone
 
 
@@ -680,27 +794,33 @@ def add_eval_args(parser):
     g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, "
                    "bcpt K=6...)")
     g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
+    add_precision_arg(g)
     return parser
 
 
 def pretrain_label(weights):
-    """Table row name of a backbone source: imagenet, none, or pretrain_bcpt.py's method and variant."""
+    """Table row name of a backbone source: imagenet, none, BAM's base learner, or pretrain_bcpt.py's method with
+    every choice that changes it (head, K, alpha, Eq. 3 and Eq. 4 readings, guidance, best-val selection)."""
     if weights in (None, "none", "imagenet"):
         return weights or "none"
-    a = load_checkpoint(weights).get("args", {})
+    ckpt = load_checkpoint(weights)
+    a = ckpt.get("args", {})
     if "method" not in a:
-        return os.path.basename(weights)
+        return "standard (BAM best.pth)" if "state_dict" in ckpt else os.path.basename(weights)
+    best = " best-val" if ckpt.get("select") == "best-val" else ""
     if a["method"] != "bcpt":
-        return a["method"]
+        return f"standard {a.get('head', 'linear')}{best}"  # files from before --head: linear
     alpha, scale = a.get("alpha", 0.1), a.get("loss_scale", "sum")  # files from before --loss-scale: sum
     return ("bcpt" + (" no-guidance" if a.get("no_guidance") else "") + f" K={a['K']}"
-            + (f" alpha={alpha:g}" if alpha != 0.1 else "") + f" Eq4={scale}")  # the paper's alpha goes unnamed
+            + (f" alpha={alpha:g}" if alpha != 0.1 else "") + f" Eq4={scale}"  # the paper's alpha goes unnamed
+            + (" Eq3=base" if a.get("eq3") == "base" else "") + best)
 
 
-def predict_meta(model, item):
-    """Scores (1, 2, s, s) of a meta-trained model on one evaluation episode."""
+def predict_meta(model, item, dtype=None):
+    """Scores (1, 2, s, s) of a meta-trained model on one evaluation episode, under autocast in `dtype`."""
     device = next(model.parameters()).device
-    return model(item["query"].to(device), item["support"].to(device), item["support_mask"].to(device))
+    with autocast(device, dtype):
+        return model(item["query"].to(device), item["support"].to(device), item["support_mask"].to(device))
 
 
 def argmax_mask(scores):
@@ -771,7 +891,8 @@ def write_results(path, summary, args, **fields):
                 "ignore": IGNORE, "min_pixels": args.min_pixels, "train_pool": args.train_pool,
                 "coco_split": args.coco_split, "std": "sample std over seeds"}
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
-           "dataset": args.dataset, "backbone": args.backbone, "protocol": protocol, **fields}
+           "dataset": args.dataset, "backbone": args.backbone, "precision": args.precision, "protocol": protocol,
+           **fields}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(out, f, indent=1)
@@ -871,8 +992,9 @@ def add_data_args(parser, dataset, stage):
              "VOC-layout root (python prepare_data.py makes one; the synthetic one is generated on first use)")
     if stage != "verify":
         add_flag(g, dataset, "--fold", d(0), "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
-    add_flag(g, dataset, "--train-pool", d("aug"), "aug: every mask not in val.txt; oslsm: train.txt + "
-             "train_noval.txt, PFENet/BAM's 5953 (PROTOCOL.md 2.2)", choices=["aug", "oslsm"])
+    add_flag(g, dataset, "--train-pool", d(dict(pascal="oslsm", coco="aug", synthetic="aug")), "aug: every mask "
+             "not in val.txt (10582 on VOC + SBD); oslsm: train.txt + train_noval.txt, PFENet/BAM's 5953 "
+             "(PROTOCOL.md 2.2)", choices=["aug", "oslsm"])
     add_flag(g, dataset, "--coco-split", d("interleaved"), "COCO-20i folds: interleaved is PFENet/BAM/HSNet's "
              "(PROTOCOL.md 1.2)", choices=["interleaved", "contiguous"])
     if stage != "pretrain":  # the pixel rule and the test canvas belong to episodes
@@ -891,7 +1013,8 @@ def add_common_args(parser, dataset, stage):
     add_data_args(parser, dataset, stage)
     g = parser.add_argument_group("model" + ("; default: the checkpoint's" if stage == "evaluate" else ""))
     add_flag(g, dataset, "--backbone", d(dict(pascal="resnet50", coco="resnet50", synthetic="resnet18")),
-             "resnet50 or vgg16 (paper Sec. 3.1); resnet18 for CPU runs", choices=["resnet50", "vgg16", "resnet18"])
+             "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. 3.1); resnet18 "
+             "for CPU runs", choices=BACKBONES)
     add_flag(g, dataset, "--weights --pretrained", d(dict(pascal="imagenet", coco="imagenet", synthetic="none")),
              "backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt", dest="weights")
     g = parser.add_argument_group("run")
@@ -920,12 +1043,45 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     add_flag(g, dataset, "--power", 0.9, "power of the poly lr schedule, per iteration (PROTOCOL.md 7.1)",
              type=bounded(float, 0.0))
     g = parser.add_argument_group("run control")
+    add_precision_arg(g)
     g.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations; the lr schedule is unchanged")
     add_flag(g, dataset, "--log-every", 20, "iterations between progress lines", type=POSITIVE)
     add_flag(g, dataset, "--save-every", 200, "iterations between checkpoints", type=POSITIVE)
     g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if none yet)")
-    g.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA (none on CPU)")
+    g.add_argument("--select", default="last", choices=["last", "best-val"], help="last: the final model (honest); "
+                   "best-val: also keep best.pt, the best validation on the val images, as BAM and PFENet do "
+                   "(PROTOCOL.md 8.1) (default %(default)s)")
+    g.add_argument("--benchmark", type=NON_NEGATIVE, default=0, help="time N steps (data / network, peak memory) "
+                   "and exit")
     return parser
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_precision_arg(group):
+    group.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: fp16 autocast with a gradient "
+                       "scaler on CUDA, fp32 on the CPU; bf16: bfloat16 autocast on either, no scaler; fp16: CUDA "
+                       "only (default %(default)s)")
+
+
+def amp_dtype(precision, device):
+    """The autocast dtype of --precision on `device`, or None (float32, no autocast)."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise KitError("--precision fp16 needs a CUDA device: use --precision bf16 (or fp32) on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device, dtype):
+    """Mixed precision in `dtype` on `device`, or nothing for dtype None (see fp32 for what stays float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device, dtype):
+    """The gradient scaler fp16 needs (bf16 and fp32 do not: it is then a no-op)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def finish_args(args, out_name=None):
@@ -1084,6 +1240,61 @@ class Trainer:
                 self.save(t + 1)
         print(f"saved {self.path}")
 
+    def keep_best(self, t, miou, **scores):
+        """--select best-val, after a validation at iteration t: log it, and save best.pt if it is the best."""
+        best = self.extra["best"]
+        print(f"validation at iteration {t}: mIoU {miou:.2f} (best {max(best['miou'], miou):.2f})")
+        Progress.record(self.args.out, step=t, val_miou=miou, **scores, new_best=miou > best["miou"])
+        if miou > best["miou"]:
+            self.extra["best"] = {"miou": miou, "iter": t}
+            self.save(t, os.path.join(self.args.out, "best.pt"), select="best-val")
+
+
+def benchmark(step, batches, n, device, what, timed=None):
+    """Time n steps after one warm-up: fetching the batch (data) against step(batch) (network), with peak
+    memory. timed: (module, names) of functions inside the step to time as well, by wrapping them here so the
+    step itself carries no clock. Prints one line (a figure, not a test) and returns the ms per step."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    spent = {"data": 0.0, "network": 0.0, "inner": 0.0}
+    module, names = timed or (None, ())
+    originals = {name: getattr(module, name) for name in names}
+
+    def clocked(fn):
+        def wrapper(*a, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync()
+            spent["inner"] += time.perf_counter() - t0
+            return out
+        return wrapper
+    for name, fn in originals.items():
+        setattr(module, name, clocked(fn))
+    try:
+        for k in range(n + 1):  # step 0 warms up and is not counted
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            spent["inner"] *= k > 0
+            step(batch)
+            sync()
+            spent["data"] += (t1 - t0) * (k > 0)
+            spent["network"] += (time.perf_counter() - t1) * (k > 0)
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+    ms = {k: 1000 * v / n for k, v in spent.items()}
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource  # Unix only; the CPU figure is the process's peak resident memory
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    share = 100 * ms["inner"] / ms["network"]
+    inner = f", of which {'/'.join(names)} {ms['inner']:.2f} ms = {share:.2f}%" * bool(names)
+    print(f"benchmark {what} on {device}: {ms['data'] + ms['network']:.1f} ms/step = data {ms['data']:.1f} + "
+          f"network {ms['network']:.1f}{inner}; peak memory {mem:.0f} MiB", flush=True)
+    return ms
+
 
 class Progress:
     """One line per interval with rate and ETA; every line also appended to <out>/log.jsonl."""
@@ -1101,8 +1312,13 @@ class Progress:
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         print(f"[{t}/{self.total}] {text} | {rate:.2f} {self.unit}/s ETA {eta}", flush=True)
         if self.log:
-            with open(self.log, "a") as f:
-                f.write(json.dumps({"step": t, **metrics, "rate": rate}) + "\n")
+            Progress.record(os.path.dirname(self.log), step=t, **metrics, rate=rate)
+
+    @staticmethod
+    def record(out, **fields):
+        """Append one JSON line to <out>/log.jsonl."""
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(fields) + "\n")
 
 
 def run(main):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from common import (POSITIVE, AsppPFENet, EpisodeDataset, KitError, KitParser, add_common_args, add_eval_args,
-                    argmax_mask, build_backbone, dataset_of, evaluate_seeds, finish_args, format_table,
+                    amp_dtype, argmax_mask, build_backbone, dataset_of, evaluate_seeds, finish_args, format_table,
                     load_checkpoint, open_data, predict_meta, pretrain_label, run, to_bgr_image, write_results)
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
@@ -55,7 +55,8 @@ def metatrain_checkpoint(path, expect):
 
 def load_model(ckpt, device):
     """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole model)."""
-    model = AsppPFENet(build_backbone(ckpt["args"]["backbone"], "none"))
+    a = ckpt["args"]
+    model = AsppPFENet(build_backbone(a["backbone"], "none"), a["shot"], a.get("shot_fusion", "mean"))
     model.load_state_dict(ckpt["model"], strict=True)
     return model.to(device).eval()
 
@@ -113,11 +114,12 @@ def main(argv=None):
           f"{args.seeds}")
     data = open_data(args)
     with torch.no_grad():
-        result = evaluate_seeds(args, data, functools.partial(predict_meta, model),
-                                {"ASPP-PFENet": argmax_mask})["ASPP-PFENet"]
+        predict = functools.partial(predict_meta, model, dtype=amp_dtype(args.precision, device))
+        result = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask})["ASPP-PFENet"]
     if args.json:
         write_results(args.json, result, args, method="ASPP-PFENet", pretrained=label, weights=args.weights,
-                      select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"])
+                      select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"],
+                      shot_fusion=ckpt["args"].get("shot_fusion", "mean"))
     if args.vis:
         models = {f"prediction: {label}": model}
         if args.compare:

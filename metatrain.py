@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from common import (IGNORE, POSITIVE, AsppPFENet, EpisodeDataset, FewShotIoU, KitError, KitParser, Progress,
-                    Trainer, add_common_args, add_flag, add_training_args, argmax_mask, build_backbone, dataset_of,
-                    evaluate_seeds, finish_args, open_data, predict_meta, pretrain_label, run, run_folder,
-                    seed_everything)
+                    Trainer, add_common_args, add_flag, add_training_args, amp_dtype, argmax_mask, autocast,
+                    benchmark, build_backbone, dataset_of, evaluate_seeds, finish_args, grad_scaler, open_data,
+                    predict_meta, pretrain_label, run, run_folder, seed_everything, stream_loader)
 
-RESUME_KEYS = ("dataset", "fold", "shot", "backbone", "weights", "epochs", "batch", "lr", "crop", "scale", "seed",
-               "novel_images", "select")
+RESUME_KEYS = ("dataset", "fold", "shot", "shot_fusion", "backbone", "weights", "epochs", "batch", "lr", "crop",
+               "scale", "seed", "novel_images", "select")
 
 
 def parse_args(argv):
@@ -32,14 +32,14 @@ def parse_args(argv):
     p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "metatrain")
     g = p.add_argument_group("meta-training (paper Sec. 3.1)")
     add_flag(g, ds, "--shot", 1, "supports per episode (1 or 5 in the paper)", type=POSITIVE)
+    g.add_argument("--shot-fusion", default="mean", choices=["mean", "weighted"], help="K-shot fusion of the "
+                   "supports' priors and prototypes: mean (PFENet) or weighted by BAM's layer-2 Gram-matrix "
+                   "scene differences (PROTOCOL.md 9.7) (default %(default)s)")
     g.add_argument("--novel-images", default="drop", choices=["drop", "keep"],
                    help="training images containing a novel class: drop (BAM) or keep as background (PFENet), "
                         "PROTOCOL.md 2.4 (default %(default)s)")
-    g.add_argument("--select", default="last", choices=["last", "best-val"],
-                   help="last: the final model (honest); best-val: also keep best.pt, chosen on the val episodes "
-                        "that are later reported, as BAM/PFENet do (PROTOCOL.md 8.1) (default %(default)s)")
-    g.add_argument("--val-every", type=POSITIVE, help="iterations between validations of best-val (default: one "
-                   "epoch, as BAM)")
+    g.add_argument("--val-every", type=POSITIVE, help="iterations between validations of --select best-val, on "
+                   "the val episodes that are later reported, as BAM/PFENet do (default: one epoch, as BAM)")
     add_flag(g, ds, "--val-episodes", dict(pascal=1000, coco=1000, synthetic=200), "validation episodes, seed "
              "--val-seed (BAM: 1000)", type=POSITIVE)
     add_flag(g, ds, "--val-seed", 321, "seed of the validation episodes (BAM)", type=int)
@@ -56,18 +56,18 @@ def parse_args(argv):
 # ============ the meta learner on a frozen backbone, and its optimiser ============
 def build(args, device):
     seed_everything(args.seed)  # a random (--weights none) backbone and the head init depend on the seed
-    model = AsppPFENet(build_backbone(args.backbone, args.weights, expect={"dataset": args.dataset, "fold": args.fold}))
+    backbone = build_backbone(args.backbone, args.weights, expect={"dataset": args.dataset, "fold": args.fold})
+    model = AsppPFENet(backbone, args.shot, args.shot_fusion)
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # the backbone is frozen
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    return model, opt, torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    return model, torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
 
 
 # ============ one episodic training step (PROTOCOL.md 4.2: CE ignoring 255 on the crop-size output) ============
-def train_step(model, opt, scaler, batch, args, device):
+def train_step(model, opt, scaler, batch, device, dtype):
     query, target = batch["query"].to(device), batch["query_mask"].to(device)  # (B, 3, H, W), (B, H, W)
     support, s_mask = batch["support"].to(device), batch["support_mask"].to(device)  # (B, S, 3, H, W), (B, S, H, W)
-    with torch.autocast(device.type, enabled=args.amp and device.type == "cuda"):
+    with autocast(device, dtype):
         logits = model(query, support, s_mask)  # (B, 2, H, W)
         loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
     if not torch.isfinite(loss):
@@ -80,14 +80,15 @@ def train_step(model, opt, scaler, batch, args, device):
 
 
 @torch.no_grad()
-def validate(model, args, data):
-    """mIoU on --val-episodes val episodes of seed --val-seed: the peers' model selection (PROTOCOL.md 8.1)."""
+def validate(model, args, data, dtype):
+    """mIoU and FB-IoU on --val-episodes val episodes of seed --val-seed: the peers' model selection (PROTOCOL.md
+    8.1)."""
     model.eval()
     with torch.random.fork_rng(devices=[]):  # loader seeding must not move the training RNG (resume exactness)
-        result = evaluate_seeds(args, data, functools.partial(predict_meta, model), {"val": argmax_mask},
+        result = evaluate_seeds(args, data, functools.partial(predict_meta, model, dtype=dtype), {"val": argmax_mask},
                                 episodes=args.val_episodes, seeds=[args.val_seed])["val"]
     model.train()
-    return result["miou"]
+    return result["miou"], result["fb_iou"]
 
 
 # ============ the episodic training loop ============
@@ -109,10 +110,13 @@ def main(argv=None):
     print(f"metatrain {args.shot}-shot fold {args.fold}: {len(dataset)} training queries ({args.novel_images} "
           f"novel-containing images), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} "
           f"iterations (running to {stop}), batch {args.batch}, lr {args.lr}, backbone {args.backbone} "
-          f"({args.pretrain_label}), select {args.select}, device {device}, out {args.out}")
+          f"({args.pretrain_label}), {args.shot_fusion} shot fusion, select {args.select}, device {device}, "
+          f"out {args.out}")
+    dtype = amp_dtype(args.precision, device)
     with run_folder(args.out):
-        model, opt, scaler = build(args, device)
-        trainer = Trainer(args, "metatrain", model, opt, scaler, [args.lr], args.total_iters, args.power)
+        model, opt = build(args, device)
+        trainer = Trainer(args, "metatrain", model, opt, grad_scaler(device, dtype), [args.lr], args.total_iters,
+                          args.power)
         trainer.extra = {"best": {"miou": -1.0, "iter": 0}, "select": "last"}
         ckpt = trainer.resume(RESUME_KEYS)
         if ckpt:
@@ -122,21 +126,23 @@ def main(argv=None):
         meter = [FewShotIoU(args.base)]  # running training mIoU over base classes, reset at each progress line
 
         def step(batch):
-            loss, logits = train_step(model, opt, scaler, batch, args, device)
+            loss, logits = train_step(model, opt, trainer.scaler, batch, device, dtype)
             for pred, target, cls in zip(logits.detach().argmax(1).cpu(), batch["query_mask"], batch["cls"].tolist()):
                 meter[0].update(pred, target, cls)
             return loss, {}
+
+        if args.benchmark:
+            loader = iter(stream_loader(dataset, args.batch, args.seed, 0, args.benchmark + 1, args.workers, device))
+            return benchmark(step, loader, args.benchmark, device, f"metatrain {args.shot}-shot {args.backbone} crop "
+                             f"{args.crop} batch {args.batch} {args.precision}")
 
         def report(t, loss, lr, _):
             if t % args.log_every == 0 or t == stop:
                 progress.step(t, force=True, loss=loss, lr=lr, train_miou=meter[0].miou())
                 meter[0] = FewShotIoU(args.base)
             if args.select == "best-val" and (t % args.val_every == 0 or t == args.total_iters):
-                best, miou = trainer.extra["best"], validate(model, args, data)
-                print(f"validation at iteration {t}: mIoU {miou:.2f} (best {max(best['miou'], miou):.2f})")
-                if miou > best["miou"]:
-                    trainer.extra["best"] = {"miou": miou, "iter": t}
-                    trainer.save(t, os.path.join(args.out, "best.pt"), select="best-val")
+                miou, fb_iou = validate(model, args, data, dtype)
+                trainer.keep_best(t, miou, val_fb_iou=fb_iou)
 
         trainer.run(dataset, device, ckpt, stop, step, report)
     best = trainer.extra["best"]

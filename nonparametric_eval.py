@@ -22,9 +22,9 @@ import functools
 
 import torch
 
-from common import (UNIT, POSITIVE, KitParser, add_common_args, add_eval_args, add_flag, build_backbone, dataset_of,
-                    evaluate_seeds, finish_args, format_table, frozen_features, open_data, pretrain_label, resize,
-                    run, seed_everything, shot_prior, write_results)
+from common import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype, autocast,
+                    build_backbone, dataset_of, evaluate_seeds, finish_args, format_table, frozen_features, open_data,
+                    pretrain_label, resize, run, seed_everything, shot_prior, write_results)
 
 
 TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
@@ -47,13 +47,15 @@ def parse_args(argv):
 
 # ============ the prior of the last layer (PFENet), one backbone pass per image ============
 @torch.no_grad()
-def predict_prior(backbone, item):
-    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test canvas."""
+def predict_prior(backbone, item, dtype=None):
+    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test canvas. The
+    backbone runs under autocast in `dtype`; the cosines of the prior are float32 (common.fp32)."""
     device = next(backbone.parameters()).device
     shots = item["support"].shape[1]
     m = (item["support_mask"].to(device) == 1).float().flatten(0, 1).unsqueeze(1)  # (S, 1, s, s); 255 -> 0
-    _, q_high = frozen_features(backbone, item["query"].to(device))
-    _, s_high, _, m_high = frozen_features(backbone, item["support"].to(device).flatten(0, 1), m)
+    with autocast(device, dtype):
+        _, q_high = frozen_features(backbone, item["query"].to(device))
+        _, s_high, _, m_high = frozen_features(backbone, item["support"].to(device).flatten(0, 1), m)
     return resize(shot_prior(q_high, s_high, m_high, shots), item["query"].shape[-2:])  # (1, 1, s, s)
 
 
@@ -87,7 +89,7 @@ def main(argv=None):
 
     # ============ every threshold scored from the same prior, on novel-class episodes ============
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
-    predict = functools.partial(predict_prior, backbone)
+    predict = functools.partial(predict_prior, backbone, dtype=amp_dtype(args.precision, device))
     results = evaluate_seeds(args, data, predict, rules)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))

@@ -1,23 +1,26 @@
 """pretrain_bcpt.py: pre-train the backbone on a fold's base classes, "Standard" or BCPT (paper Sec. 2).
 
-  standard  softmax cross-entropy over background + base classes: the paper's "Standard" row.
+  standard  softmax cross-entropy over background + base classes: the paper's "Standard" row, with BAM's
+            base learner head (--head psp, PSPNet) or a linear layer on the last layer (--head linear).
   bcpt      the merged background represented by K cluster centres P (a buffer) updated online (Eq. 1),
             trained with the background mining loss (Eq. 2) and the base-class loss (Eq. 3) combined as
             Eq. 4, the centres guided by k-means over the base-class vectors (Eqs. 5-7). The equations
             themselves are section 1 of common.py; train_step below calls them in the paper's order.
 
 Reads the training pool of a VOC-layout root; writes <out>/last.pt (resumable: model, optimiser, iteration,
-centres, RNG states, flags), <out>/log.jsonl and, with --vis-clusters, <out>/clusters/*.png. Later stages
-take the backbone as --pretrained <out>/last.pt.
+centres, RNG states, flags), <out>/log.jsonl, with --select best-val <out>/best.pt (BAM's selection on the
+base classes of the val images) and with --vis-clusters <out>/clusters/*.png. Later stages take the backbone
+as --pretrained <out>/last.pt.
 
 Full run (one CUDA GPU, BAM's base pre-training settings, PROTOCOL.md 7.3):
-    python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 --out runs/bcpt-f0
-CPU run on the built-in synthetic benchmark (about 3 minutes on 2 cores; --max-iters 20 for a smoke test):
+    python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 --backbone resnet50v2 \
+        --weights initmodel/resnet50_v2.pth --out runs/bcpt-f0
+CPU run on the built-in synthetic benchmark (a few minutes on 2 cores; --max-iters 20 for a smoke test):
     python pretrain_bcpt.py --method bcpt --fold 0 --vis-clusters 4
 """
 import math
 import os
-import time
+import sys
 
 import cv2
 import numpy as np
@@ -25,21 +28,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IGNORE, N_CLASSES, NON_NEGATIVE, UNIT, KitParser, Progress, Trainer, add_common_args,
-                    add_flag, add_training_args, bcpt_loss, bounded, build_backbone, cluster_assign, dataset_of,
-                    finish_args, guidance_step, momentum_update, open_data, read_pair, run, run_folder,
-                    seed_everything, split_pixels, stream_loader, to_bgr_image, train_transform)
+from common import (IGNORE, N_CLASSES, NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitError, KitParser, Progress, Trainer,
+                    add_common_args, add_flag, add_training_args, amp_dtype, autocast, bcpt_loss, benchmark, bounded,
+                    build_backbone, cluster_assign, dataset_of, finish_args, grad_scaler, guidance_step,
+                    momentum_update, open_data, read_pair, resize, run, run_folder, seed_everything, split_pixels,
+                    stream_loader, test_transform, to_bgr_image, train_transform)
 
-RESUME_KEYS = ("method", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "batch", "crop", "epochs",
-               "seed", "no_guidance")
+RESUME_KEYS = ("method", "head", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "eq3", "batch",
+               "crop", "epochs", "seed", "no_guidance", "select")
 
 
 def parse_args(argv):
     ds = dataset_of(argv)
     p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "pretrain")
-    g = p.add_argument_group("BCPT (paper Sec. 2)")
+    g = p.add_argument_group("pre-training method (paper Sec. 2)")
     g.add_argument("--method", default="bcpt", choices=["standard", "bcpt"], help="standard: cross-entropy over "
                    "background + base classes (the paper's 'Standard'); bcpt: Eqs. 1-7 (default %(default)s)")
+    add_flag(g, ds, "--head", dict(pascal="psp", coco="psp", synthetic="linear"), "head of --method standard: psp "
+             "= BAM's base learner (PSPNet, PROTOCOL.md 9.6), loss on logits upsampled to the crop; linear = W on "
+             "the last layer, loss at its resolution. BCPT always uses W on the last layer (Sec. 2.2)",
+             choices=["psp", "linear"])
     add_flag(g, ds, "--K", 6, "number of background cluster centres K (Sec. 2.1, Table 4)", type=bounded(int, 2))
     # deviation: the synthetic run is ~150x shorter than the paper's (334 vs ~50k iterations), so the
     # centres' time constant 1 / (1 - mu) is 10x shorter there
@@ -47,22 +55,29 @@ def parse_args(argv):
              "(paper Sec. 2.1)", type=UNIT)
     add_flag(g, ds, "--alpha", 0.1, "weight alpha of the background mining loss in Eq. 4 (paper Sec. 2.2)",
              type=bounded(float, 0.0))
-    g.add_argument("--loss-scale", default="sum", choices=["sum", "mean"], help="Eq. 4's scale, left open by the "
-                   "paper: sum = both sums / (N_base + N_bg); mean = each sum / its own pixel count (default "
-                   "%(default)s)")
+    add_flag(g, ds, "--loss-scale", "sum", "Eq. 4's scale, left open by the paper: sum = both sums / (N_base + "
+             "N_bg); mean = each sum / its own pixel count", choices=["sum", "mean"])
+    add_flag(g, ds, "--eq3", "centres", "Eq. 3's softmax, left open by the paper: over the base vectors and the K "
+             "centres, or over the base vectors only", choices=["centres", "base"])
     g.add_argument("--no-guidance", action="store_true", help="skip Eqs. 5-7: Table 3's row 'BMC' only")
     g.add_argument("--vis-clusters", type=NON_NEGATIVE, default=0, help="write N pictures of the background "
                    "clusters at the end (Fig. 1b)")
-    g.add_argument("--benchmark", type=NON_NEGATIVE, default=0, help="time N steps (data / network / clustering) "
-                   "and exit")
     # deviation: the synthetic benchmark starts from random weights, hence its higher lr, and its 96-px images
     # its smaller crop and scale range
     add_training_args(p, ds, "BAM's base-learner pre-training, PROTOCOL.md 7.3",
                       epochs=dict(pascal=100, coco=20, synthetic=2), batch=12,
-                      lr=(dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01), "backbone lr; W gets 10x (BAM)"),
+                      lr=(dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01), "base lr; the head gets 10x (BAM)"),
                       crop=dict(pascal=417, coco=417, synthetic=64),
                       scale=dict(pascal=[0.5, 2.0], coco=[0.5, 2.0], synthetic=[0.75, 1.5]))
+    add_flag(p, ds, "--backbone-lr-mult", dict(pascal=1.0, coco=10.0, synthetic=1.0), "the backbone's lr is --lr "
+             "times this: 1 = BAM's PASCAL base config (index_split 0), 10 = its COCO one (index_split -1: "
+             "everything at 10x, PROTOCOL.md 7.3)", type=POSITIVE_FLOAT)
     args = p.parse_args(argv)
+    if args.method == "bcpt":
+        if args.head == "psp" and any(a.split("=")[0] == "--head" for a in argv):
+            raise KitError("--head psp is for --method standard: BCPT's losses are on the last layer's "
+                           "embeddings (paper Sec. 2.2)")
+        args.head = "linear"
     return finish_args(args, f"pretrain-{args.method}-{args.dataset}-fold{args.fold}")
 
 
@@ -70,11 +85,11 @@ def parse_args(argv):
 class BaseClassDataset(torch.utils.data.Dataset):
     """Base classes -> 1..n_base in id order, novel classes and background -> 0 (the merged background),
     255 kept. Item idx draws its augmentation from default_rng([seed, idx]), so a stream of indices gives
-    the same batches for any worker count."""
+    the same batches for any worker count. With test_size: the test geometry instead (validation)."""
 
-    def __init__(self, root, ids, dataset, base, crop, scale, seed):
+    def __init__(self, root, ids, dataset, base, crop, scale, seed, test_size=None):
         self.root, self.ids, self.crop, self.scale, self.seed = root, ids, crop, scale, seed
-        self.n_classes = N_CLASSES[dataset]
+        self.n_classes, self.test_size = N_CLASSES[dataset], test_size
         self.lut = np.zeros(256, np.uint8)
         self.lut[IGNORE] = IGNORE
         self.lut[base] = np.arange(1, len(base) + 1)
@@ -84,21 +99,42 @@ class BaseClassDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         img, label = read_pair(self.root, self.ids[idx % len(self.ids)], self.n_classes)
+        if self.test_size:
+            return test_transform(img, self.lut[label], self.test_size)
         rng = np.random.default_rng([self.seed, idx])
         return train_transform(img, self.lut[label], rng, self.crop, self.scale)
 
 
-# ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> linear layer W ============
-class PretrainNet(nn.Module):
-    """Backbone + W (1x1 conv, no bias, Sec. 2.2). standard: W has background + base columns; bcpt: base
-    columns only, and the background is the buffer `centers` P (D, K); `guidance` G (D, K-1) is kept to
-    warm-start the next iteration's k-means."""
+# ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> W or BAM's PSPNet head ============
+class PSPHead(nn.Module):
+    """BAM's base-learner head (PROTOCOL.md 9.6): pyramid pooling (bins 1, 2, 3, 6; each a 1x1 conv D -> D/4 + BN
+    + ReLU, upsampled and concatenated with the input), a 3x3 conv 2D -> 512 + BN + ReLU + Dropout2d(0.1), then a
+    1x1 conv to the classes. (B, D, h, w) -> (B, classes, h, w)."""
 
-    def __init__(self, backbone, n_base, method, K):
+    def __init__(self, d, classes, bins=(1, 2, 3, 6)):
+        super().__init__()
+        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(d, d // 4, 1, bias=False),
+                                                nn.BatchNorm2d(d // 4), nn.ReLU(inplace=True)) for b in bins])
+        self.cls = nn.Sequential(nn.Conv2d(2 * d, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
+                                 nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(512, classes, 1))
+
+    def forward(self, x):
+        return self.cls(torch.cat([x] + [resize(f(x), x.shape[-2:]) for f in self.ppm], 1))  # (B, 2D, h, w) in
+
+
+class PretrainNet(nn.Module):
+    """Backbone + W (1x1 conv, no bias, Sec. 2.2) or the PSPNet head. standard: background + base columns;
+    bcpt: base columns only, and the background is the buffer `centers` P (D, K); `guidance` G (D, K-1) is
+    kept to warm-start the next iteration's k-means."""
+
+    def __init__(self, backbone, n_base, method, K, head):
         super().__init__()
         self.backbone, self.method = backbone, method
         d = backbone.channels[4]
-        self.W = nn.Conv2d(d, n_base + (method == "standard"), 1, bias=False)
+        if head == "psp":
+            self.psp = PSPHead(d, n_base + 1)
+        else:
+            self.W = nn.Conv2d(d, n_base + (method == "standard"), 1, bias=False)
         if method == "bcpt":
             self.register_buffer("centers", F.normalize(torch.randn(d, K), dim=0))  # random init (Sec. 2.3)
             self.register_buffer("guidance", torch.zeros(d, K - 1))
@@ -109,6 +145,14 @@ class PretrainNet(nn.Module):
 
     def forward(self, x):
         return self.backbone(x)[4]  # (B, D, h, w): the last layer's pixel embeddings (Sec. 2.2)
+
+    def logits(self, emb):
+        """Scores of background + base classes (B, 1 + n_base, h, w); BCPT's background is its best centre."""
+        if hasattr(self, "psp"):
+            return self.psp(emb)
+        if self.method == "standard":
+            return self.W(emb)
+        return torch.cat([torch.einsum("dk,bdhw->bkhw", self.centers, emb).amax(1, keepdim=True), self.W(emb)], 1)
 
 
 def downsample_labels(y, size):
@@ -122,23 +166,26 @@ def cluster_shares(assign, K):
 
 
 # ============ One iteration, in the paper's order (Sec. 2) ============
-def train_step(net, opt, scaler, x, y, args):
+def train_step(net, opt, scaler, x, y, args, dtype):
     """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update (Eq. 1).
     x (B, 3, H, W), y (B, H, W). Nothing is updated when the loss is not finite (returned as it is)."""
     if args.method == "bcpt" and not args.no_guidance:
         G, P = guidance_step(net.w().detach(), net.guidance, net.centers, args.mu)  # 1. Eqs. 5-7
         net.guidance.copy_(G)
         net.centers.copy_(P)
-    with torch.autocast(x.device.type, enabled=args.amp and x.device.type == "cuda"):
+    with autocast(x.device, dtype):
         emb = net(x)  # 2. pixel embeddings (B, D, h, w)
-    y = downsample_labels(y, emb.shape[-2:])  # (B, h, w)
-    if args.method == "standard":  # softmax over background + base classes, ignore 255
-        loss, out = F.cross_entropy(net.W(emb.float()), y, ignore_index=IGNORE), {}
+        logits = net.psp(emb) if args.head == "psp" else None  # (B, 1 + n_base, h, w)
+    if logits is not None:  # BAM's base learner: cross-entropy on the logits upsampled to the crop
+        loss, out = F.cross_entropy(resize(logits.float(), y.shape[-2:]), y, ignore_index=IGNORE), {}
+    elif args.method == "standard":  # a linear layer on the last layer, at its resolution
+        loss, out = F.cross_entropy(net.W(emb.float()), downsample_labels(y, emb.shape[-2:]), ignore_index=IGNORE), {}
     else:
+        y = downsample_labels(y, emb.shape[-2:])  # (B, h, w)
         I_base, y_base, I_bg = split_pixels(emb, y)  # (D, N_base), (N_base,), (D, N_bg)
         assign = cluster_assign(net.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
-        loss, out = bcpt_loss(I_base, y_base, I_bg, assign, net.w(), net.centers, args.alpha,
-                              args.loss_scale)  # 4. Eqs. 2-4
+        loss, out = bcpt_loss(I_base, y_base, I_bg, assign, net.w(), net.centers, args.alpha,  # 4. Eqs. 2-4
+                              args.loss_scale, args.eq3)
         out["clusters"] = [round(s, 3) for s in cluster_shares(assign, args.K)]
     if not torch.isfinite(loss):
         return loss, out
@@ -153,101 +200,85 @@ def train_step(net, opt, scaler, x, y, args):
 
 # ============ Training ============
 def build(args, device):
-    """-> the network on `device`, SGD with W at 10x the backbone's lr (BAM), the AMP scaler, the memory format."""
-    net = PretrainNet(build_backbone(args.backbone, args.weights), len(args.base), args.method, args.K)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    net = net.to(device).to(memory_format=memory_format)
-    groups = [{"params": net.backbone.parameters(), "lr": args.lr}, {"params": net.W.parameters(), "lr": 10 * args.lr}]
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    return net, opt, torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"), memory_format
+    """-> the network on `device` and SGD: the head at 10x --lr, the backbone at --backbone-lr-mult x --lr (BAM)."""
+    net = PretrainNet(build_backbone(args.backbone, args.weights), len(args.base), args.method, args.K, args.head)
+    net = net.to(device).to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": net.backbone.parameters(), "lr": args.lr * args.backbone_lr_mult},
+              {"params": head, "lr": 10 * args.lr}]
+    return net, torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+
+
+@torch.no_grad()
+def validate_base(net, val_set, args, device):
+    """BAM train_base's selection score (PROTOCOL.md 2.5): the val images resized to the crop, scored on the
+    padded label; IoU of each class summed over the images. -> (mIoU of the base classes, with background)."""
+    net.eval()
+    n, conf = len(args.base) + 1, torch.zeros((len(args.base) + 1) ** 2, dtype=torch.long)
+    with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move the training RNG
+        for x, y in torch.utils.data.DataLoader(val_set, batch_size=args.batch, num_workers=args.workers):
+            pred = resize(net.logits(net(x.to(device)).float()), x.shape[-2:]).argmax(1).cpu()  # (B, s, s)
+            valid = y != IGNORE
+            conf += torch.bincount(y[valid] * n + pred[valid], minlength=n * n)
+    conf = conf.view(n, n).double()  # rows: truth, columns: prediction
+    iou = conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag() + 1e-10)
+    net.train()
+    return 100 * iou[1:].mean().item(), 100 * iou.mean().item()
 
 
 def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
-    ids, _ = open_data(args)["train"]
-    dataset = BaseClassDataset(args.data_root, ids, args.dataset, args.base, args.crop, args.scale, args.seed)
+    dtype = amp_dtype(args.precision, device)
+    data = open_data(args)
+    dataset = BaseClassDataset(args.data_root, data["train"][0], args.dataset, args.base, args.crop, args.scale,
+                               args.seed)
     args.iters_per_epoch = math.ceil(len(dataset) / args.batch)
     args.total_iters = args.epochs * args.iters_per_epoch
     stop = min(args.total_iters, args.max_iters or args.total_iters)
-    print(f"pretrain {args.method}: {len(args.base)} base classes {args.base}, {len(dataset)} images, "
-          f"{args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} iterations (running to "
-          f"{stop}), backbone {args.backbone} init {args.weights}, device {device}, out {args.out}")
+    print(f"pretrain {args.method} ({args.head} head): {len(args.base)} base classes {args.base}, {len(dataset)} "
+          f"images, {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} iterations (running "
+          f"to {stop}), backbone {args.backbone} init {args.weights}, device {device}, out {args.out}")
     if args.vis_clusters and args.method != "bcpt":
         print("--vis-clusters: standard pre-training has no background clusters; no pictures will be written")
     with run_folder(args.out):
-        net, opt, scaler, memory_format = build(args, device)
-        trainer = Trainer(args, "pretrain", net, opt, scaler, [args.lr, 10 * args.lr], args.total_iters, args.power)
+        net, opt = build(args, device)
+        trainer = Trainer(args, "pretrain", net, opt, grad_scaler(device, dtype),
+                          [args.lr * args.backbone_lr_mult, 10 * args.lr], args.total_iters, args.power)
+        trainer.extra = {"best": {"miou": -1.0, "iter": 0}, "select": "last"}
         ckpt = trainer.resume(RESUME_KEYS)
-        if args.benchmark:
-            return benchmark(net, opt, scaler, dataset, args, device, memory_format)
-        net.train()
-        progress = Progress(stop, ckpt["iter"] if ckpt else 0, args.log_every, args.out)
+        trainer.extra["best"] = ckpt["best"] if ckpt and "best" in ckpt else trainer.extra["best"]
+        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        val_set = BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base, None, None, args.seed,
+                                   test_size=args.crop)
 
         def step(batch):
             good = {k: v.clone() for k, v in net.named_buffers()}  # BN stats and centres move before the loss
             x, y = batch[0].to(device, memory_format=memory_format), batch[1].to(device)
-            loss, out = train_step(net, opt, scaler, x, y, args)
+            loss, out = train_step(net, opt, trainer.scaler, x, y, args, dtype)
             if not torch.isfinite(loss):  # nothing was stepped: only the buffers need restoring
                 net.load_state_dict(good, strict=False)
             return loss, out
 
+        if args.benchmark:
+            net.train()
+            loader = iter(stream_loader(dataset, args.batch, args.seed, 0, args.benchmark + 1, args.workers, device))
+            return benchmark(step, loader, args.benchmark, device, f"pretrain {args.method} {args.backbone} crop "
+                             f"{args.crop} batch {args.batch} {args.precision}",
+                             (sys.modules[__name__], ("guidance_step", "cluster_assign", "momentum_update")))
+        net.train()
+        progress = Progress(stop, ckpt["iter"] if ckpt else 0, args.log_every, args.out)
+
         def report(t, loss, lr, out):
             progress.step(t, loss=loss, lr=lr, **{k: round(v, 4) if k != "clusters" else v for k, v in out.items()})
+            if args.select == "best-val" and (t % args.iters_per_epoch == 0 or t == args.total_iters):
+                base_miou, with_bg = validate_base(net, val_set, args, device)
+                trainer.keep_best(t, base_miou, val_miou_with_background=with_bg)
 
         trainer.run(dataset, device, ckpt, stop, step, report)
         if args.vis_clusters and args.method == "bcpt":
             visualise_clusters(net, dataset, args, device)
-
-
-def benchmark(net, opt, scaler, dataset, args, device, memory_format):
-    """Per-step time split into data, network and clustering, and peak memory (a figure, not a test). The
-    clustering steps are timed by wrapping their functions here, so train_step carries no clock."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    spent = {"data": 0.0, "step": 0.0, "cluster": 0.0}
-
-    def timed(fn):
-        def wrapper(*a):
-            sync()
-            t0 = time.perf_counter()
-            out = fn(*a)
-            sync()
-            spent["cluster"] += time.perf_counter() - t0
-            return out
-        return wrapper
-    originals = {name: globals()[name] for name in ("guidance_step", "cluster_assign", "momentum_update")}
-    globals().update({name: timed(fn) for name, fn in originals.items()})
-    try:
-        net.train()
-        loader = iter(stream_loader(dataset, args.batch, args.seed, 0, args.benchmark + 1, args.workers, device))
-
-        def one_step():  # -> (data seconds, step seconds)
-            t0 = time.perf_counter()
-            x, y = next(loader)
-            x, y = x.to(device, memory_format=memory_format), y.to(device)
-            t1 = time.perf_counter()
-            train_step(net, opt, scaler, x, y, args)
-            sync()
-            return t1 - t0, time.perf_counter() - t1
-        one_step()  # warm-up, not counted
-        spent["cluster"] = 0.0
-        for _ in range(args.benchmark):
-            data, step = one_step()
-            spent["data"] += data
-            spent["step"] += step
-    finally:
-        globals().update(originals)
-    ms = {k: 1000 * v / args.benchmark for k, v in spent.items()}
-    if device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        import resource  # Unix only; the CPU figure is the process's peak resident memory
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"benchmark {args.method} {args.backbone} crop {args.crop} batch {args.batch} on {device}: "
-          f"{ms['data'] + ms['step']:.1f} ms/step = data {ms['data']:.1f} + network {ms['step'] - ms['cluster']:.1f} "
-          f"+ clustering {ms['cluster']:.2f} ms (clustering {100 * ms['cluster'] / (ms['data'] + ms['step']):.2f}% "
-          f"of a step); peak memory {mem:.0f} MiB")
 
 
 @torch.no_grad()

@@ -344,8 +344,13 @@ def test_backbone_state_dict_file_strict(tmp_path):
     torch.save(ref.state_dict(), path)
     net = common.build_backbone("resnet18", path)
     assert torch.equal(net.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
-    with pytest.raises(KitError, match="does not match the backbone"):
+    with pytest.raises(KitError, match="r18.pth holds a resnet18 backbone but this run has --backbone resnet50"):
         common.build_backbone("resnet50", path)
+    state = ref.state_dict()
+    del state["layer2.0.bn1.running_var"]
+    torch.save(state, path)
+    with pytest.raises(KitError, match="does not match the backbone: .*layer2.0.bn1.running_var"):
+        common.build_backbone("resnet18", path)
 
 
 # ---------- common.py 9. plumbing: checkpoints, RNG, run folders ----------
@@ -418,8 +423,9 @@ def test_second_process_on_the_same_folder_stops_with_one_line(synthetic_root, t
             "--crop CROP training crop side (PROTOCOL.md 4.2) (default 64 for --dataset synthetic"]),
     ("pascal", ["(default 0.999 for --dataset pascal; coco 0.999; synthetic 0.99)",
                 "--crop CROP training crop side (PROTOCOL.md 4.2) (default 417 for --dataset pascal",
-                "--backbone {resnet50,vgg16,resnet18} resnet50 or vgg16 (paper Sec. 3.1); resnet18 for CPU runs "
-                "(default resnet50 for --dataset pascal"])])
+                "resnet18 for CPU runs (default resnet50 for --dataset pascal",
+                "--train-pool {aug,oslsm}", "(default oslsm for --dataset pascal; coco aug; synthetic aug)",
+                "--head {psp,linear}", "(default psp for --dataset pascal"])])
 def test_help_prints_the_defaults_of_the_chosen_dataset(dataset, expect, capsys):
     import pretrain_bcpt
     with pytest.raises(SystemExit) as e:
@@ -1132,21 +1138,26 @@ def np_args(root, weights, path, *extra):
 
 
 def test_pretrain_label_names_each_variant(tmp_path):
-    def label(**args):
+    def label(select="last", **args):
         path = str(tmp_path / "c.pt")
-        torch.save({"args": args}, path)
+        torch.save({"args": args, "model": {}, "select": select}, path)
         return common.pretrain_label(path)
     assert common.pretrain_label("none") == "none" and common.pretrain_label("imagenet") == "imagenet"
-    assert label(method="standard", K=6, alpha=0.1) == "standard"
+    assert label(method="standard", K=6, alpha=0.1) == "standard linear"  # before --head
+    assert label(method="standard", head="psp", select="best-val") == "standard psp best-val"
+    assert label(method="bcpt", K=6, eq3="base", loss_scale="mean") == "bcpt K=6 Eq4=mean Eq3=base"
+    torch.save({"state_dict": {}}, str(tmp_path / "best.pth"))
+    assert common.pretrain_label(str(tmp_path / "best.pth")) == "standard (BAM best.pth)"
     assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False) == "bcpt K=6 Eq4=sum"  # before --loss-scale
     assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False, loss_scale="sum") == "bcpt K=6 Eq4=sum"
     assert label(method="bcpt", K=6, alpha=0.1, no_guidance=False, loss_scale="mean") == "bcpt K=6 Eq4=mean"
     assert label(method="bcpt", K=2, alpha=0.1, no_guidance=True, loss_scale="sum") == "bcpt no-guidance K=2 Eq4=sum"
     assert label(method="bcpt", K=6, alpha=0.0, no_guidance=False, loss_scale="mean") == "bcpt K=6 alpha=0 Eq4=mean"
-    variants = [dict(method=m, K=k, alpha=a, no_guidance=g, loss_scale=s) for m in ("standard", "bcpt")
-                for k in (2, 6) for a in (0.0, 0.1) for g in (False, True) for s in ("sum", "mean")]
-    labels = {label(**v) for v in variants if v["method"] == "bcpt"}
-    assert len(labels) == 2 * 2 * 2 * 2  # every bcpt variant has its own table row
+    variants = [dict(method="bcpt", K=k, alpha=a, no_guidance=g, loss_scale=s, eq3=e, select=b) for k in (2, 6)
+                for a in (0.0, 0.1) for g in (False, True) for s in ("sum", "mean") for e in ("centres", "base")
+                for b in ("last", "best-val")]
+    variants += [dict(method="standard", head=h, select=b) for h in ("psp", "linear") for b in ("last", "best-val")]
+    assert len({label(**v) for v in variants}) == len(variants) == 2 ** 6 + 4  # each variant its own table row
 
 
 def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrained, tmp_path, capsys):
@@ -1166,7 +1177,7 @@ def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrain
     nonparametric_eval.main(["--table", *files, str(fold1)])
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| synthetic")]
-    assert len(rows) == 3 and {r.split("|")[4].strip() for r in rows} == {"none", "standard", "bcpt K=6 Eq4=sum"}
+    assert len(rows) == 3 and {r.split("|")[4].strip() for r in rows} == {"none", "standard linear", "bcpt K=6 Eq4=sum"}
     none_row = next(r for r in rows if r.split("|")[4].strip() == "none").split("|")
     cells = [c.strip() for c in none_row[5:10]]  # folds 0-3 and mean
     want0, want1 = (json.loads(open(f).read())["miou"] for f in (files[0], fold1))
@@ -1291,3 +1302,188 @@ def test_resume_leaves_every_rng_where_a_straight_run_has_it(synthetic_root, tmp
         a, b = (common.load_checkpoint(str(tmp_path / (name + d) / "last.pt")) for d in "ab")
         assert a["iter"] == b["iter"] == 10
         checkpoints_equal(a, b)
+
+
+# ---------- the peers' own weights and baselines (PFENet / BAM files, PSPNet head, selection, fusion) ----------
+def random_bn(state, prefix, c, g):
+    """BN entries with statistics that are not the defaults, as in a trained file."""
+    state.update({f"{prefix}.weight": torch.rand(c, generator=g) + 0.5, f"{prefix}.bias": torch.randn(c, generator=g),
+                  f"{prefix}.running_mean": torch.randn(c, generator=g),
+                  f"{prefix}.running_var": torch.rand(c, generator=g) + 0.5,
+                  f"{prefix}.num_batches_tracked": torch.tensor(7)})
+
+
+@pytest.fixture(scope="module")
+def resnet50_v2_file(tmp_path_factory):
+    """PFENet/BAM's initmodel/resnet50_v2.pth layout, written from the key list (not from the kit's builder):
+    deep stem conv1/bn1 3->64 s2, conv2/bn2 64->64, conv3/bn3 64->128; bottlenecks from 128 channels; fc."""
+    import torchvision
+    g = torch.Generator().manual_seed(0)
+    state = {k: v for k, v in torchvision.models.resnet50(weights=None).state_dict().items()
+             if not k.startswith(("conv1.", "bn1."))}
+    state["layer1.0.conv1.weight"] = torch.randn(64, 128, 1, 1, generator=g)
+    state["layer1.0.downsample.0.weight"] = torch.randn(256, 128, 1, 1, generator=g)
+    for k, (c_in, c_out) in enumerate([(3, 64), (64, 64), (64, 128)], 1):
+        state[f"conv{k}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=g)
+        random_bn(state, f"bn{k}", c_out, g)
+    random_bn(state, "layer4.2.bn3", 2048, g)
+    path = tmp_path_factory.mktemp("initmodel") / "resnet50_v2.pth"
+    torch.save(state, path)
+    return str(path), state
+
+
+def bam_best(state, path, stem):
+    """BAM's base-learner best.pth: {'state_dict': module.layer0..4 (stem renamed into layer0's Sequential), the
+    same tensors again under module.encoder.*, module.ppm.*, module.cls.*} (BAM model/PSPNet.py)."""
+    out = {}
+    for k, v in state.items():
+        head = k.split(".")[0]
+        if head in stem:
+            out[f"layer0.{stem[head]}.{k.split('.', 1)[1]}"] = v
+        elif head.startswith("layer"):
+            out[k] = v
+    for k, v in list(out.items()):
+        out[f"encoder.{k[5]}.{k.split('.', 1)[1]}"] = v
+    out.update({"ppm.features.0.1.weight": torch.zeros(512, 2048, 1, 1), "cls.0.weight": torch.zeros(512, 4096, 3, 3),
+                "cls.4.weight": torch.zeros(16, 512, 1, 1), "cls.4.bias": torch.zeros(16)})
+    torch.save({"epoch": 41, "state_dict": {"module." + k: v for k, v in out.items()}, "optimizer": {}}, path)
+    return str(path)
+
+
+def test_resnet50v2_loads_the_peers_file_and_bam_best(resnet50_v2_file, tmp_path, capsys):
+    path, state = resnet50_v2_file
+    net = common.build_backbone("resnet50v2", path)
+    assert net.channels == [128, 256, 512, 1024, 2048] and net.layer1[0].conv1.weight.shape[1] == 128
+    assert torch.equal(net.layer0[3].weight, state["conv2.weight"])  # stem conv2
+    assert torch.equal(net.layer0[7].running_mean, state["bn3.running_mean"])  # stem bn3 statistics
+    assert torch.equal(net.layer4[2].bn3.running_var, state["layer4.2.bn3.running_var"])
+    with torch.no_grad():
+        feats = net.eval()(torch.zeros(1, 3, 65, 65))
+    assert [f.shape[-1] for f in feats] == [17, 17, 9, 9, 9]  # output stride 8, as PSPNet
+    best = bam_best(state, tmp_path / "best.pth", {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7})
+    capsys.readouterr()
+    net2 = common.build_backbone("resnet50v2", best)
+    assert "took layer0-layer4 (" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+    with pytest.raises(KitError, match="best.pth holds a resnet50v2 backbone but this run has --backbone vgg16"):
+        common.build_backbone("vgg16", best)
+    with pytest.raises(KitError, match="_v2.pth holds a resnet50v2 backbone but this run has --backbone resnet50"):
+        common.build_backbone("resnet50", path)
+    broken = {k: v for k, v in state.items() if k != "layer3.1.conv2.weight"}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(KitError, match="does not match the backbone: Missing key.*layer3.1.conv2.weight"):
+        common.build_backbone("resnet50v2", str(tmp_path / "broken.pth"))
+
+
+def test_vgg16_bn_file_and_bam_vgg_best(tmp_path):
+    import torchvision
+    ref = torchvision.models.vgg16_bn(weights=None)
+    g = torch.Generator().manual_seed(1)
+    state = ref.state_dict()
+    random_bn(state, "features.41", 512, g)  # the last BN of layer4
+    torch.save(state, tmp_path / "vgg16_bn.pth")
+    net = common.build_backbone("vgg16", str(tmp_path / "vgg16_bn.pth"))
+    assert torch.equal(net.layer4[7].running_mean, state["features.41.running_mean"])  # features 34.. -> layer4 0..
+    bam = {f"layer{i}.{k - a}.{p}": v for i, (a, b) in enumerate([(0, 7), (7, 14), (14, 24), (24, 34), (34, 43)])
+           for key, v in state.items() if key.startswith("features.")
+           for k, p in [(int(key.split(".")[1]), key.split(".", 2)[2])] if a <= k < b}
+    torch.save({"state_dict": {"module." + k: v for k, v in bam.items()}}, tmp_path / "best.pth")
+    net2 = common.build_backbone("vgg16", str(tmp_path / "best.pth"))
+    assert torch.equal(net2.layer4[7].running_mean, state["features.41.running_mean"])
+    with pytest.raises(KitError, match="holds a vgg16 backbone but this run has --backbone resnet18"):
+        common.build_backbone("resnet18", str(tmp_path / "best.pth"))
+
+
+def test_bam_best_through_every_stage(resnet50_v2_file, synthetic_root, tmp_path, capsys):
+    import metatrain
+    import nonparametric_eval
+    import pretrain_bcpt
+    path, state = resnet50_v2_file
+    best = bam_best(state, tmp_path / "best.pth", {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7})
+    small = ["--backbone", "resnet50v2", "--max-iters", "1", "--batch", "2"]
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "p", "--weights", best, *small))
+    metatrain.main(meta_args(synthetic_root, tmp_path / "m", best, 1, *small))
+    r = nonparametric_eval.main(np_args(synthetic_root, best, tmp_path / "np.json", "--backbone", "resnet50v2"))
+    assert "took layer0-layer4" in capsys.readouterr().out and 0 <= r["miou"] <= 100
+    assert json.loads((tmp_path / "np.json").read_text())["pretrained"] == "standard (BAM best.pth)"
+    m = common.load_checkpoint(str(tmp_path / "m" / "last.pt"))
+    assert torch.equal(m["model"]["backbone.layer0.3.weight"], state["conv2.weight"])  # frozen, as loaded
+
+
+def test_psp_head_shape_loss_and_label(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    head = pretrain_bcpt.PSPHead(512, 16)
+    assert head(torch.randn(2, 512, 7, 9)).shape == (2, 16, 7, 9) and len(head.ppm) == 4
+    assert head.cls[0].in_channels == 1024 and head.ppm[0][1].out_channels == 128  # 2D in, D/4 per bin
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, "--method", "standard", "--head", "psp",
+                                     "--max-iters", "2"))
+    ckpt = common.load_checkpoint(str(tmp_path / "last.pt"))
+    assert "psp.cls.4.weight" in ckpt["model"] and "W.weight" not in ckpt["model"]
+    assert common.pretrain_label(str(tmp_path / "last.pt")) == "standard psp"
+    with pytest.raises(KitError, match="--head psp is for --method standard"):
+        pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--head", "psp"))
+
+
+def test_pretrain_select_best_val_keeps_best(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, "--batch", "25", "--select", "best-val",
+                                     "--eq3", "base", "--max-iters", "8"))  # 200 images: 8 iterations an epoch
+    best, last = (common.load_checkpoint(str(tmp_path / f)) for f in ("best.pt", "last.pt"))
+    assert best["select"] == "best-val" and best["iter"] == 8 == best["best"]["iter"] and last["select"] == "last"
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "val_miou" in line]
+    assert len(records) == 1 and records[0]["new_best"] and 0 <= records[0]["val_miou"] <= 100
+    assert common.pretrain_label(str(tmp_path / "best.pt")) == "bcpt K=6 Eq4=sum Eq3=base best-val"
+
+
+def test_eq3_base_reading_hand_computed():
+    W, P = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    I_base, I_bg = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])
+    _, parts = common.bcpt_loss(I_base, torch.tensor([1]), I_bg, torch.tensor([0]), W, P, 0.5, "sum", "base")
+    assert parts["l_base"] == pytest.approx(np.log(1 + np.exp(-1)))  # logits <j, w1> 1, <j, w2> 0 only
+
+
+def test_shot_weights_gram_and_permutation():
+    f = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).view(1, 2, 1, 2)  # channel 0 (1, 0), channel 1 (1, 1)
+    assert torch.allclose(common.gram(f)[0], torch.tensor([[1.0, 2 ** -0.5], [2 ** -0.5, 1.0]]), atol=1e-6)
+    torch.manual_seed(0)
+    sw = common.ShotWeights(3)
+    q, s = torch.rand(2, 4, 3, 3), torch.rand(2, 3, 4, 3, 3)
+    w = sw(q, s)
+    perm = torch.tensor([2, 0, 1])
+    assert w.shape == (2, 3) and torch.allclose(w.sum(1), torch.ones(2))
+    assert torch.allclose(sw(q, s[:, perm]), w[:, perm], atol=1e-6)  # a support's weight follows the support
+
+
+def test_shot_fusion_weighted_five_shot(synthetic_root, tmp_path):
+    import evaluate
+    import metatrain
+    metatrain.main(meta_args(synthetic_root, tmp_path, "none", 5, "--shot-fusion", "weighted", "--max-iters", "2"))
+    ckpt = common.load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["args"]["shot_fusion"] == "weighted" and "shot_weights.rw.0.weight" in ckpt["model"]
+    evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--episodes", "2", "--seeds", "1", "--workers", "0",
+                   "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["shot_fusion"] == "weighted"
+
+
+def test_prior_mask_stays_float32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, s = 300 * torch.randn(1, 64, 4, 4, generator=g), 300 * torch.randn(1, 64, 4, 4, generator=g)
+    m = torch.ones(1, 1, 4, 4)
+    exact = common.prior_mask(q, s, m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = common.prior_mask(q, s, m)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, exact)
+
+
+def test_real_data_defaults_pool_and_lr(tmp_path):
+    import pretrain_bcpt
+    a = pretrain_bcpt.parse_args(["--dataset", "pascal", "--data-root", str(tmp_path), "--method", "standard"])
+    assert a.train_pool == "oslsm" and a.head == "psp" and a.backbone_lr_mult == 1.0
+    c = pretrain_bcpt.parse_args(["--dataset", "coco", "--data-root", str(tmp_path), "--backbone", "resnet18",
+                                  "--weights", "none", "--method", "standard"])
+    _, opt = pretrain_bcpt.build(c, torch.device("cpu"))
+    assert c.train_pool == "aug" and [g["lr"] for g in opt.param_groups] == [2.5e-3, 2.5e-3]  # BAM's COCO base
+    root = make_root(tmp_path)
+    with pytest.raises(KitError, match="--train-pool oslsm .*needs .*train.txt.*--train-noval train_noval.txt.*"
+                                       "--train-pool aug"):
+        common.image_pools(root, "oslsm")

@@ -20,6 +20,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import socket
@@ -634,8 +635,9 @@ class StreamSampler(torch.utils.data.Sampler):
 
 def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device):
     sampler = StreamSampler(len(dataset), batch, seed, start_iter, total_iters)
+    cuda = device.type == "cuda"
     return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False)
+                                       pin_memory=cuda, persistent_workers=cuda and workers > 0)
 
 
 # ============ 7. Backbones and the weight files of the kit and of PFENet / BAM (PROTOCOL.md 9.1-9.2) ============
@@ -1006,6 +1008,11 @@ def add_data_args(parser, dataset, stage):
     return parser
 
 
+def cpu_cores():
+    """The cores this process may use (the affinity mask, not the machine's count, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def add_common_args(parser, dataset, stage):
     """The flags the stages share: data, model and run flags. stage: 'pretrain', 'metatrain' (with --seed and
     --out), 'nonparametric' (with --seed) or 'evaluate' (data and model default to the checkpoint's)."""
@@ -1019,8 +1026,8 @@ def add_common_args(parser, dataset, stage):
              "backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt", dest="weights")
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    g.add_argument("--workers", type=NON_NEGATIVE, default=2, help="DataLoader workers; results do not depend on "
-                   "it (default %(default)s)")
+    g.add_argument("--workers", type=NON_NEGATIVE, default=min(8, cpu_cores()), help="DataLoader workers; results "
+                   "do not depend on it (default min(8, cores): %(default)s here)")
     if stage != "evaluate":
         g.add_argument("--seed", type=int, default=321, help="all randomness of the run: initialisation, "
                        "augmentation, training episodes (PFENet/BAM's value) (default %(default)s)")
@@ -1250,10 +1257,15 @@ class Trainer:
             self.save(t, os.path.join(self.args.out, "best.pt"), select="best-val")
 
 
-def benchmark(step, batches, n, device, what, timed=None):
-    """Time n steps after one warm-up: fetching the batch (data) against step(batch) (network), with peak
-    memory. timed: (module, names) of functions inside the step to time as well, by wrapping them here so the
-    step itself carries no clock. Prints one line (a figure, not a test) and returns the ms per step."""
+def benchmark(step, batches, n, device, what, dataset, batch, timed=None):
+    """Time n steps after one warm-up: waiting for the batch (data) against step(batch) (network), with peak
+    memory; and one sample of `dataset` (read, decode, augment) on one core, hence the workers that keep such a
+    step fed. timed: (module, names) of functions inside the step to time as well, by wrapping them here so
+    the step itself carries no clock. Prints two lines (figures, not a test) and returns the ms per step."""
+    t0 = time.perf_counter()
+    for i in range(8):
+        dataset[i]
+    sample_ms = 1000 * (time.perf_counter() - t0) / 8
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     spent = {"data": 0.0, "network": 0.0, "inner": 0.0}
     module, names = timed or (None, ())
@@ -1273,10 +1285,10 @@ def benchmark(step, batches, n, device, what, timed=None):
     try:
         for k in range(n + 1):  # step 0 warms up and is not counted
             t0 = time.perf_counter()
-            batch = next(batches)
+            item = next(batches)
             t1 = time.perf_counter()
             spent["inner"] *= k > 0
-            step(batch)
+            step(item)
             sync()
             spent["data"] += (t1 - t0) * (k > 0)
             spent["network"] += (time.perf_counter() - t1) * (k > 0)
@@ -1293,7 +1305,9 @@ def benchmark(step, batches, n, device, what, timed=None):
     inner = f", of which {'/'.join(names)} {ms['inner']:.2f} ms = {share:.2f}%" * bool(names)
     print(f"benchmark {what} on {device}: {ms['data'] + ms['network']:.1f} ms/step = data {ms['data']:.1f} + "
           f"network {ms['network']:.1f}{inner}; peak memory {mem:.0f} MiB", flush=True)
-    return ms
+    print(f"one sample takes {sample_ms:.1f} ms to load and augment on one core: {batch} per step need "
+          f"{math.ceil(batch * sample_ms / ms['network'])} workers to keep up with this {ms['network']:.0f} ms step")
+    return {**ms, "sample": sample_ms}
 
 
 class Progress:

@@ -134,7 +134,7 @@ def main(argv=None):
         if args.benchmark:
             loader = iter(stream_loader(dataset, args.batch, args.seed, 0, args.benchmark + 1, args.workers, device))
             return benchmark(step, loader, args.benchmark, device, f"metatrain {args.shot}-shot {args.backbone} crop "
-                             f"{args.crop} batch {args.batch} {args.precision}")
+                             f"{args.crop} batch {args.batch} {args.precision}", dataset, args.batch)
 
         def report(t, loss, lr, _):
             if t % args.log_every == 0 or t == stop:

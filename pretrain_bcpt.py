@@ -265,7 +265,7 @@ def main(argv=None):
             net.train()
             loader = iter(stream_loader(dataset, args.batch, args.seed, 0, args.benchmark + 1, args.workers, device))
             return benchmark(step, loader, args.benchmark, device, f"pretrain {args.method} {args.backbone} crop "
-                             f"{args.crop} batch {args.batch} {args.precision}",
+                             f"{args.crop} batch {args.batch} {args.precision}", dataset, args.batch,
                              (sys.modules[__name__], ("guidance_step", "cluster_assign", "momentum_update")))
         net.train()
         progress = Progress(stop, ckpt["iter"] if ckpt else 0, args.log_every, args.out)

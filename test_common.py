@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import cv2
 import numpy as np
@@ -18,6 +19,8 @@ from PIL import Image
 import common
 import prepare_data
 from common import KitError
+
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)  # `cuda`: python -m pytest -m cuda
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1487,3 +1490,106 @@ def test_real_data_defaults_pool_and_lr(tmp_path):
     with pytest.raises(KitError, match="--train-pool oslsm .*needs .*train.txt.*--train-noval train_noval.txt.*"
                                        "--train-pool aug"):
         common.image_pools(root, "oslsm")
+
+
+# ---------- precision modes on the CPU, and the CUDA path (run with -m cuda on a GPU machine) ----------
+def test_bf16_every_stage_finite_and_recorded(synthetic_root, tmp_path):
+    import evaluate
+    import metatrain
+    import nonparametric_eval
+    import pretrain_bcpt
+    bf16 = ["--precision", "bf16", "--max-iters", "2", "--batch", "2", "--crop", "33"]
+    for method in ("standard", "bcpt"):
+        pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / method, "--method", method, *bf16))
+        ckpt = common.load_checkpoint(str(tmp_path / method / "last.pt"))
+        assert ckpt["args"]["precision"] == "bf16" and ckpt["iter"] == 2
+        assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+        losses = [json.loads(line)["loss"] for line in open(tmp_path / method / "log.jsonl")]
+        assert len(losses) == 2 and all(np.isfinite(losses))
+    metatrain.main(meta_args(synthetic_root, tmp_path / "m", str(tmp_path / "bcpt" / "last.pt"), 1, *bf16))
+    evaluate.main(["--checkpoint", str(tmp_path / "m" / "last.pt"), "--episodes", "2", "--seeds", "1", "--workers",
+                   "0", "--precision", "bf16", "--json", str(tmp_path / "e.json")])
+    nonparametric_eval.main(np_args(synthetic_root, str(tmp_path / "bcpt" / "last.pt"), tmp_path / "n.json",
+                                    "--precision", "bf16", "--episodes", "2"))
+    for name in ("e.json", "n.json"):
+        r = json.loads((tmp_path / name).read_text())
+        assert r["precision"] == "bf16" and 0 <= r["miou"] <= 100
+
+
+def test_bf16_resume_is_exact(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    bf16 = ["--precision", "bf16", "--batch", "2", "--crop", "33"]
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "a", "--max-iters", "4", *bf16))
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "2", *bf16))
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "4", "--resume", *bf16))
+    checkpoints_equal(*(common.load_checkpoint(str(tmp_path / d / "last.pt")) for d in "ab"))
+
+
+def test_fp16_needs_cuda_and_benchmark_restores_the_step(synthetic_root, tmp_path, capsys):
+    import pretrain_bcpt
+    if not torch.cuda.is_available():
+        with pytest.raises(KitError, match="--precision fp16 needs a CUDA device: use --precision bf16"):
+            pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "f", "--precision", "fp16"))
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--benchmark", "2", "--workers", "1"))
+    out = capsys.readouterr().out
+    assert "ms/step = data" in out and "of which guidance_step/cluster_assign/momentum_update" in out
+    assert "workers to keep up" in out and pretrain_bcpt.cluster_assign is common.cluster_assign  # unwrapped again
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def cuda_test(fn):
+    for mark in CUDA:
+        fn = mark(fn)
+    return fn
+
+
+@cuda_test
+def test_cuda_fp16_steps_finite(synthetic_root, tmp_path):
+    import metatrain
+    import pretrain_bcpt
+    for method in ("standard", "bcpt"):
+        pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / method, "--method", method, "--device", "cuda",
+                                         "--precision", "fp16", "--max-iters", "3"))
+        assert all(np.isfinite(json.loads(line)["loss"]) for line in open(tmp_path / method / "log.jsonl"))
+    metatrain.main(meta_args(synthetic_root, tmp_path / "m", str(tmp_path / "bcpt" / "last.pt"), 1, "--device",
+                             "cuda", "--precision", "fp16", "--max-iters", "3"))
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in open(tmp_path / "m" / "log.jsonl"))
+    ckpt = common.load_checkpoint(str(tmp_path / "m" / "last.pt"))  # made on CUDA, loads on the CPU
+    assert all(v.device.type == "cpu" for v in ckpt["model"].values()) and ckpt["rng"]["cuda"]
+
+
+@cuda_test
+def test_cuda_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    net = common.build_backbone("resnet18", "none").cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        a = net(x)[4]
+        b = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))[4]
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+@cuda_test
+def test_cuda_resume_is_exact(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    cuda = ["--device", "cuda", "--precision", "fp32"]
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "a", "--max-iters", "4", *cuda))
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "2", *cuda))
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "b", "--max-iters", "4", "--resume", *cuda))
+    a, b = (common.load_checkpoint(str(tmp_path / d / "last.pt")) for d in "ab")
+    assert all(torch.equal(x, y) for x, y in zip(a["rng"]["cuda"], b["rng"]["cuda"]))
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert losses[0][2:] == pytest.approx(losses[1][2:], rel=1e-4)  # bilinear backward is not bit-exact on GPU
+
+
+@cuda_test
+def test_cuda_evaluation_any_workers_and_nonparametric(metatrained, synthetic_root, pretrained, tmp_path):
+    import evaluate
+    import nonparametric_eval
+    base = ["--checkpoint", metatrained[1], "--episodes", "6", "--seeds", "42", "--device", "cuda"]
+    assert evaluate.main(base + ["--workers", "0"]) == evaluate.main(base + ["--workers", "2"])
+    r = nonparametric_eval.main(np_args(synthetic_root, pretrained["bcpt"], tmp_path / "n.json", "--device", "cuda"))
+    assert 0 <= r["miou"] <= 100

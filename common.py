@@ -306,6 +306,7 @@ class FewShotIoU:
         k = self.classes.index(cls)
         self.inter[k] += inter[1]
         self.union[k] += union[1]
+        return inter, union  # [background, foreground] of this episode
 
     def class_iou(self):
         return {c: float(100 * i / (u + 1e-10)) for c, i, u in zip(self.classes, self.inter, self.union)}
@@ -611,6 +612,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
                 "support_mask": torch.stack([x[1] for x in xs[1:]]), "cls": cls}  # (S, H, W)
         if self.episodes:  # scores are computed against the original-size label (PROTOCOL.md 5.2)
             item["raw_label"] = torch.from_numpy(pairs[0][1]).long()         # (H0, W0)
+            item.update(query_id=query, support_ids=" ".join(supports))
         return item
 
 
@@ -796,8 +798,79 @@ def add_eval_args(parser):
     g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, "
                    "bcpt K=6...)")
     g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
+    g.add_argument("--episode-log", metavar="FILE", help="one JSON line per episode (seed, index, query and support "
+                   "ids, class, intersection and union), from which every reported number can be recomputed")
     add_precision_arg(g)
+    g = parser.add_argument_group("your own images (no data root, fold or class needed)")
+    g.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"), help="a support image and its "
+                   "mask (foreground wherever non-zero); repeat for more shots")
+    g.add_argument("--query", nargs="+", metavar="IMAGE", help="images to segment with the --support examples")
+    g.add_argument("--out", help="folder for NAME_mask.png and NAME_overlay.png of each --query")
     return parser
+
+
+def read_user_image(path):
+    """An image of the user's, any format OpenCV reads -> RGB float32 (H, W, 3) in 0..255."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise KitError(f"cannot read image {path}: missing, corrupt or a format OpenCV does not read")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
+
+
+def read_user_mask(path, image_path, shape):
+    """A support mask of the user's: foreground wherever non-zero, so 0/1, 0/255, palette (indices) and RGB
+    masks all work; it must have its image's size (H, W) and some foreground. -> (H, W) uint8 in {0, 1}."""
+    try:
+        with Image.open(path) as im:
+            m = np.array(im if im.mode in ("P", "L", "1", "I", "I;16", "RGB") else im.convert("RGB"))  # no alpha
+    except Exception as e:
+        raise KitError(f"cannot read mask {path} ({type(e).__name__}): missing, corrupt or not an image") from None
+    m = (m.reshape(m.shape[0], m.shape[1], -1) != 0).any(-1).astype(np.uint8)
+    if m.shape != tuple(shape):
+        raise KitError(f"mask {path} is {m.shape[1]}x{m.shape[0]} but its image {image_path} is "
+                       f"{shape[1]}x{shape[0]}: pass the mask made for that image")
+    if not m.any():
+        raise KitError(f"mask {path} has no foreground pixel (all zero): mark the object with non-zero values")
+    return m
+
+
+def user_episode(supports, query, test_size):
+    """An episode from the user's files in the benchmark's test geometry (PROTOCOL.md 5.1): -> (item as an
+    evaluation batch of EpisodeDataset, the query (H, W, 3), the supports [(image, mask)])."""
+    pairs = []
+    for image_path, mask_path in supports:
+        img = read_user_image(image_path)
+        pairs.append((img, read_user_mask(mask_path, image_path, img.shape[:2])))
+    q = read_user_image(query)
+    xq, _ = test_transform(q, np.zeros(q.shape[:2], np.uint8), test_size)
+    xs = [test_transform(img, m, test_size) for img, m in pairs]
+    item = {"query": xq[None], "support": torch.stack([x for x, _ in xs])[None],  # (1, 3, s, s), (1, S, 3, s, s)
+            "support_mask": torch.stack([y for _, y in xs])[None]}  # (1, S, s, s)
+    return item, q, pairs
+
+
+def at_query_size(scores, query):
+    """Scores (1, C, s, s) on the test canvas -> (C, H, W) at the query's size, as the benchmark scores them
+    (logits_at_label_size to max(H, W), then the query's top-left part)."""
+    h, w = query.shape[:2]
+    return logits_at_label_size(scores.float().cpu(), torch.zeros(h, w, dtype=torch.long))[0][0, :, :h, :w]
+
+
+def write_user_prediction(out, query_path, query, pred, pairs, heat=None):
+    """NAME_mask.png (0/255, the query's size) and NAME_overlay.png (the query with the prediction tinted, the
+    supports with their masks beside it, Fig. 2 style); NAME_prior.png from `heat` (H, W) in [0, 1] if given."""
+    os.makedirs(out, exist_ok=True)
+    name, h = os.path.splitext(os.path.basename(query_path))[0], query.shape[0]
+    tint = lambda img, m, colour: np.where(m[..., None] > 0, 0.45 * img + 0.55 * np.array(colour), img)
+    panels = [tint(query[:, :, ::-1], pred, (255, 80, 0))] + [  # BGR
+        cv2.resize(tint(img[:, :, ::-1], m, (0, 200, 255)), (max(1, round(img.shape[1] * h / img.shape[0])), h),
+                   interpolation=cv2.INTER_AREA) for img, m in pairs]
+    cv2.imwrite(os.path.join(out, f"{name}_mask.png"), (255 * pred).astype(np.uint8))
+    cv2.imwrite(os.path.join(out, f"{name}_overlay.png"), np.clip(np.concatenate(panels, 1), 0, 255).astype(np.uint8))
+    if heat is not None:
+        cv2.imwrite(os.path.join(out, f"{name}_prior.png"), cv2.applyColorMap((255 * heat).astype(np.uint8),
+                                                                             cv2.COLORMAP_JET))
+    print(f"wrote {os.path.join(out, name)}_mask.png and _overlay.png" + " and _prior.png" * (heat is not None))
 
 
 def pretrain_label(weights):
@@ -830,24 +903,30 @@ def argmax_mask(scores):
     return scores.argmax(1)[0]
 
 
-def run_episodes(args, data, seed, episodes, predict, decide, classes):
+def run_episodes(args, data, seed, episodes, predict, decide, classes, log=None):
     """One seed: `episodes` fixed episodes of `classes` on the val images (batch 1, test geometry, scored at the
     original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the test canvas; decide:
-    {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}}. -> ({name: FewShotIoU}, seconds)."""
+    {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}}. log: a file that gets one JSON line
+    per episode (its ids, class and [background, foreground] intersection and union per name).
+    -> ({name: FewShotIoU}, seconds)."""
     ids, counts = data["val"]
     ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, classes, args.shot, args.min_pixels, seed,
                         test_size=args.test_size, episodes=episodes)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=args.workers)
     meters, t_model, t0 = {name: FewShotIoU(classes) for name in decide}, 0.0, time.perf_counter()
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
-    for item in loader:
+    for index, item in enumerate(loader):
         t1 = time.perf_counter()
         scores = predict(item)
         sync()
         t_model += time.perf_counter() - t1
         scores, target = logits_at_label_size(scores.float().cpu(), item["raw_label"][0])
-        for name, rule in decide.items():
-            meters[name].update(rule(scores), target, int(item["cls"]))
+        iou = {str(name): meters[name].update(rule(scores), target, int(item["cls"])) for name, rule in decide.items()}
+        if log:
+            phase = "novel" if list(classes) == list(args.novel) else "base"
+            log.write(json.dumps({"phase": phase, "seed": seed, "index": index, "query": item["query_id"][0],
+                                  "supports": item["support_ids"][0].split(), "class": int(item["cls"]),
+                                  "iou": {k: [*map(float, i), *map(float, u)] for k, (i, u) in iou.items()}}) + "\n")
     return meters, {"total": time.perf_counter() - t0, "model": t_model}
 
 
@@ -871,12 +950,15 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, class
         print(f"warning: {episodes} COCO episodes move mIoU by 2-3 points between seeds; "
               "use --episodes 10000 to compare methods (PROTOCOL.md 8.4)")
     runs, total, model = [], 0.0, 0.0
+    log = open(args.episode_log, "a") if getattr(args, "episode_log", None) else None
     for seed in seeds:
-        meters, t = run_episodes(args, data, seed, episodes, predict, decide, classes)
+        meters, t = run_episodes(args, data, seed, episodes, predict, decide, classes, log)
         runs.append(meters)
         total, model = total + t["total"], model + t["model"]
         print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}"
                                            for k, m in meters.items()))
+    if log:
+        log.close()
     print(f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * model / total:.0f}% of the time in the model")
     out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
     for name, r in out.items():
@@ -885,8 +967,9 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, class
     return out
 
 
-def write_results(path, summary, args, **fields):
-    """The results JSON of evaluate.py / nonparametric_eval.py (README "Results files"), written atomically."""
+def write_results(path, summary, args, data=None, **fields):
+    """The results JSON of evaluate.py / nonparametric_eval.py (README "Results files"), with the run record,
+    written atomically."""
     protocol = {"split": "val, novel classes", "query_order": "val list in order, wrapping", "batch": 1,
                 "test_size": args.test_size,
                 "scoring": "logits resized to max(H, W) of the original label (ori_resize)",
@@ -894,7 +977,7 @@ def write_results(path, summary, args, **fields):
                 "coco_split": args.coco_split, "std": "sample std over seeds"}
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
            "dataset": args.dataset, "backbone": args.backbone, "precision": args.precision, "protocol": protocol,
-           **fields}
+           **fields, "run": run_record(args, data)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(out, f, indent=1)
@@ -1091,17 +1174,64 @@ def grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def finish_args(args, out_name=None):
-    """Checks that need several flags, derived values, the device; out_name: the default run folder name."""
-    if args.data_root is None:
+def finish_args(args, out_name=None, needs_data=True):
+    """Checks that need several flags, derived values, the device; out_name: the default run folder name.
+    The flags as parsed and resolved are kept in args.flags (args.json; flags_to_argv turns them back)."""
+    if args.data_root is None and needs_data:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
     if out_name and args.out is None:
         args.out = os.path.join("runs", out_name)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.flags = dict(vars(args))
     args.novel, args.base = (novel_classes(args.dataset, args.fold, args.coco_split),
                              base_classes(args.dataset, args.fold, args.coco_split))
     return args
+
+
+def flags_to_argv(flags):
+    """The command line that gives back these flags (args.json "flags"): every flag spelled out."""
+    argv = []
+    for dest, value in flags.items():
+        flag = "--" + dest.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif value is not None and value is not False:  # (0 == False: compare by identity)
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_record(args, data=None):
+    """What ran where: UTC time, host, library versions, device, world size, the kit's git commit and whether
+    its tree was dirty, the data root and its pool sizes (args.json, and "run" in the results files)."""
+    import platform
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
+    try:
+        commit, dirty = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:  # no git on this machine
+        commit, dirty = None, None
+    device = torch.device(args.device)
+    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "opencv": cv2.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "world_size": int(os.environ.get("WORLD_SIZE", 1)), "git_commit": commit, "git_dirty": dirty,
+            "data_root": os.path.abspath(args.data_root) if args.data_root else None,
+            "pools": {split: len(ids) for split, (ids, _) in data.items()} if data else None}
+
+
+def write_args_json(args, argv, data):
+    """<out>/args.json at the start of a run: the command line, every flag with its default filled in, the
+    values derived from them, and the run record."""
+    derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump({"argv": list(argv or []), "flags": args.flags, "derived": derived, "run": run_record(args, data)},
+                  f, indent=1)
 
 
 def seed_everything(seed):
@@ -1314,8 +1444,15 @@ class Progress:
     """One line per interval with rate and ETA; every line also appended to <out>/log.jsonl."""
 
     def __init__(self, total, start=0, every=10, out=None, unit="it"):
+        """A run from step `start`: <out>/log.jsonl is cut back to the records of steps <= start, so a resumed
+        run logs no step twice and a fresh one starts an empty log."""
         self.total, self.start, self.every, self.unit = total, start, every, unit
         self.t0, self.log = time.time(), (os.path.join(out, "log.jsonl") if out else None)
+        if self.log and os.path.exists(self.log):
+            with open(self.log) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= start]
+            with open(self.log, "w") as f:
+                f.writelines(kept)
 
     def step(self, t, force=False, **metrics):
         """Call after finishing step t (1-based count of done steps)."""
@@ -1326,7 +1463,7 @@ class Progress:
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         print(f"[{t}/{self.total}] {text} | {rate:.2f} {self.unit}/s ETA {eta}", flush=True)
         if self.log:
-            Progress.record(os.path.dirname(self.log), step=t, **metrics, rate=rate)
+            Progress.record(os.path.dirname(self.log), step=t, **metrics, rate=rate, time=round(time.time(), 3))
 
     @staticmethod
     def record(out, **fields):

@@ -16,6 +16,7 @@ CPU smoke run on the built-in synthetic benchmark:
     python evaluate.py --checkpoint runs/metatrain-synthetic-fold0-1shot/last.pt --episodes 100 --seeds 510
 """
 import functools
+import json
 import os
 
 import cv2
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 
 from common import (POSITIVE, AsppPFENet, EpisodeDataset, KitError, KitParser, add_common_args, add_eval_args,
-                    amp_dtype, argmax_mask, build_backbone, dataset_of, evaluate_seeds, finish_args, format_table,
-                    load_checkpoint, open_data, predict_meta, pretrain_label, run, to_bgr_image, write_results)
+                    amp_dtype, argmax_mask, at_query_size, build_backbone, dataset_of, evaluate_seeds, finish_args,
+                    format_table, load_checkpoint, open_data, predict_meta, pretrain_label, run, to_bgr_image,
+                    user_episode, write_results, write_user_prediction)
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
                    "train_pool", "coco_split")  # each taken from the checkpoint unless typed
@@ -40,6 +42,8 @@ def parse_args(argv):
                                      "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)")
     p.add_argument("--vis", help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here")
     p.add_argument("--vis-count", type=POSITIVE, default=8, help="episodes drawn by --vis (default %(default)s)")
+    p.add_argument("--curves", nargs="+", metavar="LOG", help="only draw training curves from these log.jsonl files "
+                   "into --out (a PNG; default curves.png): loss, lr, training mIoU, cluster shares, validation mIoU")
     return p.parse_args(argv)
 
 
@@ -91,12 +95,72 @@ def write_vis(args, data, models, device):
     print(f"wrote {len(ds)} pictures to {args.vis}")
 
 
+# ============ your own images, and training curves ============
+@torch.no_grad()
+def segment_own_images(args, ckpt, model, dtype):
+    """Each --query segmented with the --support examples, in the benchmark's test geometry and normalisation."""
+    if not (args.support and args.query and args.out):
+        raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
+    shots, trained = len(args.support), ckpt["args"]["shot"]
+    if shots != trained and ckpt["args"].get("shot_fusion") == "weighted":
+        raise KitError(f"{args.checkpoint} weighs exactly {trained} supports (--shot-fusion weighted): pass "
+                       f"{trained} --support pairs")
+    if shots != trained:
+        print(f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)")
+    for query_path in args.query:
+        item, query, pairs = user_episode(args.support, query_path, args.test_size)
+        pred = at_query_size(predict_meta(model, item, dtype), query).argmax(0).numpy()  # (H, W) in {0, 1}
+        write_user_prediction(args.out, query_path, query, pred, pairs)
+
+
+CURVES = [("loss", "training loss"), ("lr", "learning rate"), ("train_miou", "training mIoU (base-class episodes)"),
+          ("clusters", "share of the background pixels per cluster centre (BCPT)"), ("val_miou", "validation mIoU")]
+
+
+def draw_curves(paths, out):
+    """One panel per quantity found in the logs, one line per run (its folder name), against the iteration.
+    matplotlib is an optional extra, imported only here. -> the panel titles."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KitError("--curves draws with matplotlib, an optional extra: pip install matplotlib") from None
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = [json.loads(line) for line in f]
+    panels = [(key, title) for key, title in CURVES if any(key in r for recs in runs.values() for r in recs)]
+    if not panels:
+        raise KitError(f"--curves: no loss, lr, mIoU or cluster records in {', '.join(paths)}")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, (key, title) in zip(axes[:, 0], panels):
+        for k, (name, recs) in enumerate(runs.items()):
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if pts:  # cluster shares are a list per record: one thin line per centre, in the run's colour
+                ys = np.array([y for _, y in pts], dtype=float).reshape(len(pts), -1)
+                for j in range(ys.shape[1]):
+                    ax.plot([x for x, _ in pts], ys[:, j], color=f"C{k}", lw=1 if ys.shape[1] > 1 else 1.5,
+                            marker="o" if key == "val_miou" else None, label=name if j == 0 else None)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("iteration")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    print(f"wrote {out}: " + ", ".join(title for _, title in panels))
+    return [title for _, title in panels]
+
+
 # ============ the evaluation ============
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
         print(format_table(args.table))
         return
+    if args.curves:
+        return draw_curves(args.curves, args.out or "curves.png")
     if not args.checkpoint:
         raise KitError("--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table")
     if args.compare and not args.vis:
@@ -105,19 +169,23 @@ def main(argv=None):
     ckpt = metatrain_checkpoint(args.checkpoint, {k: getattr(args, k) for k in MUST_MATCH if k in typed})
     for k in set(FROM_CHECKPOINT) - typed:
         setattr(args, k, ckpt["args"][k])
-    args = finish_args(args)
+    args = finish_args(args, needs_data=False)
     device = torch.device(args.device)
-    model = load_model(ckpt, device)
+    model, dtype = load_model(ckpt, device), amp_dtype(args.precision, device)
+    if args.support or args.query:
+        return segment_own_images(args, ckpt, model, dtype)
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
     print(f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
           f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds "
           f"{args.seeds}")
     data = open_data(args)
+    if args.episode_log:
+        open(args.episode_log, "w").close()
     with torch.no_grad():
-        predict = functools.partial(predict_meta, model, dtype=amp_dtype(args.precision, device))
+        predict = functools.partial(predict_meta, model, dtype=dtype)
         result = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask})["ASPP-PFENet"]
     if args.json:
-        write_results(args.json, result, args, method="ASPP-PFENet", pretrained=label, weights=args.weights,
+        write_results(args.json, result, args, data, method="ASPP-PFENet", pretrained=label, weights=args.weights,
                       select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"],
                       shot_fusion=ckpt["args"].get("shot_fusion", "mean"))
     if args.vis:

@@ -14,6 +14,7 @@ CPU run on the built-in synthetic benchmark (a few minutes):
 """
 import functools
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from common import (IGNORE, POSITIVE, AsppPFENet, EpisodeDataset, FewShotIoU, KitError, KitParser, Progress,
                     Trainer, add_common_args, add_flag, add_training_args, amp_dtype, argmax_mask, autocast,
                     benchmark, build_backbone, dataset_of, evaluate_seeds, finish_args, grad_scaler, open_data,
-                    predict_meta, pretrain_label, run, run_folder, seed_everything, stream_loader)
+                    predict_meta, pretrain_label, run, run_folder, seed_everything, stream_loader,
+                    write_args_json)
 
 RESUME_KEYS = ("dataset", "fold", "shot", "shot_fusion", "backbone", "weights", "epochs", "batch", "lr", "crop",
                "scale", "seed", "novel_images", "select")
@@ -114,6 +116,7 @@ def main(argv=None):
           f"out {args.out}")
     dtype = amp_dtype(args.precision, device)
     with run_folder(args.out):
+        write_args_json(args, sys.argv[1:] if argv is None else argv, data)
         model, opt = build(args, device)
         trainer = Trainer(args, "metatrain", model, opt, grad_scaler(device, dtype), [args.lr], args.total_iters,
                           args.power)

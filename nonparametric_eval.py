@@ -20,11 +20,13 @@ CPU smoke run on the built-in synthetic benchmark:
 
 import functools
 
+import numpy as np
 import torch
 
-from common import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype, autocast,
-                    build_backbone, dataset_of, evaluate_seeds, finish_args, format_table, frozen_features, open_data,
-                    pretrain_label, resize, run, seed_everything, shot_prior, write_results)
+from common import (POSITIVE, UNIT, KitError, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype,
+                    at_query_size, autocast, build_backbone, dataset_of, evaluate_seeds, finish_args, format_table,
+                    frozen_features, open_data, pretrain_label, resize, run, seed_everything, shot_prior,
+                    user_episode, write_results, write_user_prediction)
 
 
 TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
@@ -42,7 +44,8 @@ def parse_args(argv):
              "priors; the one best on base-class episodes is reported too", type=UNIT, nargs="+")
     g.add_argument("--table-metric", default="threshold", choices=list(TABLE_METRICS), help="with --table: mIoU at "
                    "--threshold, at the base-chosen threshold, or the best of the sweep (default %(default)s)")
-    return finish_args(p.parse_args(argv))
+    args = p.parse_args(argv)
+    return finish_args(args, needs_data=not (args.support or args.query))
 
 
 # ============ the prior of the last layer (PFENet), one backbone pass per image ============
@@ -64,6 +67,17 @@ def above(scores, threshold):
     return (scores[0, 0] > threshold).long()
 
 
+def segment_own_images(args, backbone, dtype):
+    """Each --query segmented with the --support examples: the prior thresholded at --threshold; the prior itself
+    is written as a heat map."""
+    if not (args.support and args.query and args.out):
+        raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
+    for query_path in args.query:
+        item, query, pairs = user_episode(args.support, query_path, args.test_size)
+        heat = at_query_size(predict_prior(backbone, item, dtype), query)[0].numpy()  # (H, W) in [0, 1]
+        write_user_prediction(args.out, query_path, query, (heat > args.threshold).astype(np.uint8), pairs, heat)
+
+
 def choose_threshold_on_base_classes(args, data, predict, rules):
     """The threshold a user could pick without the novel classes: the best mIoU on base-class episodes of the
     val images (classes seen in pre-training; novel objects there are background). -> (threshold, sweep)."""
@@ -79,13 +93,19 @@ def main(argv=None):
         return
     seed_everything(args.seed)  # a random (--pretrained none) backbone depends on the seed
     device = torch.device(args.device)
-    backbone = build_backbone(args.backbone, args.weights, expect={"dataset": args.dataset, "fold": args.fold})
+    own = bool(args.support or args.query)  # the user's images: the fold does not matter
+    backbone = build_backbone(args.backbone, args.weights, expect={"dataset": args.dataset, **({} if own else
+                                                                                             {"fold": args.fold})})
     backbone = backbone.to(device).eval()
+    if own:
+        return segment_own_images(args, backbone, amp_dtype(args.precision, device))
     label = args.label or pretrain_label(args.weights)
     thresholds = sorted(set(args.sweep) | {args.threshold})
     print(f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} pre-trained {label}, "
           f"threshold {args.threshold}, sweep {thresholds}, {args.episodes} episodes x seeds {args.seeds}")
     data = open_data(args)
+    if args.episode_log:
+        open(args.episode_log, "w").close()
 
     # ============ every threshold scored from the same prior, on novel-class episodes ============
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
@@ -99,8 +119,8 @@ def main(argv=None):
           f"there {results[chosen]['miou']:.2f} +- {results[chosen]['miou_std']:.2f}")
     result = results[args.threshold]
     if args.json:
-        write_results(args.json, result, args, method="non-parametric prior", pretrained=label, weights=args.weights,
-                      select="none (no meta-training)", threshold=args.threshold, sweep=sweep,
+        write_results(args.json, result, args, data, method="non-parametric prior", pretrained=label,
+                      weights=args.weights, select="none (no meta-training)", threshold=args.threshold, sweep=sweep,
                       base_threshold=chosen, miou_base_threshold=results[chosen]["miou"],
                       miou_base_threshold_std=results[chosen]["miou_std"],
                       base_sweep={f"{t:g}": v for t, v in base_sweep.items()})

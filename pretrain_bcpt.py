@@ -32,7 +32,7 @@ from common import (IGNORE, N_CLASSES, NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitEr
                     add_common_args, add_flag, add_training_args, amp_dtype, autocast, bcpt_loss, benchmark, bounded,
                     build_backbone, cluster_assign, dataset_of, finish_args, grad_scaler, guidance_step,
                     momentum_update, open_data, read_pair, resize, run, run_folder, seed_everything, split_pixels,
-                    stream_loader, test_transform, to_bgr_image, train_transform)
+                    stream_loader, test_transform, to_bgr_image, train_transform, write_args_json)
 
 RESUME_KEYS = ("method", "head", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "eq3", "batch",
                "crop", "epochs", "seed", "no_guidance", "select")
@@ -243,6 +243,7 @@ def main(argv=None):
     if args.vis_clusters and args.method != "bcpt":
         print("--vis-clusters: standard pre-training has no background clusters; no pictures will be written")
     with run_folder(args.out):
+        write_args_json(args, sys.argv[1:] if argv is None else argv, data)
         net, opt = build(args, device)
         trainer = Trainer(args, "pretrain", net, opt, grad_scaler(device, dtype),
                           [args.lr * args.backbone_lr_mult, 10 * args.lr], args.total_iters, args.power)

@@ -1593,3 +1593,121 @@ def test_cuda_evaluation_any_workers_and_nonparametric(metatrained, synthetic_ro
     assert evaluate.main(base + ["--workers", "0"]) == evaluate.main(base + ["--workers", "2"])
     r = nonparametric_eval.main(np_args(synthetic_root, pretrained["bcpt"], tmp_path / "n.json", "--device", "cuda"))
     assert 0 <= r["miou"] <= 100
+
+
+# ---------- your own images, and runs that explain themselves ----------
+@pytest.fixture
+def own_episode(synthetic_root, metatrained, tmp_path):
+    """The first evaluation episode of the benchmark, its files written as a user's would be: the query and
+    support JPEGs (the world's own bytes) and a 0/255 support mask PNG."""
+    import shutil
+    ckpt = common.load_checkpoint(metatrained[1])
+    a = ckpt["args"]
+    ids, counts = common.image_pools(synthetic_root)[1], None
+    counts = common.class_pixel_counts(synthetic_root, ids, 20)
+    ds = common.EpisodeDataset(synthetic_root, ids, counts, "synthetic", a["novel"], 1, a["min_pixels"], 7,
+                               test_size=a["test_size"], episodes=1)
+    query, cls, (support,) = ds.episodes[0]
+    for i in (query, support):
+        shutil.copy(os.path.join(synthetic_root, common.IMAGES, i + ".jpg"), tmp_path / f"{i}.jpg")
+    mask = (common.read_mask(synthetic_root, support, 20) == cls).astype(np.uint8) * 255
+    cv2.imwrite(str(tmp_path / "support_mask.png"), mask)
+    return ds, tmp_path, query, support
+
+
+def test_own_images_give_the_benchmark_prediction(own_episode, metatrained):
+    import evaluate
+    ds, d, query, support = own_episode
+    evaluate.main(["--checkpoint", metatrained[1], "--support", str(d / f"{support}.jpg"), str(d / "support_mask.png"),
+                   "--query", str(d / f"{query}.jpg"), "--out", str(d / "preds")])
+    mask = cv2.imread(str(d / "preds" / f"{query}_mask.png"), cv2.IMREAD_UNCHANGED)
+    h, w = common.read_mask(ds.root, query, 20).shape
+    assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+    overlay = cv2.imread(str(d / "preds" / f"{query}_overlay.png"))
+    assert overlay.shape[0] == h and overlay.shape[1] > w  # the query, then the support beside it
+    model = evaluate.load_model(common.load_checkpoint(metatrained[1]), torch.device("cpu"))
+    item = torch.utils.data.default_collate([ds[0]])
+    with torch.no_grad():
+        scores, _ = common.logits_at_label_size(common.predict_meta(model, item), item["raw_label"][0])
+    assert np.array_equal(mask // 255, scores.argmax(1)[0, :h, :w].numpy())  # what the benchmark predicts
+
+
+def test_own_images_nonparametric_and_mask_formats(own_episode, pretrained, capsys):
+    import nonparametric_eval
+    ds, d, query, support = own_episode
+    m = cv2.imread(str(d / "support_mask.png"), cv2.IMREAD_UNCHANGED) > 0
+    palette = Image.fromarray(m.astype(np.uint8) * 7, mode="P")  # palette indices, as VOC's masks
+    palette.putpalette([0, 0, 0] + [200, 0, 0] * 255)
+    palette.save(d / "palette.png")
+    cv2.imwrite(str(d / "rgb.png"), np.stack([np.zeros_like(m), m * 128, m * 0], -1).astype(np.uint8))
+    for mask in ("palette.png", "rgb.png"):
+        assert np.array_equal(common.read_user_mask(str(d / mask), "img", m.shape), m.astype(np.uint8))
+    nonparametric_eval.main(["--pretrained", pretrained["bcpt"], "--support", str(d / f"{support}.jpg"),
+                             str(d / "palette.png"), "--query", str(d / f"{query}.jpg"), "--out", str(d / "np"),
+                             "--test-size", "64"])
+    assert {f"{query}_{k}.png" for k in ("mask", "overlay", "prior")} <= set(os.listdir(d / "np"))
+
+
+def test_own_images_bad_input_names_the_file(own_episode, metatrained, tmp_path):
+    import evaluate
+    ds, d, query, support = own_episode
+    (d / "notes.jpg").write_text("not an image")
+    cv2.imwrite(str(d / "small.png"), np.ones((5, 5), np.uint8))
+    cv2.imwrite(str(d / "empty.png"), np.zeros(cv2.imread(str(d / "support_mask.png")).shape[:2], np.uint8))
+    base = ["--checkpoint", metatrained[1], "--query", str(d / f"{query}.jpg"), "--out", str(d / "p")]
+    sup = str(d / f"{support}.jpg")
+    for support_args, message in ((["notes.jpg", "support_mask.png"], "cannot read image .*notes.jpg"),
+                                  ([sup, "small.png"], "mask .*small.png is 5x5 but its image .* is"),
+                                  ([sup, "empty.png"], "mask .*empty.png has no foreground pixel")):
+        with pytest.raises(KitError, match=message):
+            evaluate.main(base + ["--support", *[str(d / a) for a in support_args]])
+    with pytest.raises(KitError, match="argument --support: expected 2 arguments"):
+        evaluate.main(base + ["--support", sup])
+
+
+def test_args_json_round_trip_and_log_without_duplicates(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    run_ = lambda *x: pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, *x))
+    run_("--max-iters", "2")
+    run_("--max-iters", "4", "--resume")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
+    assert steps == [1, 2, 3, 4]  # the resumed run logged no step twice
+    j = json.loads((tmp_path / "args.json").read_text())
+    again = pretrain_bcpt.parse_args(common.flags_to_argv(j["flags"]))
+    assert again.flags == j["flags"] and j["flags"]["resume"] and j["derived"]["total_iters"] == 50
+    assert {"utc", "host", "torch", "torchvision", "cuda", "cudnn", "device", "world_size", "git_commit",
+            "git_dirty", "data_root", "pools"} <= set(j["run"]) and j["run"]["pools"] == {"train": 200, "val": 100}
+    run_("--max-iters", "1")  # a fresh run in the same folder starts a fresh log
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1]
+
+
+def test_episode_log_reproduces_the_reported_miou(metatrained, tmp_path):
+    import evaluate
+    log, path = tmp_path / "episodes.jsonl", tmp_path / "r.json"
+    evaluate.main(["--checkpoint", metatrained[1], "--episodes", "6", "--seeds", "1", "2", "--workers", "0",
+                   "--episode-log", str(log), "--json", str(path)])
+    r, lines = json.loads(path.read_text()), [json.loads(line) for line in open(log)]
+    assert len(lines) == 12 and r["run"]["torch"] == torch.__version__
+    per_seed = []
+    for seed in (1, 2):
+        inter, union = {c: 0.0 for c in range(1, 6)}, {c: 0.0 for c in range(1, 6)}
+        for e in (e for e in lines if e["seed"] == seed):
+            inter[e["class"]] += e["iou"]["ASPP-PFENet"][1]
+            union[e["class"]] += e["iou"]["ASPP-PFENet"][3]
+        per_seed.append(np.mean([100 * inter[c] / (union[c] + 1e-10) for c in inter]))
+    assert r["miou"] == pytest.approx(np.mean(per_seed), abs=1e-9)
+    assert lines[0]["query"] and lines[0]["supports"] and lines[0]["phase"] == "novel"
+
+
+def test_training_curves_png(synthetic_root, tmp_path):
+    import evaluate
+    import metatrain
+    import pretrain_bcpt
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path / "bcpt", "--max-iters", "3"))
+    metatrain.main(meta_args(synthetic_root, tmp_path / "meta", "none", 1, "--max-iters", "2", "--select", "best-val",
+                             "--val-every", "1", "--val-episodes", "2"))
+    out = tmp_path / "curves.png"
+    titles = evaluate.main(["--curves", str(tmp_path / "bcpt" / "log.jsonl"), str(tmp_path / "meta" / "log.jsonl"),
+                            "--out", str(out)])
+    assert [t.split()[0] for t in titles] == ["training", "learning", "training", "share", "validation"]
+    assert cv2.imread(str(out)).shape[0] > 5 * 150

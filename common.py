@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
@@ -71,22 +72,30 @@ def cluster_assign(P, I_bg):
 
 
 @fp32
-def momentum_update(P, I_bg, assign, mu):
-    """Eq. (1): P_hat = I_bg A^T (D, K), then p <- mu p/|p| + (1 - mu) p_hat/|p_hat| for each centre.
-    A centre with no pixel in the batch keeps its value (Eq. 1 is undefined there)."""
-    A_t = F.one_hot(assign, P.shape[1]).to(I_bg.dtype)  # (N_bg, K) = A^T
-    P_hat = I_bg @ A_t  # (D, K)
-    moved = mu * F.normalize(P, dim=0) + (1 - mu) * F.normalize(P_hat, dim=0)  # Eq. 1
-    return torch.where(A_t.sum(0) > 0, moved, P)
+def cluster_sums(I_bg, assign, K):
+    """Sec. 2.1: P_hat = I_bg A^T (D, K), the sum of the background embeddings given to each centre, and the
+    pixel count of each centre (K,). Under several processes both are summed over the ranks (all_reduce_sum),
+    so Eq. 1 follows the whole batch."""
+    A_t = F.one_hot(assign, K).to(I_bg.dtype)  # (N_bg, K) = A^T
+    return I_bg @ A_t, A_t.sum(0)  # (D, K), (K,)
 
 
 @fp32
-def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centres"):
+def momentum_update(P, P_hat, counts, mu):
+    """Eq. (1): p <- mu p/|p| + (1 - mu) p_hat/|p_hat| for each centre; a centre with no pixel in the batch
+    (counts 0) keeps its value (Eq. 1 is undefined there). P, P_hat (D, K), counts (K,)."""
+    moved = mu * F.normalize(P, dim=0) + (1 - mu) * F.normalize(P_hat, dim=0)  # Eq. 1
+    return torch.where(counts > 0, moved, P)
+
+
+@fp32
+def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centres", counts=None):
     """Eqs. (2)-(4). I_base (D, N_base) with labels y_base in 1..C, I_bg (D, N_bg) assigned to centres
     `assign` (N_bg,), base vectors W (D, C), centres P (D, K) (a buffer: no gradient). Two readings the paper
     leaves open (README "choices it leaves open"): eq3, the softmax of Eq. 3 over the base vectors and the K
     centres ('centres') or over the base vectors only ('base'); scale, how Eq. 4's sums are brought to a
     per-pixel size: 'sum' divides both sums by N_base + N_bg, 'mean' averages each term over its own pixels.
+    counts: (N_base, N_bg) of the whole batch when it is split over processes (default: these pixels').
     -> (L_total, {"l_base": Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
     # Eq. 3: a base pixel against the base vectors (and the K background centres)
     logits = I_base.t() @ W if eq3 == "base" else torch.cat([I_base.t() @ W, I_base.t() @ P], 1)  # (N_base, C+K)
@@ -94,12 +103,12 @@ def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centr
     # Eq. 2: a background pixel against the K centres, its own assigned centre as the target
     l_bm = F.cross_entropy(I_bg.t() @ P, assign, reduction="sum")  # logits (N_bg, K)
     # Eq. 4: sum over base pixels + alpha * sum over background pixels
-    n_base, n_bg = max(I_base.shape[1], 1), max(I_bg.shape[1], 1)
+    n_base, n_bg = counts if counts is not None else (I_base.shape[1], I_bg.shape[1])
     if scale == "sum":  # per pixel: a base pixel weighs 1 / N, a background pixel alpha / N
-        loss = (l_base + alpha * l_bm) / max(I_base.shape[1] + I_bg.shape[1], 1)
+        loss = (l_base + alpha * l_bm) / max(n_base + n_bg, 1)
     else:  # per pixel: a base pixel weighs 1 / N_base, a background pixel alpha / N_bg
-        loss = l_base / n_base + alpha * l_bm / n_bg
-    return loss, {"l_base": l_base.item() / n_base, "l_bm": l_bm.item() / n_bg}
+        loss = l_base / max(n_base, 1) + alpha * l_bm / max(n_bg, 1)
+    return loss, {"l_base": l_base.item() / max(I_base.shape[1], 1), "l_bm": l_bm.item() / max(I_bg.shape[1], 1)}
 
 
 @fp32
@@ -307,6 +316,12 @@ class FewShotIoU:
         self.inter[k] += inter[1]
         self.union[k] += union[1]
         return inter, union  # [background, foreground] of this episode
+
+    def all_reduce(self):
+        """Sum the counts over the processes (exact: they are integers held in float64)."""
+        self.inter, self.union = all_reduce_sum(self.inter), all_reduce_sum(self.union)
+        self.fb_inter, self.fb_union = all_reduce_sum(self.fb_inter), all_reduce_sum(self.fb_union)
+        return self
 
     def class_iou(self):
         return {c: float(100 * i / (u + 1e-10)) for c, i, u in zip(self.classes, self.inter, self.union)}
@@ -617,18 +632,23 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
 
 class StreamSampler(torch.utils.data.Sampler):
-    """Iteration t takes items t*B .. (t+1)*B - 1 of an endless stream of per-epoch permutations
-    seeded by (seed, epoch), so a run resumed at iteration t sees exactly the batches it would have."""
+    """Iteration t takes items t*B .. (t+1)*B - 1 of an endless stream of per-epoch permutations seeded by
+    (seed, epoch), so a run resumed at iteration t sees exactly the batches it would have. With several
+    processes, rank r takes its B / world items of each global batch: the same batches as one process."""
 
-    def __init__(self, n, batch, seed, start_iter, total_iters):
+    def __init__(self, n, batch, seed, start_iter, total_iters, rank=0, world=1):
         self.n, self.batch, self.seed, self.start, self.total = n, batch, seed, start_iter, total_iters
+        self.local = batch // world
+        self.first = rank * self.local  # this rank's offset in each global batch
 
     def __len__(self):
-        return (self.total - self.start) * self.batch
+        return (self.total - self.start) * self.local
 
     def __iter__(self):
         epoch, perm = -1, None
         for pos in range(self.start * self.batch, self.total * self.batch):
+            if not self.first <= pos % self.batch < self.first + self.local:
+                continue  # another rank's share of this global batch
             if pos // self.n != epoch:
                 epoch = pos // self.n
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
@@ -636,9 +656,12 @@ class StreamSampler(torch.utils.data.Sampler):
 
 
 def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device):
-    sampler = StreamSampler(len(dataset), batch, seed, start_iter, total_iters)
+    """The batches of iterations start_iter .. total_iters - 1 (this rank's share of each, under torchrun)."""
+    if batch % world():
+        raise KitError(f"--batch {batch} is the global batch: it must split evenly over the {world()} processes")
+    sampler = StreamSampler(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
     cuda = device.type == "cuda"
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch // world(), sampler=sampler, num_workers=workers,
                                        pin_memory=cuda, persistent_workers=cuda and workers > 0)
 
 
@@ -912,10 +935,11 @@ def run_episodes(args, data, seed, episodes, predict, decide, classes, log=None)
     ids, counts = data["val"]
     ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, classes, args.shot, args.min_pixels, seed,
                         test_size=args.test_size, episodes=episodes)
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=args.workers)
-    meters, t_model, t0 = {name: FewShotIoU(classes) for name in decide}, 0.0, time.perf_counter()
+    shard = torch.utils.data.Subset(ds, range(rank(), len(ds), world()))  # under torchrun: every world-th episode
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=args.workers)
+    meters, t_model, t0, lines = {name: FewShotIoU(classes) for name in decide}, 0.0, time.perf_counter(), []
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
-    for index, item in enumerate(loader):
+    for index, item in zip(shard.indices, loader):
         t1 = time.perf_counter()
         scores = predict(item)
         sync()
@@ -924,9 +948,18 @@ def run_episodes(args, data, seed, episodes, predict, decide, classes, log=None)
         iou = {str(name): meters[name].update(rule(scores), target, int(item["cls"])) for name, rule in decide.items()}
         if log:
             phase = "novel" if list(classes) == list(args.novel) else "base"
-            log.write(json.dumps({"phase": phase, "seed": seed, "index": index, "query": item["query_id"][0],
+            lines.append(json.dumps({"phase": phase, "seed": seed, "index": index, "query": item["query_id"][0],
                                   "supports": item["support_ids"][0].split(), "class": int(item["cls"]),
-                                  "iou": {k: [*map(float, i), *map(float, u)] for k, (i, u) in iou.items()}}) + "\n")
+                                  "iou": {k: [*map(float, i), *map(float, u)] for k, (i, u) in iou.items()}}))
+    if world() > 1:
+        for m in meters.values():
+            m.all_reduce()
+        if log:
+            shards = [None] * world()
+            dist.all_gather_object(shards, lines)
+            lines = sorted((line for s in shards for line in s), key=lambda line: json.loads(line)["index"])
+    if log and is_main():
+        log.writelines(line + "\n" for line in lines)
     return meters, {"total": time.perf_counter() - t0, "model": t_model}
 
 
@@ -978,6 +1011,8 @@ def write_results(path, summary, args, data=None, **fields):
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
            "dataset": args.dataset, "backbone": args.backbone, "precision": args.precision, "protocol": protocol,
            **fields, "run": run_record(args, data)}
+    if not is_main():
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(out, f, indent=1)
@@ -1181,8 +1216,7 @@ def finish_args(args, out_name=None, needs_data=True):
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
     if out_name and args.out is None:
         args.out = os.path.join("runs", out_name)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = setup_device(args.device)
     args.flags = dict(vars(args))
     args.novel, args.base = (novel_classes(args.dataset, args.fold, args.coco_split),
                              base_classes(args.dataset, args.fold, args.coco_split))
@@ -1220,7 +1254,7 @@ def run_record(args, data=None):
             "numpy": np.__version__, "opencv": cv2.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "world_size": int(os.environ.get("WORLD_SIZE", 1)), "git_commit": commit, "git_dirty": dirty,
+            "world_size": world(), "git_commit": commit, "git_dirty": dirty,
             "data_root": os.path.abspath(args.data_root) if args.data_root else None,
             "pools": {split: len(ids) for split, (ids, _) in data.items()} if data else None}
 
@@ -1228,10 +1262,98 @@ def run_record(args, data=None):
 def write_args_json(args, argv, data):
     """<out>/args.json at the start of a run: the command line, every flag with its default filled in, the
     values derived from them, and the run record."""
+    if not is_main():
+        return
     derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump({"argv": list(argv or []), "flags": args.flags, "derived": derived, "run": run_record(args, data)},
                   f, indent=1)
+
+
+# ---- several processes (torchrun): one process per device, rank 0 prints and writes ----
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if distributed() else 0
+
+
+def world():
+    return dist.get_world_size() if distributed() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def setup_device(flag):
+    """--device resolved. Under torchrun (RANK and WORLD_SIZE set): join the process group (NCCL on CUDA, gloo on
+    the CPU) with one device per local rank, cuda:LOCAL_RANK; ranks other than 0 print nothing."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return "cuda" if flag == "auto" and torch.cuda.is_available() else "cpu" if flag == "auto" else flag
+    if flag not in ("auto", "cuda", "cpu"):
+        raise KitError(f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda, "
+                       "cpu or auto (and choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise KitError("--device cuda: this machine has no CUDA device; pass --device cpu")
+    cuda = flag != "cpu" and torch.cuda.is_available()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    if not distributed():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def all_reduce_sum(t):
+    """t summed over the processes (t itself for one process), on t's device; NCCL reduces on the GPU."""
+    if world() == 1:
+        return t
+    x = t.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(x)
+    return x.to(t.device)
+
+
+def finite_everywhere(loss):
+    """Whether the loss is finite on every process: all agree before a step is taken or skipped, so none hangs."""
+    bad = torch.tensor([float(not torch.isfinite(loss))])
+    return all_reduce_sum(bad).item() == 0
+
+
+def same_on_all_ranks(t):
+    """Whether the tensor is bit-identical on every process (the BCPT centres after a run)."""
+    if world() == 1:
+        return True
+    copies = [None] * world()
+    dist.all_gather_object(copies, t.detach().cpu())
+    return all(torch.equal(copies[0], c) for c in copies)
+
+
+def wrap_ddp(model, device, sync_bn=False):
+    """Several processes: DistributedDataParallel (gradients averaged over the ranks; SyncBatchNorm first where BN
+    trains on CUDA; buffers are not broadcast, the BCPT centres stay in step by all_reduce_sum). One: the model."""
+    if world() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    if sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    import inspect  # torch >= 2.14 names the option forward_sync_buffers; earlier ones broadcast_buffers
+    no_sync = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers"): False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def global_mean_ce(logits, target):
+    """Cross-entropy (ignoring 255) averaged over the labelled pixels of the whole global batch. One process:
+    F.cross_entropy's mean. Several: each rank's sum over the all-reduced count, times the world size, so that
+    DDP's average of the ranks' gradients is the gradient of the one-process loss of the same batch."""
+    if world() == 1:
+        return F.cross_entropy(logits, target, ignore_index=IGNORE)
+    n = all_reduce_sum((target != IGNORE).sum().float())
+    return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") * world() / n.clamp(min=1)
 
 
 def seed_everything(seed):
@@ -1287,7 +1409,24 @@ def load_checkpoint(path, expect=None):
 def run_folder(out):
     """One run per folder: hold an exclusive lock on OUT/.lock (holding our process id) while the run lasts.
     A second run on the same folder stops at once; a lock left by a killed run is taken over with a note
-    (the kernel releases a dead process's lock), and that run's leftover temp files are removed."""
+    (the kernel releases a dead process's lock), and that run's leftover temp files are removed. Under torchrun
+    rank 0 holds it and tells the others whether it could."""
+    with contextlib.ExitStack() as stack:
+        taken = torch.zeros(1)
+        try:
+            if is_main():
+                stack.enter_context(_locked(out))
+                taken += 1
+        finally:  # every rank learns whether rank 0 took the folder, also when it could not
+            taken = all_reduce_sum(taken)
+        if not taken.item():
+            raise KitError(f"--out {out}: rank 0 could not take the run folder (its message says why)")
+        yield out
+
+
+@contextlib.contextmanager
+def _locked(out):
+    """The lock of run_folder, in this process."""
     import fcntl  # POSIX; the kit's runs target Linux workstations
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".lock")
@@ -1337,9 +1476,17 @@ class Trainer:
         self.path, self.extra = os.path.join(args.out, "last.pt"), {}  # extra: stage fields of the checkpoint
 
     def save(self, t, path=None, **extra):
-        save_checkpoint(path or self.path, {
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-            "iter": t, "rng": rng_state(), "args": dict(vars(self.args)), "stage": self.stage, **self.extra, **extra})
+        """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait for it."""
+        states = [rng_state()] * world()
+        if world() > 1:
+            dist.all_gather_object(states, rng_state())
+        if is_main():
+            save_checkpoint(path or self.path, {
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "iter": t,
+                "scaler": self.scaler.state_dict(), "rng": states[0], "args": dict(vars(self.args)),
+                "stage": self.stage, **({"rng_ranks": states} if world() > 1 else {}), **self.extra, **extra})
+        if world() > 1:
+            dist.barrier()
         return path or self.path
 
     def resume(self, keys):
@@ -1363,16 +1510,20 @@ class Trainer:
         start, args = ckpt["iter"] if ckpt else 0, self.args
         with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG,
             batches = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, device))
-        if ckpt:  # ... so that after a resume every RNG is where a straight run has it
-            set_rng_state(ckpt["rng"])
+        if ckpt:  # ... so that after a resume every RNG is where a straight run has it (each rank's own)
+            ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
+            if len(ranks) != world():
+                print(f"note: {self.path} was written by {len(ranks)} processes, this run has {world()}: every "
+                      "rank continues from rank 0's RNG state, so the run is not an exact continuation")
+            set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
         for t, batch in enumerate(batches, start):
             lr = poly_lr(self.opt, self.base_lrs, t, self.total, self.power)
-            loss, metrics = step(batch)
+            loss, metrics = step(batch)  # the step checked the loss on every rank (finite_everywhere)
             if not torch.isfinite(loss):
                 path = self.save(t)
                 raise KitError(f"loss is {loss.item()} at iteration {t}: the last good state is saved in {path}; "
                                f"lower --lr (now {args.lr}) and rerun with --resume")
-            report(t + 1, loss.item(), lr, metrics)
+            report(t + 1, all_reduce_sum(loss.detach().float().reshape(1)).item() / world(), lr, metrics)
             if (t + 1) % args.save_every == 0 or t + 1 == stop:
                 self.save(t + 1)
         print(f"saved {self.path}")
@@ -1381,7 +1532,8 @@ class Trainer:
         """--select best-val, after a validation at iteration t: log it, and save best.pt if it is the best."""
         best = self.extra["best"]
         print(f"validation at iteration {t}: mIoU {miou:.2f} (best {max(best['miou'], miou):.2f})")
-        Progress.record(self.args.out, step=t, val_miou=miou, **scores, new_best=miou > best["miou"])
+        if is_main():
+            Progress.record(self.args.out, step=t, val_miou=miou, **scores, new_best=miou > best["miou"])
         if miou > best["miou"]:
             self.extra["best"] = {"miou": miou, "iter": t}
             self.save(t, os.path.join(self.args.out, "best.pt"), select="best-val")
@@ -1447,7 +1599,7 @@ class Progress:
         """A run from step `start`: <out>/log.jsonl is cut back to the records of steps <= start, so a resumed
         run logs no step twice and a fresh one starts an empty log."""
         self.total, self.start, self.every, self.unit = total, start, every, unit
-        self.t0, self.log = time.time(), (os.path.join(out, "log.jsonl") if out else None)
+        self.t0, self.log = time.time(), (os.path.join(out, "log.jsonl") if out and is_main() else None)
         if self.log and os.path.exists(self.log):
             with open(self.log) as f:
                 kept = [line for line in f if json.loads(line).get("step", 0) <= start]

@@ -25,7 +25,7 @@ import torch
 
 from common import (POSITIVE, AsppPFENet, EpisodeDataset, KitError, KitParser, add_common_args, add_eval_args,
                     amp_dtype, argmax_mask, at_query_size, build_backbone, dataset_of, evaluate_seeds, finish_args,
-                    format_table, load_checkpoint, open_data, predict_meta, pretrain_label, run, to_bgr_image,
+                    format_table, is_main, load_checkpoint, open_data, predict_meta, pretrain_label, run, to_bgr_image,
                     user_episode, write_results, write_user_prediction)
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
@@ -101,6 +101,8 @@ def segment_own_images(args, ckpt, model, dtype):
     """Each --query segmented with the --support examples, in the benchmark's test geometry and normalisation."""
     if not (args.support and args.query and args.out):
         raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
+    if not is_main():  # under torchrun, rank 0 does it all
+        return
     shots, trained = len(args.support), ckpt["args"]["shot"]
     if shots != trained and ckpt["args"].get("shot_fusion") == "weighted":
         raise KitError(f"{args.checkpoint} weighs exactly {trained} supports (--shot-fusion weighted): pass "
@@ -188,7 +190,7 @@ def main(argv=None):
         write_results(args.json, result, args, data, method="ASPP-PFENet", pretrained=label, weights=args.weights,
                       select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"],
                       shot_fusion=ckpt["args"].get("shot_fusion", "mean"))
-    if args.vis:
+    if args.vis and is_main():
         models = {f"prediction: {label}": model}
         if args.compare:
             other = metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in ("dataset", "fold", "shot")})

@@ -17,13 +17,12 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from common import (IGNORE, POSITIVE, AsppPFENet, EpisodeDataset, FewShotIoU, KitError, KitParser, Progress,
-                    Trainer, add_common_args, add_flag, add_training_args, amp_dtype, argmax_mask, autocast,
-                    benchmark, build_backbone, dataset_of, evaluate_seeds, finish_args, grad_scaler, open_data,
-                    predict_meta, pretrain_label, run, run_folder, seed_everything, stream_loader,
-                    write_args_json)
+from common import (POSITIVE, AsppPFENet, EpisodeDataset, FewShotIoU, KitError, KitParser, Progress, Trainer,
+                    add_common_args, add_flag, add_training_args, amp_dtype, argmax_mask, autocast, benchmark,
+                    build_backbone, dataset_of, evaluate_seeds, finish_args, finite_everywhere, global_mean_ce,
+                    grad_scaler, open_data, predict_meta, pretrain_label, run, run_folder, seed_everything,
+                    stream_loader, wrap_ddp, write_args_json)
 
 RESUME_KEYS = ("dataset", "fold", "shot", "shot_fusion", "backbone", "weights", "epochs", "batch", "lr", "crop",
                "scale", "seed", "novel_images", "select")
@@ -67,13 +66,15 @@ def build(args, device):
 
 # ============ one episodic training step (PROTOCOL.md 4.2: CE ignoring 255 on the crop-size output) ============
 def train_step(model, opt, scaler, batch, device, dtype):
+    """model may be wrapped in DistributedDataParallel: then the batch is this rank's share, and the loss is the
+    mean over the whole batch's pixels. Nothing is updated when the loss is not finite on some rank."""
     query, target = batch["query"].to(device), batch["query_mask"].to(device)  # (B, 3, H, W), (B, H, W)
     support, s_mask = batch["support"].to(device), batch["support_mask"].to(device)  # (B, S, 3, H, W), (B, S, H, W)
     with autocast(device, dtype):
         logits = model(query, support, s_mask)  # (B, 2, H, W)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
-    if not torch.isfinite(loss):
-        return loss, logits
+        loss = global_mean_ce(logits.float(), target)
+    if not finite_everywhere(loss):
+        return loss if not torch.isfinite(loss) else torch.full_like(loss, float("nan")), logits
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -128,8 +129,10 @@ def main(argv=None):
         progress = Progress(stop, ckpt["iter"] if ckpt else 0, args.log_every, args.out)
         meter = [FewShotIoU(args.base)]  # running training mIoU over base classes, reset at each progress line
 
+        wrapped = wrap_ddp(model, device)  # several processes; the backbone is frozen in eval, the head has no BN
+
         def step(batch):
-            loss, logits = train_step(model, opt, trainer.scaler, batch, device, dtype)
+            loss, logits = train_step(wrapped, opt, trainer.scaler, batch, device, dtype)
             for pred, target, cls in zip(logits.detach().argmax(1).cpu(), batch["query_mask"], batch["cls"].tolist()):
                 meter[0].update(pred, target, cls)
             return loss, {}
@@ -141,7 +144,7 @@ def main(argv=None):
 
         def report(t, loss, lr, _):
             if t % args.log_every == 0 or t == stop:
-                progress.step(t, force=True, loss=loss, lr=lr, train_miou=meter[0].miou())
+                progress.step(t, force=True, loss=loss, lr=lr, train_miou=meter[0].all_reduce().miou())
                 meter[0] = FewShotIoU(args.base)
             if args.select == "best-val" and (t % args.val_every == 0 or t == args.total_iters):
                 miou, fb_iou = validate(model, args, data, dtype)

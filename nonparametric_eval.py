@@ -25,7 +25,7 @@ import torch
 
 from common import (POSITIVE, UNIT, KitError, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype,
                     at_query_size, autocast, build_backbone, dataset_of, evaluate_seeds, finish_args, format_table,
-                    frozen_features, open_data, pretrain_label, resize, run, seed_everything, shot_prior,
+                    frozen_features, is_main, open_data, pretrain_label, resize, run, seed_everything, shot_prior,
                     user_episode, write_results, write_user_prediction)
 
 
@@ -72,6 +72,8 @@ def segment_own_images(args, backbone, dtype):
     is written as a heat map."""
     if not (args.support and args.query and args.out):
         raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
+    if not is_main():  # under torchrun, rank 0 does it all
+        return
     for query_path in args.query:
         item, query, pairs = user_episode(args.support, query_path, args.test_size)
         heat = at_query_size(predict_prior(backbone, item, dtype), query)[0].numpy()  # (H, W) in [0, 1]

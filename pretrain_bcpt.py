@@ -29,10 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IGNORE, N_CLASSES, NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitError, KitParser, Progress, Trainer,
-                    add_common_args, add_flag, add_training_args, amp_dtype, autocast, bcpt_loss, benchmark, bounded,
-                    build_backbone, cluster_assign, dataset_of, finish_args, grad_scaler, guidance_step,
-                    momentum_update, open_data, read_pair, resize, run, run_folder, seed_everything, split_pixels,
-                    stream_loader, test_transform, to_bgr_image, train_transform, write_args_json)
+                    add_common_args, add_flag, add_training_args, all_reduce_sum, amp_dtype, autocast, bcpt_loss,
+                    benchmark, bounded, build_backbone, cluster_assign, cluster_sums, dataset_of, finish_args,
+                    finite_everywhere, global_mean_ce, grad_scaler, guidance_step, is_main, momentum_update,
+                    open_data, rank, read_pair, resize, run, run_folder, same_on_all_ranks, seed_everything,
+                    split_pixels, stream_loader, test_transform, to_bgr_image, train_transform, world, wrap_ddp,
+                    write_args_json)
 
 RESUME_KEYS = ("method", "head", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "eq3", "batch",
                "crop", "epochs", "seed", "no_guidance", "select")
@@ -168,33 +170,41 @@ def cluster_shares(assign, K):
 # ============ One iteration, in the paper's order (Sec. 2) ============
 def train_step(net, opt, scaler, x, y, args, dtype):
     """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update (Eq. 1).
-    x (B, 3, H, W), y (B, H, W). Nothing is updated when the loss is not finite (returned as it is)."""
-    if args.method == "bcpt" and not args.no_guidance:
-        G, P = guidance_step(net.w().detach(), net.guidance, net.centers, args.mu)  # 1. Eqs. 5-7
-        net.guidance.copy_(G)
-        net.centers.copy_(P)
+    x (B, 3, H, W), y (B, H, W); net may be wrapped in DistributedDataParallel (then x is this rank's share of
+    the batch, and the counts and sums below are the whole batch's). Nothing is updated when the loss is not
+    finite on some rank (returned as NaN)."""
+    m = getattr(net, "module", net)  # the network itself, for its W, centres and guidance
+    if args.method == "bcpt" and not args.no_guidance:  # W is the same on every rank: so are G and P
+        G, P = guidance_step(m.w().detach(), m.guidance, m.centers, args.mu)  # 1. Eqs. 5-7
+        m.guidance.copy_(G)
+        m.centers.copy_(P)
     with autocast(x.device, dtype):
         emb = net(x)  # 2. pixel embeddings (B, D, h, w)
-        logits = net.psp(emb) if args.head == "psp" else None  # (B, 1 + n_base, h, w)
+        logits = m.psp(emb) if args.head == "psp" else None  # (B, 1 + n_base, h, w)
     if logits is not None:  # BAM's base learner: cross-entropy on the logits upsampled to the crop
-        loss, out = F.cross_entropy(resize(logits.float(), y.shape[-2:]), y, ignore_index=IGNORE), {}
+        loss, out = global_mean_ce(resize(logits.float(), y.shape[-2:]), y), {}
     elif args.method == "standard":  # a linear layer on the last layer, at its resolution
-        loss, out = F.cross_entropy(net.W(emb.float()), downsample_labels(y, emb.shape[-2:]), ignore_index=IGNORE), {}
+        loss, out = global_mean_ce(m.W(emb.float()), downsample_labels(y, emb.shape[-2:])), {}
     else:
         y = downsample_labels(y, emb.shape[-2:])  # (B, h, w)
         I_base, y_base, I_bg = split_pixels(emb, y)  # (D, N_base), (N_base,), (D, N_bg)
-        assign = cluster_assign(net.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
-        loss, out = bcpt_loss(I_base, y_base, I_bg, assign, net.w(), net.centers, args.alpha,  # 4. Eqs. 2-4
-                              args.loss_scale, args.eq3)
+        assign = cluster_assign(m.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
+        counts = all_reduce_sum(torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])])) if world() > 1 else None
+        loss, out = bcpt_loss(I_base, y_base, I_bg, assign, m.w(), m.centers, args.alpha,  # 4. Eqs. 2-4
+                              args.loss_scale, args.eq3, counts)
+        if world() > 1:
+            loss = loss * world()  # DDP averages the ranks' gradients: this makes it the whole batch's
         out["clusters"] = [round(s, 3) for s in cluster_shares(assign, args.K)]
-    if not torch.isfinite(loss):
-        return loss, out
+    if not finite_everywhere(loss):
+        return loss if not torch.isfinite(loss) else torch.full_like(loss, float("nan")), out
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # 5. backward and SGD step
     scaler.step(opt)
     scaler.update()
     if args.method == "bcpt":
-        net.centers.copy_(momentum_update(net.centers, I_bg.detach(), assign, args.mu))  # 6. Eq. 1
+        P_hat, counts = cluster_sums(I_bg.detach(), assign, args.K)  # (D, K), (K,): this rank's pixels
+        P = momentum_update(m.centers, all_reduce_sum(P_hat), all_reduce_sum(counts), args.mu)  # 6. Eq. 1
+        m.centers.copy_(P)
     return loss, out
 
 
@@ -215,12 +225,13 @@ def validate_base(net, val_set, args, device):
     padded label; IoU of each class summed over the images. -> (mIoU of the base classes, with background)."""
     net.eval()
     n, conf = len(args.base) + 1, torch.zeros((len(args.base) + 1) ** 2, dtype=torch.long)
+    shard = torch.utils.data.Subset(val_set, range(rank(), len(val_set), world()))  # every world-th image
     with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move the training RNG
-        for x, y in torch.utils.data.DataLoader(val_set, batch_size=args.batch, num_workers=args.workers):
+        for x, y in torch.utils.data.DataLoader(shard, batch_size=args.batch, num_workers=args.workers):
             pred = resize(net.logits(net(x.to(device)).float()), x.shape[-2:]).argmax(1).cpu()  # (B, s, s)
             valid = y != IGNORE
             conf += torch.bincount(y[valid] * n + pred[valid], minlength=n * n)
-    conf = conf.view(n, n).double()  # rows: truth, columns: prediction
+    conf = all_reduce_sum(conf).view(n, n).double()  # rows: truth, columns: prediction
     iou = conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag() + 1e-10)
     net.train()
     return 100 * iou[1:].mean().item(), 100 * iou.mean().item()
@@ -254,10 +265,12 @@ def main(argv=None):
         val_set = BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base, None, None, args.seed,
                                    test_size=args.crop)
 
+        model = wrap_ddp(net, device, sync_bn=True)  # several processes: BN trains, so SyncBatchNorm on CUDA
+
         def step(batch):
             good = {k: v.clone() for k, v in net.named_buffers()}  # BN stats and centres move before the loss
             x, y = batch[0].to(device, memory_format=memory_format), batch[1].to(device)
-            loss, out = train_step(net, opt, trainer.scaler, x, y, args, dtype)
+            loss, out = train_step(model, opt, trainer.scaler, x, y, args, dtype)
             if not torch.isfinite(loss):  # nothing was stepped: only the buffers need restoring
                 net.load_state_dict(good, strict=False)
             return loss, out
@@ -278,7 +291,11 @@ def main(argv=None):
                 trainer.keep_best(t, base_miou, val_miou_with_background=with_bg)
 
         trainer.run(dataset, device, ckpt, stop, step, report)
-        if args.vis_clusters and args.method == "bcpt":
+        if args.method == "bcpt" and world() > 1:  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
+            if not same_on_all_ranks(net.centers):
+                raise KitError("the cluster centres differ between the processes: please report this")
+            print(f"centres bit-identical on the {world()} processes")
+        if args.vis_clusters and args.method == "bcpt" and is_main():
             visualise_clusters(net, dataset, args, device)
 
 

@@ -67,7 +67,9 @@ def test_cluster_assign_and_eq1_with_empty_cluster():
     assign = common.cluster_assign(centers, emb)  # S = P^T I: (3, 4) -> 3, 8, 5.0; (0, 1) -> 0, 2, 0.8
     assert assign.tolist() == [1, 1, 1]
     assign = torch.tensor([0, 1, 1])  # p3 gets no pixel
-    new = common.momentum_update(centers, emb, assign, mu=0.5)
+    P_hat, counts = common.cluster_sums(emb, assign, 3)
+    assert torch.equal(P_hat, torch.tensor([[3.0, 0.0, 0.0], [4.0, 4.0, 0.0]])) and counts.tolist() == [1, 2, 0]
+    new = common.momentum_update(centers, P_hat, counts, mu=0.5)
     # p1: 0.5 (1, 0) + 0.5 (3, 4)/5 = (0.8, 0.4); p2: 0.5 (0, 1) + 0.5 (0, 4)/4 = (0, 1); p3 unchanged
     assert torch.allclose(new, torch.tensor([[0.8, 0.0, 0.6], [0.4, 1.0, 0.8]]))
 
@@ -401,7 +403,7 @@ def test_one_run_per_folder(synthetic_root, tmp_path, capsys):
     pretrain_bcpt.main(args)
     note = "was left by process 999999 on somehost, which is no longer running; taking it over"
     assert note in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl"]  # temp file gone, no temp of ours left
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "last.pt", "log.jsonl"]  # the temp files are gone
     assert (out / ".lock").read_text() == ""  # released at the end
 
 
@@ -1711,3 +1713,81 @@ def test_training_curves_png(synthetic_root, tmp_path):
                             "--out", str(out)])
     assert [t.split()[0] for t in titles] == ["training", "learning", "training", "share", "validation"]
     assert cv2.imread(str(out)).shape[0] > 5 * 150
+
+
+# ---------- several processes: torchrun on the CPU (gloo), two ranks ----------
+def torchrun(*argv, cwd=HERE):
+    """Run a script under torchrun with 2 processes on the CPU; -> the completed process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_stream_sampler_shards_each_global_batch():
+    one = list(common.StreamSampler(10, 4, 3, 1, 6))
+    ranks = [list(common.StreamSampler(10, 4, 3, 1, 6, r, 2)) for r in (0, 1)]
+    for t in range(5):  # global batch t: rank 0 has its first half, rank 1 its second
+        assert one[4 * t:4 * t + 4] == ranks[0][2 * t:2 * t + 2] + ranks[1][2 * t:2 * t + 2]
+
+
+def test_eq1_synchronised_over_two_ranks_equals_the_union(tmp_path):
+    script = tmp_path / "eq1.py"
+    script.write_text(f"""import sys, torch, torch.distributed as dist
+sys.path.insert(0, {HERE!r})
+import common
+dist.init_process_group("gloo")
+r = dist.get_rank()
+g = torch.Generator().manual_seed(0)
+P, pixels = torch.nn.functional.normalize(torch.randn(8, 3, generator=g), dim=0), torch.randn(8, 50, generator=g)
+mine = pixels[:, :20] if r == 0 else pixels[:, 20:]  # different pixels, and different counts, per rank
+P_hat, counts = common.cluster_sums(mine, common.cluster_assign(P, mine), 3)
+synced = common.momentum_update(P, common.all_reduce_sum(P_hat), common.all_reduce_sum(counts), 0.9)
+union = common.momentum_update(P, *common.cluster_sums(pixels, common.cluster_assign(P, pixels), 3), 0.9)
+if r == 0:
+    print("EQUAL" if torch.allclose(synced, union, atol=1e-6) and not torch.equal(synced, P) else "DIFFERENT")
+""")
+    r = torchrun(str(script))
+    assert r.returncode == 0 and "EQUAL" in r.stdout, r.stderr[-2000:]
+
+
+def test_torchrun_evaluation_gives_the_one_process_json(metatrained, synthetic_root, pretrained, tmp_path):
+    import evaluate
+    import nonparametric_eval
+    ev = ["--checkpoint", metatrained[1], "--episodes", "7", "--seeds", "1", "2", "--workers", "0"]
+    npa = np_args(synthetic_root, pretrained["bcpt"], tmp_path / "n1.json")
+    evaluate.main(ev + ["--json", str(tmp_path / "e1.json")])
+    nonparametric_eval.main(npa)
+    for script, argv, name in (("evaluate.py", ev + ["--json", str(tmp_path / "e2.json")], "e"),
+                               ("nonparametric_eval.py", npa[:-1] + [str(tmp_path / "n2.json")], "n")):
+        r = torchrun(script, *argv)
+        assert r.returncode == 0, r.stderr[-2000:]
+        one, two = (json.loads((tmp_path / f"{name}{k}.json").read_text()) for k in (1, 2))
+        assert two.pop("run")["world_size"] == 2 and one.pop("run")["world_size"] == 1
+        assert one == two  # the same episodes, sharded over the ranks, counts summed exactly
+
+
+def test_torchrun_training_both_methods_resume_and_one_checkpoint(synthetic_root, tmp_path):
+    for method in ("standard", "bcpt"):
+        out = tmp_path / method
+        for iters in ("2", "3"):
+            r = torchrun("pretrain_bcpt.py", *pretrain_args(synthetic_root, out, "--method", method,
+                                                              "--max-iters", iters, "--resume"))
+            assert r.returncode == 0, r.stderr[-2000:]
+        assert ("centres bit-identical on the 2 processes" in r.stdout) == (method == "bcpt")
+        assert "resumed from" in r.stdout and sorted(os.listdir(out)) == [".lock", "args.json", "last.pt", "log.jsonl"]
+        ckpt = common.load_checkpoint(str(out / "last.pt"))
+        assert ckpt["iter"] == 3 and len(ckpt["rng_ranks"]) == 2 and json.loads((out / "args.json").read_text())[
+            "run"]["world_size"] == 2
+        assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+    r = torchrun("metatrain.py", *meta_args(synthetic_root, tmp_path / "m", str(tmp_path / "bcpt" / "last.pt"), 1,
+                                            "--max-iters", "2", "--batch", "4"))
+    assert r.returncode == 0 and common.load_checkpoint(str(tmp_path / "m" / "last.pt"))["iter"] == 2, r.stderr[-2000:]
+    r = torchrun("metatrain.py", *meta_args(synthetic_root, tmp_path / "m3", "none", 1, "--batch", "3"))
+    assert r.returncode != 0 and "--batch 3 is the global batch: it must split evenly over the 2 processes" in r.stderr
+
+
+def test_device_flag_contradicting_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(KitError, match="--device cuda:1: under torchrun each process takes cuda:LOCAL_RANK"):
+        common.setup_device("cuda:1")

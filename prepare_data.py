@@ -1,8 +1,10 @@
 """prepare_data.py: the data stage. Builds and checks the VOC-layout data roots every other stage reads.
 
-  synthetic  the built-in synthetic benchmark: a seeded world of shape classes on textured "stuff" backgrounds,
-             in the VOC layout, with objects of every class in the training images (the merged background of
-             BCPT, paper Sec. 1). Stages generate it on first use of --dataset synthetic.
+  synthetic  a built-in synthetic benchmark: a seeded world in the VOC layout with objects of every class in the
+             training images (the merged background of BCPT, paper Sec. 1). --dataset synthetic: many small
+             shape classes on textured "stuff"; --dataset synthetic2: a second world with other statistics (1-2
+             large blob-shaped two-tone objects on clouds / gradients / patchwork with clutter). Stages generate
+             the world on first use of its --dataset.
   pascal     PASCAL VOC2012 + SBD -> JPEGImages, SegmentationClassAug, ImageSets/Segmentation lists
              (PROTOCOL.md 2.1-2.2).
   coco       COCO 2014 instances -> one class-index PNG per image and the lists (PROTOCOL.md 2.3).
@@ -11,11 +13,11 @@
 The kit writes only into a folder that is new, empty, or carries its own marker of the same kind
 (claim_root): a user's data is never overwritten.
 
-    python prepare_data.py synthetic --out data/synthetic
+    python prepare_data.py synthetic --dataset synthetic2 --out data/synthetic2
     python prepare_data.py pascal --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset \
         --train-noval train_noval.txt --out ROOT
     python prepare_data.py coco --coco COCO2014 --out ROOT
-    python prepare_data.py verify --dataset pascal --data-root ROOT --train-pool oslsm
+    python prepare_data.py verify --dataset pascal --data-root ROOT
 """
 import functools
 import json

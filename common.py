@@ -828,7 +828,8 @@ def add_eval_args(parser):
     g.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"), help="a support image and its "
                    "mask (foreground wherever non-zero); repeat for more shots")
     g.add_argument("--query", nargs="+", metavar="IMAGE", help="images to segment with the --support examples")
-    g.add_argument("--out", help="folder for NAME_mask.png and NAME_overlay.png of each --query")
+    g.add_argument("--out", help="folder for NAME_mask.png and NAME_overlay.png of each --query (with "
+                   "evaluate.py --curves: the PNG to write)")
     return parser
 
 
@@ -980,8 +981,8 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, class
     prints each seed, the speed and the mean +- std. -> {name: summary} (see summarize)."""
     episodes, seeds, classes = episodes or args.episodes, seeds or args.seeds, classes or args.novel
     if args.dataset == "coco" and episodes < 10000:
-        print(f"warning: {episodes} COCO episodes move mIoU by 2-3 points between seeds; "
-              "use --episodes 10000 to compare methods (PROTOCOL.md 8.4)")
+        print(f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so mIoU is noisy "
+              "between seeds; use --episodes 10000 to compare methods (PROTOCOL.md 8.2, 8.4)")
     runs, total, model = [], 0.0, 0.0
     log = open(args.episode_log, "a") if getattr(args, "episode_log", None) else None
     for seed in seeds:

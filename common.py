@@ -1342,8 +1342,8 @@ def wrap_ddp(model, device, sync_bn=False):
     if sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     import inspect  # torch >= 2.14 names the option forward_sync_buffers; earlier ones broadcast_buffers
-    no_sync = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                else "broadcast_buffers"): False}
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {("forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"): False}
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 

@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 import torch
 
-from common import (POSITIVE, AsppPFENet, EpisodeDataset, KitError, KitParser, add_common_args, add_eval_args,
-                    amp_dtype, argmax_mask, at_query_size, build_backbone, dataset_of, evaluate_seeds, finish_args,
-                    format_table, is_main, load_checkpoint, open_data, predict_meta, pretrain_label, run, to_bgr_image,
-                    user_episode, write_results, write_user_prediction)
+from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, at_query_size, build_backbone, load_checkpoint,
+                    open_data, predict_meta, to_bgr_image, user_episode, write_user_prediction)
+from plumbing import (POSITIVE, KitParser, add_common_args, add_eval_args, amp_dtype, autocast_call, dataset_of,
+                      evaluate_seeds, finish_args, format_table, is_main, pretrain_label, run, write_results)
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
                    "train_pool", "coco_split")  # each taken from the checkpoint unless typed
@@ -111,7 +111,8 @@ def segment_own_images(args, ckpt, model, dtype):
         print(f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)")
     for query_path in args.query:
         item, query, pairs = user_episode(args.support, query_path, args.test_size)
-        pred = at_query_size(predict_meta(model, item, dtype), query).argmax(0).numpy()  # (H, W) in {0, 1}
+        scores = autocast_call(torch.device(args.device), dtype, predict_meta, model, item)  # (1, 2, s, s)
+        pred = at_query_size(scores, query).argmax(0).numpy()  # (H, W) in {0, 1}
         write_user_prediction(args.out, query_path, query, pred, pairs)
 
 
@@ -184,8 +185,8 @@ def main(argv=None):
     if args.episode_log:
         open(args.episode_log, "w").close()
     with torch.no_grad():
-        predict = functools.partial(predict_meta, model, dtype=dtype)
-        result = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask})["ASPP-PFENet"]
+        predict = functools.partial(predict_meta, model)
+        result = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask}, dtype=dtype)["ASPP-PFENet"]
     if args.json:
         write_results(args.json, result, args, data, method="ASPP-PFENet", pretrained=label, weights=args.weights,
                       select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"],

@@ -13,16 +13,14 @@ CPU run on the built-in synthetic benchmark (a few minutes):
     python metatrain.py --shot 1 --pretrained none
 """
 import functools
-import os
-import sys
 
 import torch
 
-from common import (POSITIVE, AsppPFENet, EpisodeDataset, FewShotIoU, KitError, KitParser, Progress, Trainer,
-                    add_common_args, add_flag, add_training_args, amp_dtype, argmax_mask, autocast, benchmark,
-                    build_backbone, dataset_of, evaluate_seeds, finish_args, finite_everywhere, global_mean_ce,
-                    grad_scaler, open_data, predict_meta, pretrain_label, run, run_folder, seed_everything,
-                    stream_loader, wrap_ddp, write_args_json)
+from common import (AsppPFENet, EpisodeDataset, FewShotIoU, KitError, argmax_mask, build_backbone, open_data,
+                    predict_meta)
+from plumbing import (POSITIVE, KitParser, Trainer, add_common_args, add_flag, add_training_args, all_reduce_sum,
+                      dataset_of, evaluate_seeds, finish_args, global_mean_ce, pretrain_label, run, seed_everything,
+                      wrap_ddp)
 
 RESUME_KEYS = ("dataset", "fold", "shot", "shot_fusion", "backbone", "weights", "epochs", "batch", "lr", "crop",
                "scale", "seed", "novel_images", "select")
@@ -65,20 +63,14 @@ def build(args, device):
 
 
 # ============ one episodic training step (PROTOCOL.md 4.2: CE ignoring 255 on the crop-size output) ============
-def train_step(model, opt, scaler, batch, device, dtype):
-    """model may be wrapped in DistributedDataParallel: then the batch is this rank's share, and the loss is the
-    mean over the whole batch's pixels. Nothing is updated when the loss is not finite on some rank."""
+def train_step(model, batch, device, optimise):
+    """The meta learner's loss on a batch of episodes, then the SGD step (optimise: plumbing.Trainer's). model may
+    be wrapped in DistributedDataParallel: the batch is then this process's share. -> (loss, logits (B, 2, H, W))."""
     query, target = batch["query"].to(device), batch["query_mask"].to(device)  # (B, 3, H, W), (B, H, W)
     support, s_mask = batch["support"].to(device), batch["support_mask"].to(device)  # (B, S, 3, H, W), (B, S, H, W)
-    with autocast(device, dtype):
-        logits = model(query, support, s_mask)  # (B, 2, H, W)
-        loss = global_mean_ce(logits.float(), target)
-    if not finite_everywhere(loss):
-        return loss if not torch.isfinite(loss) else torch.full_like(loss, float("nan")), logits
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
+    logits = model(query, support, s_mask)  # (B, 2, H, W)
+    loss = global_mean_ce(logits.float(), target)
+    optimise(loss)
     return loss, logits
 
 
@@ -88,10 +80,10 @@ def validate(model, args, data, dtype):
     8.1)."""
     model.eval()
     with torch.random.fork_rng(devices=[]):  # loader seeding must not move the training RNG (resume exactness)
-        result = evaluate_seeds(args, data, functools.partial(predict_meta, model, dtype=dtype), {"val": argmax_mask},
-                                episodes=args.val_episodes, seeds=[args.val_seed])["val"]
+        result = evaluate_seeds(args, data, functools.partial(predict_meta, model), {"val": argmax_mask},
+                                episodes=args.val_episodes, seeds=[args.val_seed], dtype=dtype)["val"]
     model.train()
-    return result["miou"], result["fb_iou"]
+    return result["miou"], {"val_fb_iou": result["fb_iou"]}
 
 
 # ============ the episodic training loop ============
@@ -115,45 +107,28 @@ def main(argv=None):
           f"iterations (running to {stop}), batch {args.batch}, lr {args.lr}, backbone {args.backbone} "
           f"({args.pretrain_label}), {args.shot_fusion} shot fusion, select {args.select}, device {device}, "
           f"out {args.out}")
-    dtype = amp_dtype(args.precision, device)
-    with run_folder(args.out):
-        write_args_json(args, sys.argv[1:] if argv is None else argv, data)
-        model, opt = build(args, device)
-        trainer = Trainer(args, "metatrain", model, opt, grad_scaler(device, dtype), [args.lr], args.total_iters,
-                          args.power)
-        trainer.extra = {"best": {"miou": -1.0, "iter": 0}, "select": "last"}
-        ckpt = trainer.resume(RESUME_KEYS)
-        if ckpt:
-            trainer.extra["best"] = ckpt["best"]
-        model.train()
-        progress = Progress(stop, ckpt["iter"] if ckpt else 0, args.log_every, args.out)
-        meter = [FewShotIoU(args.base)]  # running training mIoU over base classes, reset at each progress line
+    model, opt = build(args, device)
+    trainer = Trainer(args, "metatrain", model, opt, [args.lr], RESUME_KEYS)
+    wrapped = wrap_ddp(model, device)  # several processes; the backbone is frozen in eval, the head has no BN
+    meter = [FewShotIoU(args.base)]  # running training mIoU over base classes, reset at each progress line
 
-        wrapped = wrap_ddp(model, device)  # several processes; the backbone is frozen in eval, the head has no BN
+    def step(batch):
+        loss, logits = train_step(wrapped, batch, device, trainer.optimise)
+        for pred, target, cls in zip(logits.detach().argmax(1).cpu(), batch["query_mask"], batch["cls"].tolist()):
+            meter[0].update(pred, target, cls)
+        return loss, {}
 
-        def step(batch):
-            loss, logits = train_step(wrapped, opt, trainer.scaler, batch, device, dtype)
-            for pred, target, cls in zip(logits.detach().argmax(1).cpu(), batch["query_mask"], batch["cls"].tolist()):
-                meter[0].update(pred, target, cls)
-            return loss, {}
+    def train_miou():  # the running training mIoU since the last progress line
+        miou, meter[0] = meter[0].reduce(all_reduce_sum).miou(), FewShotIoU(args.base)
+        return {"train_miou": miou}
 
-        if args.benchmark:
-            loader = iter(stream_loader(dataset, args.batch, args.seed, 0, args.benchmark + 1, args.workers, device))
-            return benchmark(step, loader, args.benchmark, device, f"metatrain {args.shot}-shot {args.backbone} crop "
-                             f"{args.crop} batch {args.batch} {args.precision}", dataset, args.batch)
-
-        def report(t, loss, lr, _):
-            if t % args.log_every == 0 or t == stop:
-                progress.step(t, force=True, loss=loss, lr=lr, train_miou=meter[0].all_reduce().miou())
-                meter[0] = FewShotIoU(args.base)
-            if args.select == "best-val" and (t % args.val_every == 0 or t == args.total_iters):
-                miou, fb_iou = validate(model, args, data, dtype)
-                trainer.keep_best(t, miou, val_fb_iou=fb_iou)
-
-        trainer.run(dataset, device, ckpt, stop, step, report)
-    best = trainer.extra["best"]
+    if args.benchmark:
+        return trainer.benchmark(dataset, step, f"metatrain {args.shot}-shot {args.backbone} crop {args.crop} batch "
+                                 f"{args.batch} {args.precision}")
+    trainer.fit(dataset, step, stop, argv, data, validate=lambda: validate(model, args, data, trainer.dtype),
+                val_every=args.val_every, log_extra=train_miou)
     if args.select == "best-val":
-        print(f"best.pt from iteration {best['iter']} (val mIoU {best['miou']:.2f})")
+        print(f"best.pt from iteration {trainer.best['iter']} (val mIoU {trainer.best['miou']:.2f})")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ import functools
 import numpy as np
 import torch
 
-from common import (POSITIVE, UNIT, KitError, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype,
-                    at_query_size, autocast, build_backbone, dataset_of, evaluate_seeds, finish_args, format_table,
-                    frozen_features, is_main, open_data, pretrain_label, resize, run, seed_everything, shot_prior,
-                    user_episode, write_results, write_user_prediction)
+from common import (KitError, at_query_size, build_backbone, frozen_features, open_data, resize, shot_prior,
+                    user_episode, write_user_prediction)
+from plumbing import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype, autocast_call,
+                      dataset_of, evaluate_seeds, finish_args, format_table, is_main, pretrain_label, run,
+                      seed_everything, write_results)
 
 
 TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
@@ -50,15 +51,14 @@ def parse_args(argv):
 
 # ============ the prior of the last layer (PFENet), one backbone pass per image ============
 @torch.no_grad()
-def predict_prior(backbone, item, dtype=None):
-    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test canvas. The
-    backbone runs under autocast in `dtype`; the cosines of the prior are float32 (common.fp32)."""
+def predict_prior(backbone, item):
+    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test canvas (the
+    cosines of the prior in float32 under mixed precision, common.fp32)."""
     device = next(backbone.parameters()).device
     shots = item["support"].shape[1]
     m = (item["support_mask"].to(device) == 1).float().flatten(0, 1).unsqueeze(1)  # (S, 1, s, s); 255 -> 0
-    with autocast(device, dtype):
-        _, q_high = frozen_features(backbone, item["query"].to(device))
-        _, s_high, _, m_high = frozen_features(backbone, item["support"].to(device).flatten(0, 1), m)
+    _, q_high = frozen_features(backbone, item["query"].to(device))
+    _, s_high, _, m_high = frozen_features(backbone, item["support"].to(device).flatten(0, 1), m)
     return resize(shot_prior(q_high, s_high, m_high, shots), item["query"].shape[-2:])  # (1, 1, s, s)
 
 
@@ -76,14 +76,15 @@ def segment_own_images(args, backbone, dtype):
         return
     for query_path in args.query:
         item, query, pairs = user_episode(args.support, query_path, args.test_size)
-        heat = at_query_size(predict_prior(backbone, item, dtype), query)[0].numpy()  # (H, W) in [0, 1]
+        prior = autocast_call(torch.device(args.device), dtype, predict_prior, backbone, item)  # (1, 1, s, s)
+        heat = at_query_size(prior, query)[0].numpy()  # (H, W) in [0, 1]
         write_user_prediction(args.out, query_path, query, (heat > args.threshold).astype(np.uint8), pairs, heat)
 
 
-def choose_threshold_on_base_classes(args, data, predict, rules):
+def choose_threshold_on_base_classes(args, data, predict, rules, dtype):
     """The threshold a user could pick without the novel classes: the best mIoU on base-class episodes of the
     val images (classes seen in pre-training; novel objects there are background). -> (threshold, sweep)."""
-    base = evaluate_seeds(args, data, predict, rules, classes=args.base)
+    base = evaluate_seeds(args, data, predict, rules, classes=args.base, dtype=dtype)
     sweep = {t: base[t]["miou"] for t in rules}
     return max(sweep, key=sweep.get), sweep
 
@@ -111,12 +112,12 @@ def main(argv=None):
 
     # ============ every threshold scored from the same prior, on novel-class episodes ============
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
-    predict = functools.partial(predict_prior, backbone, dtype=amp_dtype(args.precision, device))
-    results = evaluate_seeds(args, data, predict, rules)
+    predict, dtype = functools.partial(predict_prior, backbone), amp_dtype(args.precision, device)
+    results = evaluate_seeds(args, data, predict, rules, dtype=dtype)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))
     # ============ the threshold chosen on base-class episodes only ============
-    chosen, base_sweep = choose_threshold_on_base_classes(args, data, predict, rules)
+    chosen, base_sweep = choose_threshold_on_base_classes(args, data, predict, rules, dtype)
     print(f"threshold chosen on base-class episodes: {chosen:g} (base mIoU {base_sweep[chosen]:.2f}); novel mIoU "
           f"there {results[chosen]['miou']:.2f} +- {results[chosen]['miou_std']:.2f}")
     result = results[args.threshold]

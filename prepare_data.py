@@ -32,9 +32,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common import (IMAGES, LISTS, MASKS, N_CLASSES, POSITIVE, SIZE, SYNTHETIC_ROOTS, KitError, KitParser,
-                    add_data_args, base_classes, check_image_file, class_pixel_counts, dataset_of,
-                    image_pools, novel_classes, read_list, read_mask, run)
+from common import (IMAGES, LISTS, MASKS, N_CLASSES, SYNTHETIC_ROOTS, KitError, base_classes, check_image_file,
+                    class_pixel_counts, image_pools, novel_classes, read_list, read_mask)
+from plumbing import POSITIVE, SIZE, KitParser, add_data_args, dataset_of, run
 
 # ============ 1. The synthetic benchmarks: seeded worlds in the VOC layout ============
 # ---- 1a. The first world, synthetic: many small shape classes on textured stuff ----

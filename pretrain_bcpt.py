@@ -20,7 +20,6 @@ CPU run on the built-in synthetic benchmark (a few minutes on 2 cores; --max-ite
 """
 import math
 import os
-import sys
 
 import cv2
 import numpy as np
@@ -28,13 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IGNORE, N_CLASSES, NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitError, KitParser, Progress, Trainer,
-                    add_common_args, add_flag, add_training_args, all_reduce_sum, amp_dtype, autocast, bcpt_loss,
-                    benchmark, bounded, build_backbone, cluster_assign, cluster_sums, dataset_of, finish_args,
-                    finite_everywhere, global_mean_ce, grad_scaler, guidance_step, is_main, momentum_update,
-                    open_data, rank, read_pair, resize, run, run_folder, same_on_all_ranks, seed_everything,
-                    split_pixels, stream_loader, test_transform, to_bgr_image, train_transform, world, wrap_ddp,
-                    write_args_json)
+from common import (IGNORE, N_CLASSES, KitError, bcpt_loss, build_backbone, cluster_assign, cluster_sums, fp32,
+                    guidance_step, momentum_update, open_data, read_pair, resize, split_pixels, test_transform,
+                    to_bgr_image, train_transform)
+from plumbing import (NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitParser, Trainer, add_common_args, add_flag,
+                      add_training_args, all_reduce_sum, bounded, dataset_of, finish_args, global_mean_ce, is_main,
+                      rank, run, same_on_all_ranks, seed_everything, world, wrap_ddp)
 
 RESUME_KEYS = ("method", "head", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "eq3", "batch",
                "crop", "epochs", "seed", "no_guidance", "select")
@@ -148,6 +146,11 @@ class PretrainNet(nn.Module):
     def forward(self, x):
         return self.backbone(x)[4]  # (B, D, h, w): the last layer's pixel embeddings (Sec. 2.2)
 
+    @fp32
+    def linear(self, emb):
+        """W applied to every pixel embedding: (B, D, h, w) -> (B, C, h, w)."""
+        return self.W(emb)
+
     def logits(self, emb):
         """Scores of background + base classes (B, 1 + n_base, h, w); BCPT's background is its best centre."""
         if hasattr(self, "psp"):
@@ -168,44 +171,39 @@ def cluster_shares(assign, K):
 
 
 # ============ One iteration, in the paper's order (Sec. 2) ============
-def train_step(net, opt, scaler, x, y, args, dtype):
+def bcpt_step(net, x, y, args, optimise):
     """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update (Eq. 1).
-    x (B, 3, H, W), y (B, H, W); net may be wrapped in DistributedDataParallel (then x is this rank's share of
-    the batch, and the counts and sums below are the whole batch's). Nothing is updated when the loss is not
-    finite on some rank (returned as NaN)."""
-    m = getattr(net, "module", net)  # the network itself, for its W, centres and guidance
-    if args.method == "bcpt" and not args.no_guidance:  # W is the same on every rank: so are G and P
-        G, P = guidance_step(m.w().detach(), m.guidance, m.centers, args.mu)  # 1. Eqs. 5-7
+    x (B, 3, H, W), y (B, H, W): this process's share of the batch (net may be wrapped in DistributedDataParallel;
+    the counts and sums below are then the whole batch's). optimise(loss) takes the SGD step (plumbing.Trainer:
+    mixed precision, the NaN check, several processes) and says whether it did."""
+    m = getattr(net, "module", net)  # the network itself: W, the centres P, the guidance G
+    if not args.no_guidance:  # 1. Eqs. 5-7 (W is the same on every process: so are G and P)
+        G, P = guidance_step(m.w().detach(), m.guidance, m.centers, args.mu)
         m.guidance.copy_(G)
         m.centers.copy_(P)
-    with autocast(x.device, dtype):
-        emb = net(x)  # 2. pixel embeddings (B, D, h, w)
-        logits = m.psp(emb) if args.head == "psp" else None  # (B, 1 + n_base, h, w)
-    if logits is not None:  # BAM's base learner: cross-entropy on the logits upsampled to the crop
-        loss, out = global_mean_ce(resize(logits.float(), y.shape[-2:]), y), {}
-    elif args.method == "standard":  # a linear layer on the last layer, at its resolution
-        loss, out = global_mean_ce(m.W(emb.float()), downsample_labels(y, emb.shape[-2:])), {}
-    else:
-        y = downsample_labels(y, emb.shape[-2:])  # (B, h, w)
-        I_base, y_base, I_bg = split_pixels(emb, y)  # (D, N_base), (N_base,), (D, N_bg)
-        assign = cluster_assign(m.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
-        counts = all_reduce_sum(torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])])) if world() > 1 else None
-        loss, out = bcpt_loss(I_base, y_base, I_bg, assign, m.w(), m.centers, args.alpha,  # 4. Eqs. 2-4
-                              args.loss_scale, args.eq3, counts)
-        if world() > 1:
-            loss = loss * world()  # DDP averages the ranks' gradients: this makes it the whole batch's
-        out["clusters"] = [round(s, 3) for s in cluster_shares(assign, args.K)]
-    if not finite_everywhere(loss):
-        return loss if not torch.isfinite(loss) else torch.full_like(loss, float("nan")), out
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # 5. backward and SGD step
-    scaler.step(opt)
-    scaler.update()
-    if args.method == "bcpt":
-        P_hat, counts = cluster_sums(I_bg.detach(), assign, args.K)  # (D, K), (K,): this rank's pixels
-        P = momentum_update(m.centers, all_reduce_sum(P_hat), all_reduce_sum(counts), args.mu)  # 6. Eq. 1
-        m.centers.copy_(P)
+    emb = net(x)  # 2. pixel embeddings (B, D, h, w)
+    I_base, y_base, I_bg = split_pixels(emb, downsample_labels(y, emb.shape[-2:]))  # (D, N_base), (N_base,), (D, N_bg)
+    assign = cluster_assign(m.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
+    counts = all_reduce_sum(torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])]))  # N_base, N_bg of the batch
+    loss, out = bcpt_loss(I_base, y_base, I_bg, assign, m.w(), m.centers, args.alpha, args.loss_scale,  # 4. Eqs. 2-4
+                          args.eq3, counts)
+    out["clusters"] = [round(s, 3) for s in cluster_shares(assign, args.K)]
+    if optimise(loss):  # 5. backward and SGD step
+        P_hat, n = cluster_sums(I_bg.detach(), assign, args.K)  # (D, K), (K,): this process's pixels
+        m.centers.copy_(momentum_update(m.centers, all_reduce_sum(P_hat), all_reduce_sum(n), args.mu))  # 6. Eq. 1
     return loss, out
+
+
+def standard_step(net, x, y, args, optimise):
+    """The paper's "Standard": cross-entropy over background + base classes, on BAM's PSPNet head (logits upsampled
+    to the crop) or on W at the last layer's resolution; then the SGD step."""
+    m, emb = getattr(net, "module", net), net(x)  # (B, D, h, w)
+    if args.head == "psp":
+        loss = global_mean_ce(resize(m.psp(emb).float(), y.shape[-2:]), y)
+    else:
+        loss = global_mean_ce(m.linear(emb), downsample_labels(y, emb.shape[-2:]))
+    optimise(loss)
+    return loss, {}
 
 
 # ============ Training ============
@@ -234,14 +232,13 @@ def validate_base(net, val_set, args, device):
     conf = all_reduce_sum(conf).view(n, n).double()  # rows: truth, columns: prediction
     iou = conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag() + 1e-10)
     net.train()
-    return 100 * iou[1:].mean().item(), 100 * iou.mean().item()
+    return 100 * iou[1:].mean().item(), {"val_miou_with_background": 100 * iou.mean().item()}
 
 
 def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
-    dtype = amp_dtype(args.precision, device)
     data = open_data(args)
     dataset = BaseClassDataset(args.data_root, data["train"][0], args.dataset, args.base, args.crop, args.scale,
                                args.seed)
@@ -253,50 +250,30 @@ def main(argv=None):
           f"to {stop}), backbone {args.backbone} init {args.weights}, device {device}, out {args.out}")
     if args.vis_clusters and args.method != "bcpt":
         print("--vis-clusters: standard pre-training has no background clusters; no pictures will be written")
-    with run_folder(args.out):
-        write_args_json(args, sys.argv[1:] if argv is None else argv, data)
-        net, opt = build(args, device)
-        trainer = Trainer(args, "pretrain", net, opt, grad_scaler(device, dtype),
-                          [args.lr * args.backbone_lr_mult, 10 * args.lr], args.total_iters, args.power)
-        trainer.extra = {"best": {"miou": -1.0, "iter": 0}, "select": "last"}
-        ckpt = trainer.resume(RESUME_KEYS)
-        trainer.extra["best"] = ckpt["best"] if ckpt and "best" in ckpt else trainer.extra["best"]
-        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        val_set = BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base, None, None, args.seed,
-                                   test_size=args.crop)
+    net, opt = build(args, device)
+    trainer = Trainer(args, "pretrain", net, opt, [args.lr * args.backbone_lr_mult, 10 * args.lr], RESUME_KEYS)
+    model = wrap_ddp(net, device, sync_bn=True)  # several processes: BN trains, so SyncBatchNorm on CUDA
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    train_step = bcpt_step if args.method == "bcpt" else standard_step
 
-        model = wrap_ddp(net, device, sync_bn=True)  # several processes: BN trains, so SyncBatchNorm on CUDA
+    def step(batch):
+        x, y = batch[0].to(device, memory_format=memory_format), batch[1].to(device)
+        return train_step(model, x, y, args, trainer.optimise)
 
-        def step(batch):
-            good = {k: v.clone() for k, v in net.named_buffers()}  # BN stats and centres move before the loss
-            x, y = batch[0].to(device, memory_format=memory_format), batch[1].to(device)
-            loss, out = train_step(model, opt, trainer.scaler, x, y, args, dtype)
-            if not torch.isfinite(loss):  # nothing was stepped: only the buffers need restoring
-                net.load_state_dict(good, strict=False)
-            return loss, out
-
-        if args.benchmark:
-            net.train()
-            loader = iter(stream_loader(dataset, args.batch, args.seed, 0, args.benchmark + 1, args.workers, device))
-            return benchmark(step, loader, args.benchmark, device, f"pretrain {args.method} {args.backbone} crop "
-                             f"{args.crop} batch {args.batch} {args.precision}", dataset, args.batch,
-                             (sys.modules[__name__], ("guidance_step", "cluster_assign", "momentum_update")))
-        net.train()
-        progress = Progress(stop, ckpt["iter"] if ckpt else 0, args.log_every, args.out)
-
-        def report(t, loss, lr, out):
-            progress.step(t, loss=loss, lr=lr, **{k: round(v, 4) if k != "clusters" else v for k, v in out.items()})
-            if args.select == "best-val" and (t % args.iters_per_epoch == 0 or t == args.total_iters):
-                base_miou, with_bg = validate_base(net, val_set, args, device)
-                trainer.keep_best(t, base_miou, val_miou_with_background=with_bg)
-
-        trainer.run(dataset, device, ckpt, stop, step, report)
-        if args.method == "bcpt" and world() > 1:  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
-            if not same_on_all_ranks(net.centers):
-                raise KitError("the cluster centres differ between the processes: please report this")
-            print(f"centres bit-identical on the {world()} processes")
-        if args.vis_clusters and args.method == "bcpt" and is_main():
-            visualise_clusters(net, dataset, args, device)
+    if args.benchmark:
+        return trainer.benchmark(dataset, step, f"pretrain {args.method} {args.backbone} crop {args.crop} batch "
+                                 f"{args.batch} {args.precision}",
+                                 ("guidance_step", "cluster_assign", "momentum_update"))
+    val_set = BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base, None, None, args.seed,
+                               test_size=args.crop)
+    trainer.fit(dataset, step, stop, argv, data, validate=lambda: validate_base(net, val_set, args, device),
+                val_every=args.iters_per_epoch)
+    if args.method == "bcpt" and world() > 1:  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
+        if not same_on_all_ranks(net.centers):
+            raise KitError("the cluster centres differ between the processes: please report this")
+        print(f"centres bit-identical on the {world()} processes")
+    if args.vis_clusters and args.method == "bcpt" and is_main():
+        visualise_clusters(net, dataset, args, device)
 
 
 @torch.no_grad()

@@ -1,0 +1,770 @@
+"""plumbing.py: how the BCPT kit runs, beside the science in common.py (which never imports this file).
+
+  1. Flags and their per-dataset defaults
+  2. Several processes (torchrun) and the resumable batch stream
+  3. Precision
+  4. Checkpoints and RNG state
+  5. Run folders, locks and run records
+  6. Results files and tables
+  7. The training loop both training stages share, progress and --benchmark
+  8. The entry point: one line per user error
+"""
+import argparse
+import contextlib
+import cProfile
+import glob
+import json
+import math
+import os
+import pstats
+import random
+import socket
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from common import (BACKBONES, IGNORE, LAYOUT_FIX, N_CLASSES, SYNTHETIC_ROOTS, FewShotIoU, KitError, base_classes,
+                    load_checkpoint, novel_classes, run_episodes, summarize)
+
+
+# ============ 1. Flags: every default written once, per dataset where it differs ============
+class KitParser(argparse.ArgumentParser):
+    """argparse whose errors are KitErrors: one line naming the flag, no usage block (run() prints it)."""
+
+    def error(self, message):
+        raise KitError(message)
+
+
+def bounded(kind, lo=None, hi=None, open_lo=False):
+    """An argparse type: `kind` (int or float) within [lo, hi] (lo excluded if open_lo), checked at parse
+    time, so a bad value stops the run before any work with 'argument --flag: value V is ...'."""
+    def check(text):
+        v = kind(text)
+        if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
+            want = f"in [{lo}, {hi}]" if hi is not None else f"> {lo}" if open_lo else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"value {text} is not allowed: it must be {want}")
+        return v
+    check.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return check
+
+
+POSITIVE, NON_NEGATIVE, SIZE = bounded(int, 1), bounded(int, 0), bounded(int, 16)  # SIZE: image sides
+UNIT, POSITIVE_FLOAT = bounded(float, 0.0, 1.0), bounded(float, 0.0, open_lo=True)
+
+
+def dataset_of(argv):
+    """The --dataset of a command line (default synthetic), read before the parser is built so that every
+    default, and --help, is the one of that dataset."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="synthetic")
+    dataset = pre.parse_known_args(argv)[0].dataset
+    return dataset if dataset in N_CLASSES else "synthetic"  # a wrong name is refused by the full parser
+
+
+def add_flag(group, dataset, flags, default, help, **kw):
+    """Add a flag (`flags`: its names, space-separated) whose default may depend on the dataset ({dataset: value},
+    the one place it is written): the parser gets the value for `dataset`, and --help prints it beside the
+    other datasets' values."""
+    if isinstance(default, dict):
+        key = dataset if dataset in default else "synthetic"  # the synthetic worlds share unless told
+        others = "; ".join(f"{d} {'required' if v is None else v}" for d, v in default.items() if d != key)
+        help += (f" (required for --dataset {dataset}; {others})" if default[key] is None else
+                 f" (default %(default)s for --dataset {dataset}; {others})")
+        default = default[key]
+    elif default is not None:
+        help += " (default %(default)s)"
+    group.add_argument(*flags.split(), default=default, help=help, **kw)
+
+
+def add_data_args(parser, dataset, stage):
+    """The data flags of a stage ('pretrain', 'metatrain', 'evaluate', 'nonparametric' or 'verify'); evaluate's
+    have no defaults (the checkpoint's fill them)."""
+    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
+    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + ("; default: the checkpoint's" * (stage == "evaluate")))
+    add_flag(g, dataset, "--dataset", d("synthetic"), "pascal, coco, or a built-in synthetic benchmark world",
+             choices=list(N_CLASSES))
+    add_flag(g, dataset, "--data-root", d(dict(pascal=None, coco=None, **SYNTHETIC_ROOTS)),
+             "VOC-layout root (python prepare_data.py makes one; the synthetic one is generated on first use)")
+    if stage != "verify":
+        add_flag(g, dataset, "--fold", d(0), "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
+    add_flag(g, dataset, "--train-pool", d(dict(pascal="oslsm", coco="aug", synthetic="aug")), "aug: every mask "
+             "not in val.txt (10582 on VOC + SBD); oslsm: train.txt + train_noval.txt, PFENet/BAM's 5953 "
+             "(PROTOCOL.md 2.2)", choices=["aug", "oslsm"])
+    add_flag(g, dataset, "--coco-split", d("interleaved"), "COCO-20i folds: interleaved is PFENet/BAM/HSNet's "
+             "(PROTOCOL.md 1.2)", choices=["interleaved", "contiguous"])
+    if stage != "pretrain":  # the pixel rule and the test canvas belong to episodes
+        add_flag(g, dataset, "--min-pixels", d(dict(pascal=2048, coco=2048, synthetic=128)),
+                 "pixel rule of the support pools (PROTOCOL.md 3.1)", type=POSITIVE)
+    if stage not in ("pretrain", "verify"):
+        add_flag(g, dataset, "--test-size", d(dict(pascal=473, coco=641, synthetic=96)),
+                 "test canvas side (PROTOCOL.md 5.1)", type=SIZE)
+    return parser
+
+
+def cpu_cores():
+    """The cores this process may use (the affinity mask, not the machine's count, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_common_args(parser, dataset, stage):
+    """The flags the stages share: data, model and run flags. stage: 'pretrain', 'metatrain' (with --seed and
+    --out), 'nonparametric' (with --seed) or 'evaluate' (data and model default to the checkpoint's)."""
+    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)  # evaluate: the checkpoint's
+    add_data_args(parser, dataset, stage)
+    g = parser.add_argument_group("model" + ("; default: the checkpoint's" if stage == "evaluate" else ""))
+    add_flag(g, dataset, "--backbone", d(dict(pascal="resnet50", coco="resnet50", synthetic="resnet18")),
+             "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. 3.1); resnet18 "
+             "for CPU runs", choices=BACKBONES)
+    add_flag(g, dataset, "--weights --pretrained", d(dict(pascal="imagenet", coco="imagenet", synthetic="none")),
+             "backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt", dest="weights")
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    g.add_argument("--workers", type=NON_NEGATIVE, default=min(8, cpu_cores()), help="DataLoader workers; results "
+                   "do not depend on it (default min(8, cores): %(default)s here)")
+    if stage != "evaluate":
+        g.add_argument("--seed", type=int, default=321, help="all randomness of the run: initialisation, "
+                       "augmentation, training episodes (PFENet/BAM's value) (default %(default)s)")
+    if stage in ("pretrain", "metatrain"):
+        g.add_argument("--out", help="run folder: last.pt, log.jsonl (default runs/<stage>-<dataset>-fold<F>...)")
+    return parser
+
+
+def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
+    """The optimisation and run-control flags of both training stages; defaults ({dataset: value} or one
+    value) come from the stage, lr as (default, help), `source` names where the values come from."""
+    g = parser.add_argument_group(f"optimisation ({source})")
+    add_flag(g, dataset, "--epochs", epochs, "passes over the training data (paper Sec. 3.1)", type=POSITIVE)
+    add_flag(g, dataset, "--batch", batch, "samples per iteration", type=POSITIVE)
+    add_flag(g, dataset, "--lr", lr[0], lr[1], type=POSITIVE_FLOAT)
+    add_flag(g, dataset, "--crop", crop, "training crop side (PROTOCOL.md 4.2)", type=SIZE)
+    add_flag(g, dataset, "--scale", scale, "RandScale range (PROTOCOL.md 4.2)", type=POSITIVE_FLOAT, nargs=2)
+    add_flag(g, dataset, "--momentum", 0.9, "SGD momentum (PROTOCOL.md 7.1)", type=UNIT)
+    add_flag(g, dataset, "--wd", 1e-4, "SGD weight decay (PROTOCOL.md 7.1)", type=bounded(float, 0.0))
+    add_flag(g, dataset, "--power", 0.9, "power of the poly lr schedule, per iteration (PROTOCOL.md 7.1)",
+             type=bounded(float, 0.0))
+    g = parser.add_argument_group("run control")
+    add_precision_arg(g)
+    g.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations; the lr schedule is unchanged")
+    add_flag(g, dataset, "--log-every", 20, "iterations between progress lines", type=POSITIVE)
+    add_flag(g, dataset, "--save-every", 200, "iterations between checkpoints", type=POSITIVE)
+    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if none yet)")
+    g.add_argument("--select", default="last", choices=["last", "best-val"], help="last: the final model (honest); "
+                   "best-val: also keep best.pt, the best validation on the val images, as BAM and PFENet do "
+                   "(PROTOCOL.md 8.1) (default %(default)s)")
+    g.add_argument("--benchmark", type=NON_NEGATIVE, default=0, help="time N steps (data / network, peak memory) "
+                   "and exit")
+    return parser
+
+
+def add_eval_args(parser):
+    """The flags of both tests (evaluate.py, nonparametric_eval.py): episodes, seeds, outputs, your own images."""
+    g = parser.add_argument_group("episodic evaluation (PROTOCOL.md 5, 8)")
+    g.add_argument("--episodes", type=POSITIVE, default=1000,
+                   help="episodes per seed, as BAM and HSNet; use >= 10000 on COCO (PROTOCOL.md 8.2-8.4) "
+                   "(default %(default)s)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988],
+                   help="one evaluation per seed, reported as mean +- std (BAM test.py's seeds) (default %(default)s)")
+    g.add_argument("--json", help="write the results to this file")
+    g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, "
+                   "bcpt K=6...)")
+    g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
+    g.add_argument("--episode-log", metavar="FILE", help="one JSON line per episode (seed, index, query and support "
+                   "ids, class, intersection and union), from which every reported number can be recomputed")
+    add_precision_arg(g)
+    g = parser.add_argument_group("your own images (no data root, fold or class needed)")
+    g.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"), help="a support image and its "
+                   "mask (foreground wherever non-zero); repeat for more shots")
+    g.add_argument("--query", nargs="+", metavar="IMAGE", help="images to segment with the --support examples")
+    g.add_argument("--out", help="folder for NAME_mask.png and NAME_overlay.png of each --query (with "
+                   "evaluate.py --curves: the PNG to write)")
+    return parser
+
+
+def add_precision_arg(group):
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto: fp16 "
+                       "autocast with a gradient scaler on CUDA, fp32 on the CPU; bf16: bfloat16 autocast on either, "
+                       "no scaler; fp16: CUDA only (default %(default)s)")
+
+
+def finish_args(args, out_name=None, needs_data=True):
+    """Checks that need several flags, derived values, the device; out_name: the default run folder name.
+    The flags as parsed and resolved are kept in args.flags (args.json; flags_to_argv turns them back)."""
+    if args.data_root is None and needs_data:
+        raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
+    if out_name and args.out is None:
+        args.out = os.path.join("runs", out_name)
+    args.device = setup_device(args.device)
+    args.flags = dict(vars(args))
+    args.novel, args.base = (novel_classes(args.dataset, args.fold, args.coco_split),
+                             base_classes(args.dataset, args.fold, args.coco_split))
+    return args
+
+
+def flags_to_argv(flags):
+    """The command line that gives back these flags (args.json "flags"): every flag spelled out."""
+    argv = []
+    for dest, value in flags.items():
+        flag = "--" + dest.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif value is not None and value is not False:  # (0 == False: compare by identity)
+            argv += [flag, str(value)]
+    return argv
+
+
+# ============ 2. Several processes (torchrun): one process per device, rank 0 prints and writes ============
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if distributed() else 0
+
+
+def world():
+    return dist.get_world_size() if distributed() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def setup_device(flag):
+    """--device resolved. Under torchrun (RANK and WORLD_SIZE set): join the process group (NCCL on CUDA, gloo on
+    the CPU) with one device per local rank, cuda:LOCAL_RANK; ranks other than 0 print nothing."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return "cuda" if flag == "auto" and torch.cuda.is_available() else "cpu" if flag == "auto" else flag
+    if flag not in ("auto", "cuda", "cpu"):
+        raise KitError(f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda, "
+                       "cpu or auto (and choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise KitError("--device cuda: this machine has no CUDA device; pass --device cpu")
+    cuda = flag != "cpu" and torch.cuda.is_available()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    if not distributed():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def all_reduce_sum(t):
+    """t summed over the processes (t itself for one process), on t's device; NCCL reduces on the GPU."""
+    if world() == 1:
+        return t
+    x = t.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(x)
+    return x.to(t.device)
+
+
+def same_on_all_ranks(t):
+    """Whether the tensor is bit-identical on every process (the BCPT centres after a run)."""
+    copies = [None] * world()
+    if world() > 1:
+        dist.all_gather_object(copies, t.detach().cpu())
+    return world() == 1 or all(torch.equal(copies[0], c) for c in copies)
+
+
+def wrap_ddp(model, device, sync_bn=False):
+    """Several processes: DistributedDataParallel (gradients averaged over the ranks; SyncBatchNorm first where BN
+    trains on CUDA; buffers are not broadcast, the BCPT centres stay in step by all_reduce_sum). One: the model."""
+    if world() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    if sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    import inspect  # torch >= 2.14 names the option forward_sync_buffers; earlier ones broadcast_buffers
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {("forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"): False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def global_mean_ce(logits, target):
+    """Cross-entropy (ignoring 255) as this process's share of the mean over the labelled pixels of the whole
+    global batch: F.cross_entropy's mean for one process, each rank's sum over the all-reduced count for several
+    (the shares add up to the one-process loss; Trainer.optimise scales the gradient to match)."""
+    if world() == 1:
+        return F.cross_entropy(logits, target, ignore_index=IGNORE)
+    n = all_reduce_sum((target != IGNORE).sum().float())
+    return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") / n.clamp(min=1)
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Iteration t takes items t*B .. (t+1)*B - 1 of an endless stream of per-epoch permutations seeded by
+    (seed, epoch), so a run resumed at iteration t sees exactly the batches it would have. With several
+    processes, rank r takes its B / world items of each global batch: the same batches as one process."""
+
+    def __init__(self, n, batch, seed, start_iter, total_iters, rank=0, world=1):
+        self.n, self.batch, self.seed, self.start, self.total = n, batch, seed, start_iter, total_iters
+        self.local = batch // world
+        self.first = rank * self.local  # this rank's offset in each global batch
+
+    def __len__(self):
+        return (self.total - self.start) * self.local
+
+    def __iter__(self):
+        epoch, perm = -1, None
+        for pos in range(self.start * self.batch, self.total * self.batch):
+            if not self.first <= pos % self.batch < self.first + self.local:
+                continue  # another rank's share of this global batch
+            if pos // self.n != epoch:
+                epoch = pos // self.n
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            yield epoch * self.n + int(perm[pos % self.n])  # the dataset uses idx % n and seeds by idx
+
+
+def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device):
+    """The batches of iterations start_iter .. total_iters - 1 (this rank's share of each, under torchrun)."""
+    if batch % world():
+        raise KitError(f"--batch {batch} is the global batch: it must split evenly over the {world()} processes")
+    sampler = StreamSampler(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
+    cuda = device.type == "cuda"
+    return torch.utils.data.DataLoader(dataset, batch_size=batch // world(), sampler=sampler, num_workers=workers,
+                                       pin_memory=cuda, persistent_workers=cuda and workers > 0)
+
+
+# ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32) ============
+def amp_dtype(precision, device):
+    """The autocast dtype of --precision on `device`, or None (float32, no autocast)."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise KitError("--precision fp16 needs a CUDA device: use --precision bf16 (or fp32) on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device, dtype):
+    """Mixed precision in `dtype` on `device`, or nothing for dtype None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ============ 4. Checkpoints and RNG state ============
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # lists, not arrays: weights_only loads them
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """Write atomically through a temp file unique to this process: a crash mid-write leaves the previous
+    checkpoint intact, and a reader never sees a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ============ 5. Run folders, locks and run records ============
+@contextlib.contextmanager
+def run_folder(out):
+    """One run per folder: hold an exclusive lock on OUT/.lock (holding our process id) while the run lasts.
+    A second run on the same folder stops at once; a lock left by a killed run is taken over with a note
+    (the kernel releases a dead process's lock), and that run's leftover temp files are removed. Under torchrun
+    rank 0 holds it and tells the others whether it could."""
+    with contextlib.ExitStack() as stack:
+        taken = torch.zeros(1)
+        try:
+            if is_main():
+                stack.enter_context(_locked(out))
+                taken += 1
+        finally:  # every rank learns whether rank 0 took the folder, also when it could not
+            taken = all_reduce_sum(taken)
+        if not taken.item():
+            raise KitError(f"--out {out}: rank 0 could not take the run folder (its message says why)")
+        yield out
+
+
+@contextlib.contextmanager
+def _locked(out):
+    """The lock of run_folder, in this process."""
+    import fcntl  # POSIX; the kit's runs target Linux workstations
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise KitError(f"--out {out} is in use by {owner} (lock {path}): wait for that run to end, "
+                       "or choose another --out") from None
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+        print(f"note: {path} was left by {previous}, which is no longer running; taking it over")
+    for stale in glob.glob(os.path.join(glob.escape(out), "*.tmp*")):
+        if os.path.isfile(stale):
+            os.remove(stale)  # a killed run's half-written checkpoint; the finished ones are intact
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    try:
+        yield out
+    finally:
+        f.seek(0)
+        f.truncate()  # an empty lock file means a clean end; the file stays so lockers share one inode
+        f.close()
+
+
+def run_record(args, data=None):
+    """What ran where: UTC time, host, library versions, device, world size, the kit's git commit and whether
+    its tree was dirty, the data root and its pool sizes (args.json, and "run" in the results files)."""
+    import platform
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
+    try:
+        commit, dirty = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:  # no git on this machine
+        commit, dirty = None, None
+    device = torch.device(args.device)
+    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "opencv": cv2.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "world_size": world(), "git_commit": commit, "git_dirty": dirty,
+            "data_root": os.path.abspath(args.data_root) if args.data_root else None,
+            "pools": {split: len(ids) for split, (ids, _) in data.items()} if data else None}
+
+
+def write_args_json(args, argv, data):
+    """<out>/args.json at the start of a run: the command line, every flag with its default filled in, the
+    values derived from them, and the run record."""
+    if not is_main():
+        return
+    derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump({"argv": list(argv or []), "flags": args.flags, "derived": derived, "run": run_record(args, data)},
+                  f, indent=1)
+
+
+# ============ 6. Results files and tables ============
+def pretrain_label(weights):
+    """Table row name of a backbone source: imagenet, none, BAM's base learner, or pretrain_bcpt.py's method with
+    every choice that changes it (head, K, alpha, Eq. 3 and Eq. 4 readings, guidance, best-val selection)."""
+    if weights in (None, "none", "imagenet"):
+        return weights or "none"
+    ckpt = load_checkpoint(weights)
+    a = ckpt.get("args", {})
+    if "method" not in a:
+        return "standard (BAM best.pth)" if "state_dict" in ckpt else os.path.basename(weights)
+    best = " best-val" if ckpt.get("select") == "best-val" else ""
+    if a["method"] != "bcpt":
+        return f"standard {a.get('head', 'linear')}{best}"  # files from before --head: linear
+    alpha, scale = a.get("alpha", 0.1), a.get("loss_scale", "sum")  # files from before --loss-scale: sum
+    return ("bcpt" + (" no-guidance" if a.get("no_guidance") else "") + f" K={a['K']}"
+            + (f" alpha={alpha:g}" if alpha != 0.1 else "") + f" Eq4={scale}"  # the paper's alpha goes unnamed
+            + (" Eq3=base" if a.get("eq3") == "base" else "") + best)
+
+
+def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None):
+    """common.run_episodes for every seed (default args.seeds, args.episodes episodes each, of the novel classes),
+    predict under autocast in `dtype`, the episodes shared out over the processes and their counts summed;
+    prints each seed, the speed and the mean +- std; appends the episodes to --episode-log.
+    -> {name: summary} (common.summarize)."""
+    episodes, seeds, classes = episodes or args.episodes, seeds or args.seeds, classes or args.novel
+    if args.dataset == "coco" and episodes < 10000:
+        print(f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so mIoU is noisy "
+              "between seeds; use --episodes 10000 to compare methods (PROTOCOL.md 8.2, 8.4)")
+    device = torch.device(args.device)
+    timed = lambda item: autocast_call(device, dtype, predict, item)
+    runs, t0, t_model = [], time.perf_counter(), 0.0
+    for seed in seeds:
+        meters, lines, t = run_episodes(args, data, seed, episodes, timed, decide, classes, (rank(), world()))
+        meters = {k: m.reduce(all_reduce_sum) for k, m in meters.items()}
+        if world() > 1:
+            shards = [None] * world()
+            dist.all_gather_object(shards, lines)
+            lines = sorted((line for s in shards for line in s), key=lambda line: json.loads(line)["index"])
+        if getattr(args, "episode_log", None) and is_main():
+            with open(args.episode_log, "a") as f:
+                f.writelines(line + "\n" for line in lines)
+        runs.append(meters)
+        t_model += t
+        print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}"
+                                           for k, m in meters.items()))
+    total = time.perf_counter() - t0
+    print(f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * t_model / total:.0f}% of the time in the "
+          "model")
+    out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
+    for name, r in out.items():
+        print(f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- {r['fb_iou_std']:.2f} "
+              f"over {len(seeds)} seeds; class IoU " + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items()))
+    return out
+
+
+def autocast_call(device, dtype, fn, *a):
+    with autocast(device, dtype):
+        return fn(*a)
+
+
+def write_results(path, summary, args, data=None, **fields):
+    """The results JSON of evaluate.py / nonparametric_eval.py (README "Results files"), with the run record,
+    written atomically."""
+    protocol = {"split": "val, novel classes", "query_order": "val list in order, wrapping", "batch": 1,
+                "test_size": args.test_size,
+                "scoring": "logits resized to max(H, W) of the original label (ori_resize)",
+                "ignore": IGNORE, "min_pixels": args.min_pixels, "train_pool": args.train_pool,
+                "coco_split": args.coco_split, "std": "sample std over seeds"}
+    out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
+           "dataset": args.dataset, "backbone": args.backbone, "precision": args.precision, "protocol": protocol,
+           **fields, "run": run_record(args, data)}
+    if not is_main():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+    print(f"wrote {path}")
+
+
+def format_table(paths, metric="miou"):
+    """Paper Table 1 / 2 layout: one row per (dataset, backbone, method, pre-training) over the files,
+    folds 0-3 and mean per shot; several files in one cell (e.g. training seeds) print as mean+-std.
+    metric: the results field shown (or a function of the results)."""
+    cells, shots = {}, set()
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"])
+        value = metric(r) if callable(metric) else r[metric]
+        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append(value)
+        shots.add(r["shot"])
+    cell = lambda v: "-" if not v else f"{np.mean(v):.2f}" + (f"+-{np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+    head = ["Dataset", "Backbone", "Method", "Pre-train"] + [f"{s}-shot {c}" for s in sorted(shots)
+                                                             for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, got in sorted(cells.items()):
+        vals = []
+        for s in sorted(shots):
+            folds = [got.get((s, f), []) for f in range(4)]
+            means = [np.mean(v) for v in folds if v]
+            mean = f"{np.mean(means):.2f}" + ("*" if len(means) < 4 else "") if means else "-"
+            vals += [cell(v) for v in folds] + [mean]
+        lines.append("| " + " | ".join(list(row) + vals) + " |")
+    return "\n".join(lines + ["mIoU in %; * = mean over the folds present only."])
+
+
+# ============ 7. The training loop both training stages share ============
+class Trainer:
+    """Everything around a stage's training step: the run folder (locked, args.json), --resume (refusing a
+    checkpoint made with other `keys` flags), the resumable batch stream, the poly lr, autocast and gradient
+    scaling, the NaN stop agreed by every process (keeping the last good state), validation with best.pt, progress
+    lines and log.jsonl, atomic checkpoints holding everything --resume needs, and --benchmark.
+
+    The step, step(batch) -> (loss, metrics), computes the method's loss and calls trainer.optimise(loss) for the
+    optimiser step; its loss is this process's share of the whole global batch's loss."""
+
+    def __init__(self, args, stage, model, opt, base_lrs, keys):
+        self.args, self.stage, self.model, self.opt, self.base_lrs, self.keys = args, stage, model, opt, base_lrs, keys
+        self.device = torch.device(args.device)
+        self.dtype = amp_dtype(args.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.path, self.best, self.skipped = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}, False
+
+    def optimise(self, loss):
+        """The optimiser step on the loss, when it is finite on every process (all agree, so none hangs), with
+        the gradient scaler of fp16 and the gradient summed over the processes. -> whether a step was taken."""
+        bad = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))]))
+        self.skipped = bad.item() > 0
+        if self.skipped:
+            return False
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=False):
+            self.scaler.scale(loss * world()).backward()  # DDP averages the ranks' gradients: this makes it a sum
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return True
+
+    def save(self, t, path=None, **extra):
+        """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait for it."""
+        states = [rng_state()] * world()
+        if world() > 1:
+            dist.all_gather_object(states, rng_state())
+        if is_main():
+            save_checkpoint(path or self.path, {
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "iter": t,
+                "scaler": self.scaler.state_dict(), "rng": states[0], "args": dict(vars(self.args)),
+                "stage": self.stage, "best": self.best, "select": "last",
+                **({"rng_ranks": states} if world() > 1 else {}), **extra})
+        if world() > 1:
+            dist.barrier()
+        return path or self.path
+
+    def resume(self):
+        """--resume: load <out>/last.pt into model, optimiser and scaler, refusing one whose `keys` flags
+        differ from this run's. -> the checkpoint, or None (a fresh start, said so)."""
+        if not self.args.resume:
+            return None
+        if not os.path.isfile(self.path):
+            print(f"--resume: no {self.path} yet, starting from iteration 0")
+            return None
+        ckpt = load_checkpoint(self.path, {k: getattr(self.args, k) for k in self.keys})
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.best = ckpt.get("best", self.best)
+        print(f"resumed from {self.path} at iteration {ckpt['iter']}")
+        return ckpt
+
+    def fit(self, dataset, step, stop, argv, data, validate=None, val_every=None, log_extra=None):
+        """Iterations 0 (or the checkpoint's) .. stop - 1 of step(batch); every log line adds log_extra()'s fields;
+        validate() -> (mIoU, {other scores}) every val_every iterations and at the end under --select best-val."""
+        args = self.args
+        with run_folder(args.out):
+            write_args_json(args, sys.argv[1:] if argv is None else argv, data)
+            ckpt = self.resume()
+            start = ckpt["iter"] if ckpt else 0
+            with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG,
+                batches = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, self.device))
+            if ckpt:  # ... so that after a resume every RNG is where a straight run has it (each rank's own)
+                ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
+                if len(ranks) != world():
+                    print(f"note: {self.path} was written by {len(ranks)} processes, this run has {world()}: every "
+                          "rank continues from rank 0's RNG state, so the run is not an exact continuation")
+                set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
+            progress = Progress(stop, start, args.log_every, args.out)
+            self.model.train()
+            for t, batch in enumerate(batches, start):
+                lr = poly_lr(self.opt, self.base_lrs, t, args.total_iters, args.power)
+                good = {k: v.clone() for k, v in self.model.named_buffers()}  # BN statistics, centres
+                loss, metrics = autocast_call(self.device, self.dtype, step, batch)
+                if self.skipped:  # nothing was stepped: only the buffers need restoring
+                    self.model.load_state_dict(good, strict=False)
+                    raise KitError(f"loss is {loss.item()} at iteration {t}: the last good state is saved in "
+                                   f"{self.save(t)}; lower --lr (now {args.lr}) and rerun with --resume")
+                loss = all_reduce_sum(loss.detach().float().reshape(1)).item()
+                if progress.due(t + 1):
+                    progress.step(t + 1, loss=loss, lr=lr, **metrics, **(log_extra() if log_extra else {}))
+                if validate and args.select == "best-val" and ((t + 1) % val_every == 0 or t + 1 == args.total_iters):
+                    self.keep_best(t + 1, *validate())
+                if (t + 1) % args.save_every == 0 or t + 1 == stop:
+                    self.save(t + 1)
+            print(f"saved {self.path}")
+
+    def keep_best(self, t, miou, scores):
+        """--select best-val, after a validation at iteration t: log it, and save best.pt if it is the best."""
+        print(f"validation at iteration {t}: mIoU {miou:.2f} (best {max(self.best['miou'], miou):.2f})")
+        if is_main():
+            Progress.record(self.args.out, step=t, val_miou=miou, **scores, new_best=miou > self.best["miou"])
+        if miou > self.best["miou"]:
+            self.best = {"miou": miou, "iter": t}
+            self.save(t, os.path.join(self.args.out, "best.pt"), select="best-val")
+
+    def benchmark(self, dataset, step, what, inner=()):
+        """Time --benchmark steps after one warm-up: waiting for the batch (data) against the step (network), with
+        peak memory, and the host time inside the functions named `inner` (cProfile); and one sample of `dataset`
+        (read, decode, augment) on one core, hence the workers that keep such a step fed. Prints two lines
+        (figures, not a test) and returns the ms."""
+        n, batch, sync = self.args.benchmark, self.args.batch, (torch.cuda.synchronize if self.device.type == "cuda"
+                                                                 else (lambda: None))
+        t0 = time.perf_counter()
+        for i in range(8):
+            dataset[i]
+        sample_ms = 1000 * (time.perf_counter() - t0) / 8
+        batches = iter(stream_loader(dataset, batch, self.args.seed, 0, n + 1, self.args.workers, self.device))
+        self.model.train()
+        spent, prof = {"data": 0.0, "network": 0.0}, cProfile.Profile()
+        for k in range(n + 1):  # step 0 warms up and is not counted
+            t0 = time.perf_counter()
+            item = next(batches)
+            t1 = time.perf_counter()
+            prof.enable() if k else None
+            autocast_call(self.device, self.dtype, step, item)
+            sync()
+            prof.disable()
+            spent["data"] += (t1 - t0) * (k > 0)
+            spent["network"] += (time.perf_counter() - t1) * (k > 0)
+        ms = {k: 1000 * v / n for k, v in spent.items()}
+        ms["inner"] = 1000 * sum(s[3] for f, s in pstats.Stats(prof).stats.items() if f[2] in inner) / n
+        mem = (torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else
+               __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024)  # Unix
+        share = f", of which {'/'.join(inner)} {ms['inner']:.2f} ms = {100 * ms['inner'] / ms['network']:.2f}%"
+        print(f"benchmark {what} on {self.device}: {ms['data'] + ms['network']:.1f} ms/step = data {ms['data']:.1f} + "
+              f"network {ms['network']:.1f}{share * bool(inner)}; peak memory {mem:.0f} MiB", flush=True)
+        print(f"one sample takes {sample_ms:.1f} ms to load and augment on one core: {batch} per step need "
+              f"{math.ceil(batch * sample_ms / ms['network'])} workers to keep up with this "
+              f"{ms['network']:.0f} ms step")
+        return {**ms, "sample": sample_ms}
+
+
+def poly_lr(opt, base_lrs, t, total, power=0.9):
+    """lr = base_lr (1 - t / total)^power for each parameter group, every iteration (PROTOCOL.md 7.1)."""
+    for group, lr in zip(opt.param_groups, base_lrs):
+        group["lr"] = lr * (1 - t / total) ** power
+    return opt.param_groups[0]["lr"]
+
+
+class Progress:
+    """One line per interval with rate and ETA; every line also appended to <out>/log.jsonl."""
+
+    def __init__(self, total, start=0, every=10, out=None, unit="it"):
+        """A run from step `start`: <out>/log.jsonl is cut back to the records of steps <= start, so a resumed
+        run logs no step twice and a fresh one starts an empty log."""
+        self.total, self.start, self.every, self.unit = total, start, every, unit
+        self.t0, self.log = time.time(), (os.path.join(out, "log.jsonl") if out and is_main() else None)
+        if self.log and os.path.exists(self.log):
+            with open(self.log) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= start]
+            with open(self.log, "w") as f:
+                f.writelines(kept)
+
+    def due(self, t):
+        return t % self.every == 0 or t == self.total
+
+    def step(self, t, **metrics):
+        """A progress line after step t (1-based count of done steps)."""
+        rate = (t - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - t) / max(rate, 1e-9)))
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"[{t}/{self.total}] {text} | {rate:.2f} {self.unit}/s ETA {eta}", flush=True)
+        if self.log:
+            Progress.record(os.path.dirname(self.log), step=t, **metrics, rate=rate, time=round(time.time(), 3))
+
+    @staticmethod
+    def record(out, **fields):
+        """Append one JSON line to <out>/log.jsonl."""
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+# ============ 8. The entry point ============
+def run(main):
+    """Entry point of every script: a KitError (also one raised in a DataLoader worker) becomes one
+    line on stderr and exit code 2, not a traceback wall."""
+    try:
+        main(sys.argv[1:])
+    except KitError as e:
+        msg = str(e).strip().splitlines()[-1].replace("common.KitError: ", "")
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)

@@ -18,6 +18,9 @@ import functools
 import hashlib
 import json
 import os
+import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -190,9 +193,11 @@ def shot_prior(q_high, s_high, s_mask, shots, weights=None):
     return priors.mean(0) if weights is None else (weights.t()[:, :, None, None, None] * priors).sum(0)
 
 
+@fp32
 def gram(feat):
     """Normalised Gram matrix of the channels: (B, C, h, w) -> (B, C, C), entry (i, j) = <F_i, F_j> /
-    (|F_i| |F_j| + 1e-7), F_i channel i flattened over the positions (BAM, PROTOCOL.md 9.7)."""
+    (|F_i| |F_j| + 1e-7), F_i channel i flattened over the positions (BAM, PROTOCOL.md 9.7). In float32: under fp16
+    a channel of RMS above ~4.3 on a 60 x 60 map overflows |F_i|^2 to inf."""
     f = feat.flatten(2)  # (B, C, N)
     n = f.norm(dim=2, keepdim=True)  # (B, C, 1)
     return torch.bmm(f, f.transpose(1, 2)) / (torch.bmm(n, n.transpose(1, 2)) + 1e-7)
@@ -354,13 +359,16 @@ def read_list(path):
         return [line.split()[0] for line in f if line.strip()]
 
 
-def image_pools(root, train_pool="aug"):
-    """(train ids, val ids). 'aug': every mask not in val.txt; 'oslsm': train.txt + train_noval.txt (5953 on VOC)."""
+def image_pools(root, train_pool="aug", need_train=True):
+    """(train ids, val ids). 'aug': every mask not in val.txt; 'oslsm': train.txt + train_noval.txt (5953 on VOC).
+    Without need_train, no training list is read (train ids None)."""
     for sub in (root, os.path.join(root, IMAGES), os.path.join(root, MASKS), os.path.join(root, LISTS, "val.txt")):
         if not os.path.exists(sub):
             raise KitError(f"--data-root: {sub} does not exist ({LAYOUT_FIX})")
     val = sorted(set(read_list(os.path.join(root, LISTS, "val.txt"))))
     val_set = set(val)
+    if not need_train:
+        return None, val
     if train_pool == "aug":
         train = {f[:-4] for f in os.listdir(os.path.join(root, MASKS)) if f.endswith(".png")}
     else:
@@ -404,8 +412,8 @@ def read_pair(root, img_id, n_classes):
 
 def check_image_file(root, img_id, shape, full=False):
     """Check one image against its mask's `shape` (H, W) without decoding it (at every index scan): the header's
-    size, and for a JPEG the end-of-image marker that a truncated download lacks. A file without the marker, or
-    every file with `full` (prepare_data.py verify), is decoded in full: PIL raises where OpenCV only warns."""
+    size, and for a JPEG the end-of-image marker that a truncated download lacks (a file without it is decoded).
+    full (prepare_data.py verify): every file decoded, and refused where libjpeg only warns (read_image)."""
     path = os.path.join(root, IMAGES, img_id + ".jpg")
     fix = f"re-extract or re-download it, or drop {img_id} from the lists"
     try:
@@ -415,13 +423,38 @@ def check_image_file(root, img_id, shape, full=False):
                 raise KitError(f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate the mask")
             with open(path, "rb") as f:
                 f.seek(max(os.path.getsize(path) - 64, 0))
-                if full or (fmt == "JPEG" and not f.read().rstrip(b"\0").endswith(b"\xff\xd9")):
+                if fmt == "JPEG" and not f.read().rstrip(b"\0").endswith(b"\xff\xd9"):
                     im.load()
     except KitError:
         raise
     except Exception as e:
         raise KitError(f"cannot read image {path} ({type(e).__name__}: {e}): missing, truncated or corrupt; {fix}") \
             from None
+    if full:
+        read_image(path, fix)
+
+
+_STDERR = threading.Lock()  # one decode at a time may borrow the process's stderr
+
+
+def read_image(path, fix):
+    """An image file decoded in full -> RGB float32 (H, W, 3) in 0..255, refusing what libjpeg only warns about: a
+    JPEG damaged in the middle decodes "successfully" into garbage, saying 'Corrupt JPEG data' on stderr."""
+    with _STDERR, tempfile.TemporaryFile() as said:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            img = cv2.imread(path, cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        warning = said.read().decode(errors="replace").strip()
+    if img is None or "JPEG" in warning:
+        why = f" ({warning.splitlines()[-1]})" if "JPEG" in warning else ""
+        raise KitError(f"cannot read image {path}{why}: missing, truncated, corrupt or not an image; {fix}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
 
 
 def _cache_path(root, key):
@@ -473,17 +506,17 @@ def class_index(ids, counts, classes, min_pixels):
     return {c: [ids[j] for j in np.flatnonzero(counts[:, c] >= min_pixels)] for c in classes}
 
 
-def open_data(args):
-    """Pools and per-class pixel counts of both splits; generates the synthetic benchmark on first use."""
+def open_data(args, splits=("train", "val")):
+    """{split: (ids, per-class pixel counts)} of the splits a stage reads (no other list is opened); generates the
+    synthetic benchmark on first use."""
     if args.dataset in SYNTHETIC_ROOTS:
         from prepare_data import ensure_synthetic  # data-stage tooling, imported only when needed
         ensure_synthetic(args.data_root, args.dataset)
-    train_ids, val_ids = image_pools(args.data_root, args.train_pool)
+    pools = dict(zip(("train", "val"), image_pools(args.data_root, args.train_pool, "train" in splits)))
     n = N_CLASSES[args.dataset]
-    data = {"train": (train_ids, class_pixel_counts(args.data_root, train_ids, n, args.workers)),
-            "val": (val_ids, class_pixel_counts(args.data_root, val_ids, n, args.workers))}
-    print(f"data: {args.data_root} train pool {len(train_ids)} images ({args.train_pool}), val {len(val_ids)}; "
-          f"fold {args.fold} novel {args.novel}")
+    data = {k: (pools[k], class_pixel_counts(args.data_root, pools[k], n, args.workers)) for k in splits}
+    print(f"data: {args.data_root} " + ", ".join(f"{k} {len(ids)} images" for k, (ids, _) in data.items())
+          + f" (train pool {args.train_pool}); fold {args.fold} novel {args.novel}")
     return data
 
 
@@ -723,6 +756,14 @@ def _split_state(ckpt, source):
     return state
 
 
+def weights_made_for(path):
+    """(dataset, backbone) of a weight file: a kit checkpoint's flags, else the backbone of its keys (dataset None)."""
+    ckpt = load_checkpoint(path)
+    flags = ckpt.get("args", {})
+    return (flags.get("dataset"), flags["backbone"]) if "backbone" in flags else (
+        None, backbone_kind(_split_state(ckpt, path) or ckpt))
+
+
 def build_backbone(name, weights="none", expect=None):
     """The backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2).
 
@@ -783,44 +824,47 @@ def load_checkpoint(path, expect=None):
 
 
 # ============ 8. Episodic evaluation and your own images (PROTOCOL.md 5, 6, 8) ============
-def read_user_image(path):
-    """An image of the user's, any format OpenCV reads -> RGB float32 (H, W, 3) in 0..255."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise KitError(f"cannot read image {path}: missing, corrupt or a format OpenCV does not read")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
-
-
 def read_user_mask(path, image_path, shape):
-    """A support mask of the user's: foreground wherever non-zero, so 0/1, 0/255, palette (indices) and RGB
-    masks all work; it must have its image's size (H, W) and some foreground. -> (H, W) uint8 in {0, 1}."""
+    """A support mask read as its user means it -> (H, W) uint8: 1 foreground, 0 background, 255 ignored. A palette
+    (VOC) PNG: index 0 background, any other index foreground. A transparent PNG: the opaque part. Otherwise 0/1,
+    0/255, class indices, grey, RGB: a label image (lossless, a few values) is foreground wherever non-zero; a JPEG or
+    one with many values (anti-aliased edges) above half its maximum. 255 beside other non-zero values is void."""
     try:
         with Image.open(path) as im:
-            m = np.array(im if im.mode in ("P", "L", "1", "I", "I;16", "RGB") else im.convert("RGB"))  # no alpha
+            mode, lossy, m = im.mode, im.format == "JPEG", np.array(im)
     except Exception as e:
         raise KitError(f"cannot read mask {path} ({type(e).__name__}): missing, corrupt or not an image") from None
-    m = (m.reshape(m.shape[0], m.shape[1], -1) != 0).any(-1).astype(np.uint8)
-    if m.shape != tuple(shape):
-        raise KitError(f"mask {path} is {m.shape[1]}x{m.shape[0]} but its image {image_path} is "
+    if m.ndim == 3 and mode in ("RGBA", "LA", "PA") and m[..., -1].min() < m[..., -1].max():
+        m = m[..., -1]  # the alpha channel marks the object
+    m = m.reshape(m.shape[0], m.shape[1], -1)[..., :3].max(-1)  # (H, W): a colour mask's brightest channel
+    labels = mode == "P" or (not lossy and len(np.unique(m)) <= 8)
+    mask = ((m > 0) if labels else (m > m.max() / 2)).astype(np.uint8)
+    if labels and m.max() == 255 and ((m > 0) & (m < 255)).any():
+        mask[m == 255] = IGNORE
+    if mask.shape != tuple(shape):
+        raise KitError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
                        f"{shape[1]}x{shape[0]}: pass the mask made for that image")
-    if not m.any():
-        raise KitError(f"mask {path} has no foreground pixel (all zero): mark the object with non-zero values")
-    return m
+    if not (mask == 1).any():
+        raise KitError(f"mask {path} has no foreground pixel: mark the object with non-zero values")
+    return mask
 
 
-def user_episode(supports, query, test_size):
-    """An episode from the user's files in the benchmark's test geometry (PROTOCOL.md 5.1): -> (item as an
-    evaluation batch of EpisodeDataset, the query (H, W, 3), the supports [(image, mask)])."""
-    pairs = []
-    for image_path, mask_path in supports:
-        img = read_user_image(image_path)
-        pairs.append((img, read_user_mask(mask_path, image_path, img.shape[:2])))
-    q = read_user_image(query)
-    xq, _ = test_transform(q, np.zeros(q.shape[:2], np.uint8), test_size)
+def own_episodes(supports, queries, test_size):
+    """The user's episodes, every file read before any is predicted: the supports [(image path, mask path)] once,
+    then per query (its output name, unique in the run; the item as an evaluation batch of EpisodeDataset, in the
+    benchmark's test geometry, PROTOCOL.md 5.1; the query (H, W, 3); the supports [(image, mask)])."""
+    fix = "pass an image file"
+    pairs = [(img, read_user_mask(m, i, img.shape[:2])) for i, m in supports for img in [read_image(i, fix)]]
     xs = [test_transform(img, m, test_size) for img, m in pairs]
-    item = {"query": xq[None], "support": torch.stack([x for x, _ in xs])[None],  # (1, 3, s, s), (1, S, 3, s, s)
-            "support_mask": torch.stack([y for _, y in xs])[None]}  # (1, S, s, s)
-    return item, q, pairs
+    support = {"support": torch.stack([x for x, _ in xs])[None], "support_mask": torch.stack([y for _, y in xs])[None]}
+    names, episodes = set(), []  # (1, S, 3, s, s), (1, S, s, s)
+    for path in queries:
+        q, stem = read_image(path, fix), os.path.splitext(os.path.basename(path))[0]
+        name = next(n for n in [stem] + [f"{stem}-{k}" for k in range(2, len(queries) + 2)] if n not in names)
+        names.add(name)
+        xq, _ = test_transform(q, np.zeros(q.shape[:2], np.uint8), test_size)  # (3, s, s)
+        episodes.append((name, {"query": xq[None], **support}, q, pairs))
+    return episodes
 
 
 def at_query_size(scores, query):
@@ -830,12 +874,12 @@ def at_query_size(scores, query):
     return logits_at_label_size(scores.float().cpu(), torch.zeros(h, w, dtype=torch.long))[0][0, :, :h, :w]
 
 
-def write_user_prediction(out, query_path, query, pred, pairs, heat=None):
+def write_user_prediction(out, name, query, pred, pairs, heat=None):
     """NAME_mask.png (0/255, the query's size) and NAME_overlay.png (the query with the prediction tinted, the
     supports with their masks beside it, Fig. 2 style); NAME_prior.png from `heat` (H, W) in [0, 1] if given."""
     os.makedirs(out, exist_ok=True)
-    name, h = os.path.splitext(os.path.basename(query_path))[0], query.shape[0]
-    tint = lambda img, m, colour: np.where(m[..., None] > 0, 0.45 * img + 0.55 * np.array(colour), img)
+    h = query.shape[0]
+    tint = lambda img, m, colour: np.where(m[..., None] == 1, 0.45 * img + 0.55 * np.array(colour), img)
     panels = [tint(query[:, :, ::-1], pred, (255, 80, 0))] + [  # BGR
         cv2.resize(tint(img[:, :, ::-1], m, (0, 200, 255)), (max(1, round(img.shape[1] * h / img.shape[0])), h),
                    interpolation=cv2.INTER_AREA) for img, m in pairs]

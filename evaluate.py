@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, at_query_size, build_backbone, load_checkpoint,
-                    open_data, predict_meta, to_bgr_image, user_episode, write_user_prediction)
-from plumbing import (POSITIVE, KitParser, add_common_args, add_eval_args, amp_dtype, autocast_call, dataset_of,
-                      evaluate_seeds, finish_args, format_table, is_main, pretrain_label, run, write_results)
+                    open_data, own_episodes, predict_meta, to_bgr_image, write_user_prediction)
+from plumbing import (POSITIVE, KitParser, add_common_args, add_eval_args, amp_dtype, autocast_call, check_paths,
+                      dataset_of, evaluate_seeds, finish_args, format_table, is_main, parse_json_line, pretrain_label,
+                      run, write_results)
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
                    "train_pool", "coco_split")  # each taken from the checkpoint unless typed
@@ -109,11 +110,10 @@ def segment_own_images(args, ckpt, model, dtype):
                        f"{trained} --support pairs")
     if shots != trained:
         print(f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)")
-    for query_path in args.query:
-        item, query, pairs = user_episode(args.support, query_path, args.test_size)
+    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size):
         scores = autocast_call(torch.device(args.device), dtype, predict_meta, model, item)  # (1, 2, s, s)
         pred = at_query_size(scores, query).argmax(0).numpy()  # (H, W) in {0, 1}
-        write_user_prediction(args.out, query_path, query, pred, pairs)
+        write_user_prediction(args.out, name, query, pred, pairs)
 
 
 CURVES = [("loss", "training loss"), ("lr", "learning rate"), ("train_miou", "training mIoU (base-class episodes)"),
@@ -132,7 +132,10 @@ def draw_curves(paths, out):
     runs = {}
     for path in paths:
         with open(path) as f:
-            runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = [json.loads(line) for line in f]
+            records = [parse_json_line(line) for line in f]
+        if None in records[:-1]:  # a last line may have been cut off by a kill
+            raise KitError(f"--curves {path}: line {records.index(None) + 1} is not JSON: pass a log.jsonl of this kit")
+        runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = [r for r in records if r]
     panels = [(key, title) for key, title in CURVES if any(key in r for recs in runs.values() for r in recs)]
     if not panels:
         raise KitError(f"--curves: no loss, lr, mIoU or cluster records in {', '.join(paths)}")
@@ -163,7 +166,9 @@ def main(argv=None):
         print(format_table(args.table))
         return
     if args.curves:
-        return draw_curves(args.curves, args.out or "curves.png")
+        args.out = args.out or "curves.png"
+        check_paths(args, outputs=[("--out", False)], inputs=["--curves"])
+        return draw_curves(args.curves, args.out)
     if not args.checkpoint:
         raise KitError("--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table")
     if args.compare and not args.vis:
@@ -172,16 +177,18 @@ def main(argv=None):
     ckpt = metatrain_checkpoint(args.checkpoint, {k: getattr(args, k) for k in MUST_MATCH if k in typed})
     for k in set(FROM_CHECKPOINT) - typed:
         setattr(args, k, ckpt["args"][k])
-    args = finish_args(args, needs_data=False)
+    args = finish_args(args, needs_data=False, outputs=[("--json", False), ("--episode-log", False), ("--vis", True),
+                                                        ("--out", True)])
     device = torch.device(args.device)
-    model, dtype = load_model(ckpt, device), amp_dtype(args.precision, device)
+    model, dtype = load_model(ckpt, device), amp_dtype(args)
     if args.support or args.query:
         return segment_own_images(args, ckpt, model, dtype)
+    other = args.compare and metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in MUST_MATCH[:3]})
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
     print(f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
           f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds "
           f"{args.seeds}")
-    data = open_data(args)
+    data = open_data(args, ("val",))
     if args.episode_log:
         open(args.episode_log, "w").close()
     with torch.no_grad():
@@ -193,8 +200,7 @@ def main(argv=None):
                       shot_fusion=ckpt["args"].get("shot_fusion", "mean"))
     if args.vis and is_main():
         models = {f"prediction: {label}": model}
-        if args.compare:
-            other = metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in ("dataset", "fold", "shot")})
+        if other:
             name = f"prediction: {other['args'].get('pretrain_label', 'compare')} (compare)"
             models[name] = load_model(other, device)
         write_vis(args, data, models, device)

@@ -49,7 +49,7 @@ def parse_args(argv):
                       crop=dict(pascal=473, coco=641, synthetic=81),
                       scale=dict(pascal=[0.9, 1.1], coco=[0.8, 1.25], synthetic=[0.9, 1.1]))
     args = p.parse_args(argv)
-    return finish_args(args, f"metatrain-{args.dataset}-fold{args.fold}-{args.shot}shot")
+    return finish_args(args, f"metatrain-{args.dataset}-fold{args.fold}-{args.shot}shot", outputs=[("--out", True)])
 
 
 # ============ the meta learner on a frozen backbone, and its optimiser ============
@@ -90,7 +90,7 @@ def validate(model, args, data, dtype):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    data = open_data(args)
+    data = open_data(args, ("train", "val") if args.select == "best-val" else ("train",))
     ids, counts = data["train"]
     drop = args.novel if args.novel_images == "drop" else ()
     dataset = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.base, args.shot, args.min_pixels,

@@ -19,15 +19,16 @@ CPU smoke run on the built-in synthetic benchmark:
 """
 
 import functools
+import sys
 
 import numpy as np
 import torch
 
-from common import (KitError, at_query_size, build_backbone, frozen_features, open_data, resize, shot_prior,
-                    user_episode, write_user_prediction)
+from common import (KitError, at_query_size, build_backbone, frozen_features, open_data, own_episodes, resize,
+                    shot_prior, weights_made_for, write_user_prediction)
 from plumbing import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype, autocast_call,
                       dataset_of, evaluate_seeds, finish_args, format_table, is_main, pretrain_label, run,
-                      seed_everything, write_results)
+                      seed_everything, typed, write_results)
 
 
 TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
@@ -35,7 +36,24 @@ TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
 
 
 def parse_args(argv):
-    ds = dataset_of(argv)
+    """The flags; for your own images, dataset and backbone (and so the test geometry) are the --pretrained
+    checkpoint's unless typed, and a typed flag that contradicts the checkpoint is refused."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser(dataset_of(argv)).parse_args(argv)
+    if (args.support or args.query) and args.weights not in ("none", "imagenet"):
+        made = dict(zip(("dataset", "backbone"), weights_made_for(args.weights)))
+        for key, value in made.items():
+            if value and typed(argv, "--" + key) and getattr(args, key) != value:
+                raise KitError(f"--{key} {getattr(args, key)}: {args.weights} was made for --{key} {value}; "
+                               f"leave --{key} out")
+        if made["dataset"] and not typed(argv, "--dataset"):
+            args = parser(made["dataset"]).parse_args(argv + ["--dataset", made["dataset"]])
+        args.backbone = made["backbone"] or args.backbone
+    return finish_args(args, needs_data=not (args.support or args.query),
+                       outputs=[("--json", False), ("--episode-log", False), ("--out", True)])
+
+
+def parser(ds):
     p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "nonparametric"))
     g = p.add_argument_group("non-parametric test (paper Sec. 3.2, Table 2)")
     add_flag(g, ds, "--shot", 1, "supports per episode (Table 2 is 1-shot)", type=POSITIVE)
@@ -45,8 +63,7 @@ def parse_args(argv):
              "priors; the one best on base-class episodes is reported too", type=UNIT, nargs="+")
     g.add_argument("--table-metric", default="threshold", choices=list(TABLE_METRICS), help="with --table: mIoU at "
                    "--threshold, at the base-chosen threshold, or the best of the sweep (default %(default)s)")
-    args = p.parse_args(argv)
-    return finish_args(args, needs_data=not (args.support or args.query))
+    return p
 
 
 # ============ the prior of the last layer (PFENet), one backbone pass per image ============
@@ -74,11 +91,10 @@ def segment_own_images(args, backbone, dtype):
         raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
     if not is_main():  # under torchrun, rank 0 does it all
         return
-    for query_path in args.query:
-        item, query, pairs = user_episode(args.support, query_path, args.test_size)
+    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size):
         prior = autocast_call(torch.device(args.device), dtype, predict_prior, backbone, item)  # (1, 1, s, s)
         heat = at_query_size(prior, query)[0].numpy()  # (H, W) in [0, 1]
-        write_user_prediction(args.out, query_path, query, (heat > args.threshold).astype(np.uint8), pairs, heat)
+        write_user_prediction(args.out, name, query, (heat > args.threshold).astype(np.uint8), pairs, heat)
 
 
 def choose_threshold_on_base_classes(args, data, predict, rules, dtype):
@@ -101,18 +117,18 @@ def main(argv=None):
                                                                                              {"fold": args.fold})})
     backbone = backbone.to(device).eval()
     if own:
-        return segment_own_images(args, backbone, amp_dtype(args.precision, device))
+        return segment_own_images(args, backbone, amp_dtype(args))
     label = args.label or pretrain_label(args.weights)
     thresholds = sorted(set(args.sweep) | {args.threshold})
     print(f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} pre-trained {label}, "
           f"threshold {args.threshold}, sweep {thresholds}, {args.episodes} episodes x seeds {args.seeds}")
-    data = open_data(args)
+    data = open_data(args, ("val",))
     if args.episode_log:
         open(args.episode_log, "w").close()
 
     # ============ every threshold scored from the same prior, on novel-class episodes ============
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
-    predict, dtype = functools.partial(predict_prior, backbone), amp_dtype(args.precision, device)
+    predict, dtype = functools.partial(predict_prior, backbone), amp_dtype(args)
     results = evaluate_seeds(args, data, predict, rules, dtype=dtype)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))

@@ -10,6 +10,7 @@
   8. The entry point: one line per user error
 """
 import argparse
+import atexit
 import contextlib
 import cProfile
 import glob
@@ -18,6 +19,7 @@ import math
 import os
 import pstats
 import random
+import shlex
 import socket
 import sys
 import time
@@ -47,6 +49,8 @@ def bounded(kind, lo=None, hi=None, open_lo=False):
     time, so a bad value stops the run before any work with 'argument --flag: value V is ...'."""
     def check(text):
         v = kind(text)
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"value {text} is not a finite number")
         if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
             want = f"in [{lo}, {hi}]" if hi is not None else f"> {lo}" if open_lo else f">= {lo}"
             raise argparse.ArgumentTypeError(f"value {text} is not allowed: it must be {want}")
@@ -188,23 +192,57 @@ def add_eval_args(parser):
 
 
 def add_precision_arg(group):
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto: fp16 "
-                       "autocast with a gradient scaler on CUDA, fp32 on the CPU; bf16: bfloat16 autocast on either, "
-                       "no scaler; fp16: CUDA only (default %(default)s)")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 "
+                       "autocast on a GPU that has bfloat16, fp32 elsewhere; bf16: bfloat16 autocast (CPU or CUDA); "
+                       "fp16: float16 autocast with a gradient scaler, CUDA only (default %(default)s)")
 
 
-def finish_args(args, out_name=None, needs_data=True):
-    """Checks that need several flags, derived values, the device; out_name: the default run folder name.
-    The flags as parsed and resolved are kept in args.flags (args.json; flags_to_argv turns them back)."""
+def finish_args(args, out_name=None, needs_data=True, outputs=(), inputs=()):
+    """Checks that need several flags, derived values, the device and precision; out_name: the default run folder
+    name; outputs: (flag, is a folder) of the paths the run will write, inputs: the flags naming files it reads, all
+    checked now rather than after the work. The flags as parsed and resolved are kept in args.flags (args.json;
+    flags_to_argv turns them back)."""
     if args.data_root is None and needs_data:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
     if out_name and args.out is None:
         args.out = os.path.join("runs", out_name)
+    check_paths(args, outputs, inputs)
     args.device = setup_device(args.device)
-    args.flags = dict(vars(args))
+    args.amp = precision_of(args.precision, torch.device(args.device))
+    args.flags = {k: v for k, v in vars(args).items() if k != "amp"}
     args.novel, args.base = (novel_classes(args.dataset, args.fold, args.coco_split),
                              base_classes(args.dataset, args.fold, args.coco_split))
     return args
+
+
+def check_paths(args, outputs=(), inputs=()):
+    """outputs: (flag, is a folder) of every path the run will write; inputs: the flags naming files it reads."""
+    for flag, folder in outputs:
+        check_writable(getattr(args, flag[2:].replace("-", "_")), flag, folder)
+    for flag in inputs:
+        for path in getattr(args, flag[2:].replace("-", "_")) or []:
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise KitError(f"{flag} {path}: no such readable file")
+
+
+def check_writable(path, flag, folder=False):
+    """Refuse a path the run could not write, before the work: one of the wrong kind (file / folder), or one whose
+    nearest existing folder is not writable."""
+    if path is None:
+        return
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        kind = ("a file", "folder") if folder else ("a folder", "file")
+        raise KitError(f"{flag} {path} is {kind[0]}: pass the {kind[1]} to write")
+    near = os.path.abspath(path)
+    while not os.path.exists(near):
+        near = os.path.dirname(near)
+    if not os.access(near, os.W_OK) or (near != os.path.abspath(path) and not os.path.isdir(near)):
+        raise KitError(f"{flag} {path} cannot be written ({near} is not a writable folder): choose another path")
+
+
+def typed(argv, flag):
+    """Whether the command line names this flag (--flag or --flag=value)."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv or [])
 
 
 def flags_to_argv(flags):
@@ -241,19 +279,27 @@ def is_main():
 def setup_device(flag):
     """--device resolved. Under torchrun (RANK and WORLD_SIZE set): join the process group (NCCL on CUDA, gloo on
     the CPU) with one device per local rank, cuda:LOCAL_RANK; ranks other than 0 print nothing."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return "cuda" if flag == "auto" and torch.cuda.is_available() else "cpu" if flag == "auto" else flag
-    if flag not in ("auto", "cuda", "cpu"):
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if launched and flag not in ("auto", "cuda", "cpu"):
         raise KitError(f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda, "
                        "cpu or auto (and choose the GPUs with CUDA_VISIBLE_DEVICES)")
-    if flag == "cuda" and not torch.cuda.is_available():
-        raise KitError("--device cuda: this machine has no CUDA device; pass --device cpu")
+    try:
+        device = torch.device("cuda" if flag == "auto" and torch.cuda.is_available() else "cpu" if flag == "auto"
+                              else flag)
+    except RuntimeError:
+        raise KitError(f"--device {flag}: not a device; pass auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise KitError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s) that torch can "
+                       "use; pass --device cpu" + (" or cuda:0" if torch.cuda.device_count() else ""))
+    if not launched:
+        return str(device)
     cuda = flag != "cpu" and torch.cuda.is_available()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
     if not distributed():
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)  # else gloo's threads may abort the process as it exits
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return device
@@ -335,13 +381,19 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
 
 
 # ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32) ============
-def amp_dtype(precision, device):
-    """The autocast dtype of --precision on `device`, or None (float32, no autocast)."""
+def precision_of(precision, device):
+    """--precision resolved on `device`: auto is bf16 (float32's range: nothing overflows) on a GPU that has it,
+    fp32 elsewhere; fp16 (range 6.5e4, with a gradient scaler) only when asked, and only on CUDA."""
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise KitError("--precision fp16 needs a CUDA device: use --precision bf16 (or fp32) on the CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return precision
+
+
+def amp_dtype(args):
+    """The autocast dtype of the run's resolved precision (args.amp), or None (float32, no autocast)."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
 
 def autocast(device, dtype):
@@ -372,21 +424,69 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, state):
-    """Write atomically through a temp file unique to this process: a crash mid-write leaves the previous
-    checkpoint intact, and a reader never sees a half-written file."""
+def write_atomic(path, save, obj):
+    """save(obj, temp) then one rename: a crash mid-write leaves the previous file intact, and no reader ever sees a
+    half-written one. The temp file's name (PATH.tmpPID) is the only kind the kit ever deletes, left by a kill."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
+    save(obj, tmp)
     os.replace(tmp, path)
 
 
+def save_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def save_lines(lines, path):
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def read_json(path, flag):
+    """A JSON file named on the command line, or one line saying what is wrong with it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise KitError(f"{flag} {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+
+
+def save_checkpoint(path, state):
+    write_atomic(path, torch.save, state)
+
+
 # ============ 5. Run folders, locks and run records ============
+RUN_FILES = ("last.pt", "best.pt", "args.json", "log.jsonl")  # what a run writes in its folder
+
+
+def check_run_folder(args, stage, keys):
+    """Before anything is written: a folder holding a run's checkpoint is continued only with --resume, by the
+    same stage, with the same `keys` flags; a folder of another stage's run is refused. -> the checkpoint to
+    resume from, or None."""
+    path, fresh = os.path.join(args.out, "last.pt"), "choose a new --out"
+    if os.path.isfile(os.path.join(args.out, "args.json")):
+        with open(os.path.join(args.out, "args.json")) as f:
+            other = json.load(f).get("stage", stage) if os.path.getsize(f.name) else stage
+        if other != stage:
+            raise KitError(f"--out {args.out} holds a {other} run, not a {stage} run: {fresh}")
+    if not os.path.isfile(path):
+        return None
+    ckpt = load_checkpoint(path)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+    what = f"a {ckpt.get('stage')} run at iteration {ckpt.get('iter')} of {ckpt.get('args', {}).get('total_iters')}"
+    if ckpt.get("stage") != stage:
+        raise KitError(f"--out {args.out} holds {what} ({path}, {when}), not a {stage} run: {fresh}")
+    if not args.resume:
+        raise KitError(f"--out {args.out} holds {what} ({path}, {when}): add --resume to continue it, or {fresh}")
+    return load_checkpoint(path, {k: getattr(args, k) for k in keys})
+
+
 @contextlib.contextmanager
 def run_folder(out):
     """One run per folder: hold an exclusive lock on OUT/.lock (holding our process id) while the run lasts.
     A second run on the same folder stops at once; a lock left by a killed run is taken over with a note
-    (the kernel releases a dead process's lock), and that run's leftover temp files are removed. Under torchrun
+    (the kernel releases a dead process's lock), and that run's temp files are removed. Under torchrun
     rank 0 holds it and tells the others whether it could."""
     with contextlib.ExitStack() as stack:
         taken = torch.zeros(1)
@@ -405,6 +505,7 @@ def run_folder(out):
 def _locked(out):
     """The lock of run_folder, in this process."""
     import fcntl  # POSIX; the kit's runs target Linux workstations
+    import re
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".lock")
     f = open(path, "a+")
@@ -420,9 +521,9 @@ def _locked(out):
     previous = f.read().strip()
     if previous:
         print(f"note: {path} was left by {previous}, which is no longer running; taking it over")
-    for stale in glob.glob(os.path.join(glob.escape(out), "*.tmp*")):
-        if os.path.isfile(stale):
-            os.remove(stale)  # a killed run's half-written checkpoint; the finished ones are intact
+    for name in os.listdir(out):  # a killed run's half-written files, named by write_atomic; nothing else
+        if re.fullmatch("(" + "|".join(map(re.escape, RUN_FILES)) + r")\.tmp\d+", name):
+            os.remove(os.path.join(out, name))
     f.seek(0)
     f.truncate()
     f.write(f"process {os.getpid()} on {socket.gethostname()}")
@@ -457,15 +558,13 @@ def run_record(args, data=None):
             "pools": {split: len(ids) for split, (ids, _) in data.items()} if data else None}
 
 
-def write_args_json(args, argv, data):
-    """<out>/args.json at the start of a run: the command line, every flag with its default filled in, the
-    values derived from them, and the run record."""
-    if not is_main():
-        return
-    derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump({"argv": list(argv or []), "flags": args.flags, "derived": derived, "run": run_record(args, data)},
-                  f, indent=1)
+def write_args_json(args, stage, argv, data):
+    """<out>/args.json at the start of a run, once every check has passed: the stage, the command line, every flag
+    with its default filled in, the values derived from them, and the run record."""
+    if is_main():
+        derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
+        write_atomic(os.path.join(args.out, "args.json"), save_json, {
+            "stage": stage, "argv": list(argv), "flags": args.flags, "derived": derived, "run": run_record(args, data)})
 
 
 # ============ 6. Results files and tables ============
@@ -537,15 +636,11 @@ def write_results(path, summary, args, data=None, **fields):
                 "ignore": IGNORE, "min_pixels": args.min_pixels, "train_pool": args.train_pool,
                 "coco_split": args.coco_split, "std": "sample std over seeds"}
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
-           "dataset": args.dataset, "backbone": args.backbone, "precision": args.precision, "protocol": protocol,
+           "dataset": args.dataset, "backbone": args.backbone, "precision": args.amp, "protocol": protocol,
            **fields, "run": run_record(args, data)}
-    if not is_main():
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp{os.getpid()}", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
-    print(f"wrote {path}")
+    if is_main():
+        write_atomic(path, save_json, out)
+        print(f"wrote {path}")
 
 
 def format_table(paths, metric="miou"):
@@ -554,10 +649,12 @@ def format_table(paths, metric="miou"):
     metric: the results field shown (or a function of the results)."""
     cells, shots = {}, set()
     for p in paths:
-        with open(p) as f:
-            r = json.load(f)
-        row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"])
-        value = metric(r) if callable(metric) else r[metric]
+        r = read_json(p, "--table")
+        try:
+            row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"])
+            value = metric(r) if callable(metric) else r[metric]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise KitError(f"--table {p}: not a results file of this kit (no {e})") from None
         cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append(value)
         shots.add(r["shot"])
     cell = lambda v: "-" if not v else f"{np.mean(v):.2f}" + (f"+-{np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
@@ -576,6 +673,11 @@ def format_table(paths, metric="miou"):
 
 
 # ============ 7. The training loop both training stages share ============
+class Stopped(KitError):
+    """Ctrl-C: one line naming the last checkpoint and the command that resumes; exit code 130."""
+    code = 130
+
+
 class Trainer:
     """Everything around a stage's training step: the run folder (locked, args.json), --resume (refusing a
     checkpoint made with other `keys` flags), the resumable batch stream, the poly lr, autocast and gradient
@@ -588,7 +690,7 @@ class Trainer:
     def __init__(self, args, stage, model, opt, base_lrs, keys):
         self.args, self.stage, self.model, self.opt, self.base_lrs, self.keys = args, stage, model, opt, base_lrs, keys
         self.device = torch.device(args.device)
-        self.dtype = amp_dtype(args.precision, self.device)
+        self.dtype = amp_dtype(args)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.path, self.best, self.skipped = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}, False
 
@@ -621,30 +723,24 @@ class Trainer:
             dist.barrier()
         return path or self.path
 
-    def resume(self):
-        """--resume: load <out>/last.pt into model, optimiser and scaler, refusing one whose `keys` flags
-        differ from this run's. -> the checkpoint, or None (a fresh start, said so)."""
-        if not self.args.resume:
-            return None
-        if not os.path.isfile(self.path):
-            print(f"--resume: no {self.path} yet, starting from iteration 0")
-            return None
-        ckpt = load_checkpoint(self.path, {k: getattr(self.args, k) for k in self.keys})
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.best = ckpt.get("best", self.best)
-        print(f"resumed from {self.path} at iteration {ckpt['iter']}")
-        return ckpt
-
     def fit(self, dataset, step, stop, argv, data, validate=None, val_every=None, log_extra=None):
         """Iterations 0 (or the checkpoint's) .. stop - 1 of step(batch); every log line adds log_extra()'s fields;
         validate() -> (mIoU, {other scores}) every val_every iterations and at the end under --select best-val."""
-        args = self.args
+        args, argv = self.args, sys.argv[1:] if argv is None else list(argv)
+        ckpt = check_run_folder(args, self.stage, self.keys)  # nothing is written before every check has passed
         with run_folder(args.out):
-            write_args_json(args, sys.argv[1:] if argv is None else argv, data)
-            ckpt = self.resume()
-            start = ckpt["iter"] if ckpt else 0
+            if ckpt is None and os.path.isfile(self.path):  # another run wrote it since the check
+                ckpt = check_run_folder(args, self.stage, self.keys)
+            write_args_json(args, self.stage, argv, data)
+            if ckpt:
+                self.model.load_state_dict(ckpt["model"])
+                self.opt.load_state_dict(ckpt["optimizer"])
+                self.scaler.load_state_dict(ckpt["scaler"])
+                self.best = ckpt.get("best", self.best)
+                print(f"resumed from {self.path} at iteration {ckpt['iter']}")
+            elif args.resume:
+                print(f"--resume: no {self.path} yet, starting from iteration 0")
+            self.saved = start = ckpt["iter"] if ckpt else 0
             with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG,
                 batches = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, self.device))
             if ckpt:  # ... so that after a resume every RNG is where a straight run has it (each rank's own)
@@ -655,22 +751,34 @@ class Trainer:
                 set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
             progress = Progress(stop, start, args.log_every, args.out)
             self.model.train()
-            for t, batch in enumerate(batches, start):
-                lr = poly_lr(self.opt, self.base_lrs, t, args.total_iters, args.power)
-                good = {k: v.clone() for k, v in self.model.named_buffers()}  # BN statistics, centres
-                loss, metrics = autocast_call(self.device, self.dtype, step, batch)
-                if self.skipped:  # nothing was stepped: only the buffers need restoring
-                    self.model.load_state_dict(good, strict=False)
-                    raise KitError(f"loss is {loss.item()} at iteration {t}: the last good state is saved in "
-                                   f"{self.save(t)}; lower --lr (now {args.lr}) and rerun with --resume")
-                loss = all_reduce_sum(loss.detach().float().reshape(1)).item()
-                if progress.due(t + 1):
-                    progress.step(t + 1, loss=loss, lr=lr, **metrics, **(log_extra() if log_extra else {}))
-                if validate and args.select == "best-val" and ((t + 1) % val_every == 0 or t + 1 == args.total_iters):
-                    self.keep_best(t + 1, *validate())
-                if (t + 1) % args.save_every == 0 or t + 1 == stop:
-                    self.save(t + 1)
+            try:
+                self.loop(batches, start, stop, step, progress, validate, val_every, log_extra)
+            except KeyboardInterrupt:
+                script = {"pretrain": "pretrain_bcpt.py", "metatrain": "metatrain.py"}[self.stage]
+                last = (f"the last checkpoint is {self.path} (iteration {self.saved})" if self.saved else
+                        f"no checkpoint was written yet (the first comes at iteration {args.save_every})")
+                raise Stopped(f"interrupted: {last}; continue with: python {script} "
+                              + shlex.join(argv + ["--resume"] * (not args.resume))) from None
             print(f"saved {self.path}")
+
+    def loop(self, batches, t, stop, step, progress, validate, val_every, log_extra):
+        args = self.args
+        for t, batch in enumerate(batches, t):
+            lr = poly_lr(self.opt, self.base_lrs, t, args.total_iters, args.power)
+            good = {k: v.clone() for k, v in self.model.named_buffers()}  # BN statistics, centres
+            loss, metrics = autocast_call(self.device, self.dtype, step, batch)
+            if self.skipped:  # nothing was stepped: only the buffers need restoring
+                self.model.load_state_dict(good, strict=False)
+                raise KitError(f"loss is {loss.item()} at iteration {t}: the last good state is saved in "
+                               f"{self.save(t)}; lower --lr (now {args.lr}) and rerun with --resume")
+            loss = all_reduce_sum(loss.detach().float().reshape(1)).item()
+            if progress.due(t + 1):
+                progress.step(t + 1, loss=loss, lr=lr, **metrics, **(log_extra() if log_extra else {}))
+            if validate and args.select == "best-val" and ((t + 1) % val_every == 0 or t + 1 == args.total_iters):
+                self.keep_best(t + 1, *validate())
+            if (t + 1) % args.save_every == 0 or t + 1 == stop:
+                self.save(t + 1)
+                self.saved = t + 1
 
     def keep_best(self, t, miou, scores):
         """--select best-val, after a validation at iteration t: log it, and save best.pt if it is the best."""
@@ -718,6 +826,13 @@ class Trainer:
         return {**ms, "sample": sample_ms}
 
 
+def parse_json_line(line):
+    try:
+        return json.loads(line) if line.endswith("\n") else None  # a line without its newline was cut off
+    except ValueError:
+        return None
+
+
 def poly_lr(opt, base_lrs, t, total, power=0.9):
     """lr = base_lr (1 - t / total)^power for each parameter group, every iteration (PROTOCOL.md 7.1)."""
     for group, lr in zip(opt.param_groups, base_lrs):
@@ -735,9 +850,11 @@ class Progress:
         self.t0, self.log = time.time(), (os.path.join(out, "log.jsonl") if out and is_main() else None)
         if self.log and os.path.exists(self.log):
             with open(self.log) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= start]
-            with open(self.log, "w") as f:
-                f.writelines(kept)
+                lines = f.readlines()
+            records = [(line, parse_json_line(line)) for line in lines]
+            if any(r is None for _, r in records):
+                print(f"note: {self.log}: dropped {sum(r is None for _, r in records)} line(s) cut off by a kill")
+            write_atomic(self.log, save_lines, [line for line, r in records if r and r.get("step", 0) <= start])
 
     def due(self, t):
         return t % self.every == 0 or t == self.total
@@ -766,5 +883,8 @@ def run(main):
         main(sys.argv[1:])
     except KitError as e:
         msg = str(e).strip().splitlines()[-1].replace("common.KitError: ", "")
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {msg}", file=sys.stderr)
+        sys.exit(getattr(e, "code", 2))
+    except KeyboardInterrupt:
+        print("stopped: interrupted; nothing of this run was saved", file=sys.stderr)
+        sys.exit(130)

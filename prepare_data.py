@@ -32,9 +32,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common import (IMAGES, LISTS, MASKS, N_CLASSES, SYNTHETIC_ROOTS, KitError, base_classes, check_image_file,
-                    class_pixel_counts, image_pools, novel_classes, read_list, read_mask)
-from plumbing import POSITIVE, SIZE, KitParser, add_data_args, dataset_of, run
+from common import (CACHE_DIR, IMAGES, LISTS, MASKS, N_CLASSES, SYNTHETIC_ROOTS, KitError, base_classes,
+                    check_image_file, class_pixel_counts, image_pools, novel_classes, read_list, read_mask)
+from plumbing import POSITIVE, SIZE, KitParser, add_data_args, dataset_of, run, typed
 
 # ============ 1. The synthetic benchmarks: seeded worlds in the VOC layout ============
 # ---- 1a. The first world, synthetic: many small shape classes on textured stuff ----
@@ -400,6 +400,8 @@ def make_synthetic(root, n_train=None, n_val=None, size=None, seed=0, flag="--da
     if _synthetic_params(root) == params:
         return root
     claim_root(root, flag, world)
+    if os.path.isdir(root):
+        _check_only_world_files(root, flag)
     parent, name = os.path.split(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
@@ -427,13 +429,35 @@ def make_synthetic(root, n_train=None, n_val=None, size=None, seed=0, flag="--da
     return root
 
 
+def _world_files(params):
+    """Every path (relative to the root) that make_synthetic writes for these parameters."""
+    ids = [f"train_{i:06d}" for i in range(params["n_train"])] + [f"val_{i:06d}" for i in range(params["n_val"])]
+    return ({SYNTHETIC_MARKER, os.path.join(LISTS, "val.txt")} | {os.path.join(IMAGES, i + ".jpg") for i in ids}
+            | {os.path.join(MASKS, i + ".png") for i in ids})
+
+
+def _check_only_world_files(root, flag):
+    """Before a world the kit made is replaced: refuse if the folder holds anything the kit did not write there
+    (its world files and its index cache), so that no file of the user's is ever deleted."""
+    params, ours = _synthetic_params(root), set()
+    ours = _world_files(params) if params else ours
+    for folder, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            if rel not in ours and os.path.dirname(rel) != CACHE_DIR:
+                raise KitError(f"{flag} {root} holds {rel}, which this kit did not write: the world there would be "
+                               "replaced, so move that file out, or choose another folder")
+
+
 def _publish_world(tmp, root, params, flag):
     """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made world of the
-    same kind there (checked again now: the folder may have changed during generation). If another process
-    published the same world first, keep theirs."""
+    same kind there (checked again now: the folder may have changed during generation, and holds only the kit's
+    files). If another process published the same world first, keep theirs."""
     if _synthetic_params(root) == params:
         return
     claim_root(root, flag, params["world"])
+    if os.path.isdir(root):
+        _check_only_world_files(root, flag)
     try:  # move the old (empty or differently-made) world out of the way, then delete it
         old = tmp + "-old"
         os.rename(root, old)
@@ -705,7 +729,8 @@ def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved"
     return out
 
 
-def main(argv=None):
+def parser(dataset):
+    """The command line; verify's defaults (pixel rule, pool) are those of `dataset`."""
     p = KitParser(description="the BCPT kit's data stage: build and check the data roots")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synthetic", help="write a synthetic benchmark world (VOC layout)")
@@ -727,9 +752,21 @@ def main(argv=None):
     s.add_argument("--coco", required=True, help="folder with annotations/, train2014/, val2014/; needs pycocotools")
     s.add_argument("--out", required=True, help="a new or empty folder (or this command's earlier output)")
     s = add_data_args(sub.add_parser("verify", help="decode everything, list bad files, print per-fold pool sizes"),
-                      dataset_of(argv or []), "verify")
+                      dataset, "verify")
     s.add_argument("--workers", type=POSITIVE, default=4, help="threads (default %(default)s)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    argv = list(argv or [])
+    a = parser(dataset_of(argv)).parse_args(argv)
+    made = a.command == "verify" and a.data_root and (_prepared_kind(a.data_root) or
+                                                      (_synthetic_params(a.data_root) or {}).get("world"))
+    if made and made != a.dataset:  # verify a root with the settings of the data it holds
+        if typed(argv, "--dataset"):
+            raise KitError(f"--dataset {a.dataset}: {a.data_root} holds {made} data (its marker says so); pass "
+                           f"--dataset {made} or leave it out")
+        a = parser(made).parse_args(argv + ["--dataset", made])
     if a.command == "synthetic":
         out = a.out or SYNTHETIC_ROOTS[a.dataset]
         make_synthetic(out, a.n_train, a.n_val, a.size, a.seed, flag="--out", world=a.dataset)

@@ -78,7 +78,7 @@ def parse_args(argv):
             raise KitError("--head psp is for --method standard: BCPT's losses are on the last layer's "
                            "embeddings (paper Sec. 2.2)")
         args.head = "linear"
-    return finish_args(args, f"pretrain-{args.method}-{args.dataset}-fold{args.fold}")
+    return finish_args(args, f"pretrain-{args.method}-{args.dataset}-fold{args.fold}", outputs=[("--out", True)])
 
 
 # ============ Data: base classes remapped, the merged background (PROTOCOL.md 2.5) ============
@@ -239,7 +239,7 @@ def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
-    data = open_data(args)
+    data = open_data(args, ("train", "val") if args.select == "best-val" else ("train",))
     dataset = BaseClassDataset(args.data_root, data["train"][0], args.dataset, args.base, args.crop, args.scale,
                                args.seed)
     args.iters_per_epoch = math.ceil(len(dataset) / args.batch)
@@ -264,8 +264,8 @@ def main(argv=None):
         return trainer.benchmark(dataset, step, f"pretrain {args.method} {args.backbone} crop {args.crop} batch "
                                  f"{args.batch} {args.precision}",
                                  ("guidance_step", "cluster_assign", "momentum_update"))
-    val_set = BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base, None, None, args.seed,
-                               test_size=args.crop)
+    val_set = args.select == "best-val" and BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base,
+                                                             None, None, args.seed, test_size=args.crop)
     trainer.fit(dataset, step, stop, argv, data, validate=lambda: validate_base(net, val_set, args, device),
                 val_every=args.iters_per_epoch)
     if args.method == "bcpt" and world() > 1:  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres

@@ -1679,9 +1679,8 @@ def test_args_json_round_trip_and_log_without_duplicates(synthetic_root, tmp_pat
     again = pretrain_bcpt.parse_args(plumbing.flags_to_argv(j["flags"]))
     assert again.flags == j["flags"] and j["flags"]["resume"] and j["derived"]["total_iters"] == 50
     assert {"utc", "host", "torch", "torchvision", "cuda", "cudnn", "device", "world_size", "git_commit",
-            "git_dirty", "data_root", "pools"} <= set(j["run"]) and j["run"]["pools"] == {"train": 200, "val": 100}
-    run_("--max-iters", "1")  # a fresh run in the same folder starts a fresh log
-    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1]
+            "git_dirty", "data_root", "pools"} <= set(j["run"]) and j["run"]["pools"] == {"train": 200}
+    assert j["stage"] == "pretrain" and j["derived"]["amp"] == "fp32"
 
 
 def test_episode_log_reproduces_the_reported_miou(metatrained, tmp_path):
@@ -1746,6 +1745,7 @@ synced = common.momentum_update(P, plumbing.all_reduce_sum(P_hat), plumbing.all_
 union = common.momentum_update(P, *common.cluster_sums(pixels, common.cluster_assign(P, pixels), 3), 0.9)
 if r == 0:
     print("EQUAL" if torch.allclose(synced, union, atol=1e-6) and not torch.equal(synced, P) else "DIFFERENT")
+dist.destroy_process_group()
 """)
     r = torchrun(str(script))
     assert r.returncode == 0 and "EQUAL" in r.stdout, r.stderr[-2000:]
@@ -1792,3 +1792,225 @@ def test_device_flag_contradicting_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(KitError, match="--device cuda:1: under torchrun each process takes cuda:LOCAL_RANK"):
         plumbing.setup_device("cuda:1")
+
+
+# ---------- never lose a run: a run folder belongs to one run, checks before writes (README "Status") ----------
+def test_a_finished_run_is_never_restarted_without_resume(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    out = tmp_path / "run"
+    pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--max-iters", "3"))
+    before = tree_bytes(out)
+    with pytest.raises(KitError, match=rf"--out {out} holds a pretrain run at iteration 3 of 50 \(.*last.pt, \d{{4}}-"
+                                       r"\d\d-\d\d \d\d:\d\d\): add --resume to continue it, or choose a new --out"):
+        pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--max-iters", "2"))  # the same command, no --resume
+    with pytest.raises(KitError, match="--mu 0.99 but this run has --mu 0.5"):
+        pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--max-iters", "4", "--resume", "--mu", "0.5"))
+    assert tree_bytes(out) == before  # last.pt, log.jsonl and args.json (mu 0.99) untouched
+
+
+def test_another_stage_never_writes_into_a_run_folder(synthetic_root, pretrained, tmp_path):
+    import metatrain
+    out = os.path.dirname(pretrained["bcpt"])
+    before = tree_bytes(out)
+    for extra in ([], ["--resume"]):
+        with pytest.raises(KitError, match=f"--out {out} holds a pretrain run, not a metatrain run: choose a new"):
+            metatrain.main(meta_args(synthetic_root, out, "none", 1, "--max-iters", "1", *extra))
+    assert tree_bytes(out) == before
+
+
+def test_only_the_kits_own_temp_files_are_deleted(synthetic_root, tmp_path):
+    import pretrain_bcpt
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt.tmp4242", "args.json.tmp77", "notes.tmp1", "data.tmp", "my.pt.tmp5"):
+        (out / name).write_text("x")
+    pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--max-iters", "1"))
+    assert {"notes.tmp1", "data.tmp", "my.pt.tmp5"} <= set(os.listdir(out))
+    assert not {"last.pt.tmp4242", "args.json.tmp77"} & set(os.listdir(out))
+
+
+def test_rebuilding_a_world_never_deletes_the_users_files(tmp_path):
+    root = tmp_path / "world"
+    prepare_data.make_synthetic(str(root), 6, 3, 32)
+    (root / "my_notes.txt").write_text("mine")
+    with pytest.raises(KitError, match=f"{root} holds my_notes.txt, which this kit did not write"):
+        prepare_data.make_synthetic(str(root), 8, 3, 32)
+    assert (root / "my_notes.txt").read_text() == "mine" and len(os.listdir(root / common.IMAGES)) == 9
+    (root / "my_notes.txt").unlink()
+    prepare_data.make_synthetic(str(root), 8, 3, 32)  # only the kit's own files there: the world is rebuilt
+    assert len(os.listdir(root / common.IMAGES)) == 11
+
+
+@pytest.mark.parametrize("script,flag,value", [("pretrain_bcpt", "--lr", "nan"), ("pretrain_bcpt", "--alpha", "inf"),
+                                               ("pretrain_bcpt", "--mu", "nan"), ("metatrain", "--scale", "nan"),
+                                               ("nonparametric_eval", "--threshold", "nan")])
+def test_non_finite_numbers_are_refused(script, flag, value, tmp_path):
+    with pytest.raises(KitError, match=f"argument {flag}: value {value} is not a finite number"):
+        __import__(script).main([flag, value, *(["1"] * (flag == "--scale")), "--data-root", str(tmp_path)])
+
+
+@pytest.mark.parametrize("script", ["pretrain_bcpt", "metatrain", "evaluate", "nonparametric_eval"])
+def test_device_cuda_without_a_gpu_is_refused_before_any_write(script, metatrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    argv = ["--checkpoint", metatrained[1]] if script == "evaluate" else ["--out", str(tmp_path / "o")]
+    with pytest.raises(KitError, match="--device cuda: this machine has 0 CUDA device.*pass --device cpu"):
+        __import__(script).main(argv + ["--device", "cuda"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_and_input_paths_checked_before_the_work(synthetic_root, pretrained, metatrained, tmp_path,
+                                                        monkeypatch):
+    import evaluate
+    import nonparametric_eval
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setattr(common, "EpisodeDataset", lambda *a, **k: pytest.fail("the work started"))
+    ev = ["--checkpoint", metatrained[1], "--episodes", "2"]
+    for argv, message in ((ev + ["--json", str(blocker / "r.json")], f"--json {blocker}/r.json cannot be written"),
+                          (ev + ["--episode-log", str(blocker / "e")], "--episode-log .* cannot be written"),
+                          (ev + ["--vis", str(blocker)], f"--vis {blocker} is a file: pass the folder to write"),
+                          (ev + ["--json", str(tmp_path)], f"--json {tmp_path} is a folder: pass the file to write"),
+                          (["--table", str(tmp_path / "missing.json")], "--table .*missing.json: cannot read it"),
+                          (["--table", str(blocker)], f"--table {blocker}: cannot read it as JSON"),
+                          (["--curves", str(tmp_path / "no.jsonl")], "--curves .*no.jsonl: no such readable file")):
+        with pytest.raises(KitError, match=message):
+            evaluate.main(argv)
+    with pytest.raises(KitError, match="--json .* cannot be written"):
+        nonparametric_eval.main(np_args(synthetic_root, pretrained["bcpt"], blocker / "n.json"))
+
+
+def test_verify_reads_the_roots_own_marker(voc, sbd, tmp_path, capsys):
+    out = str(tmp_path / "pascal")
+    prepare_data.prepare_pascal(voc, sbd, out)
+    capsys.readouterr()
+    prepare_data.main(["verify", "--data-root", out])  # the PASCAL settings, not the synthetic defaults
+    said = capsys.readouterr().out
+    assert __import__("re").search(rf"pascal at {out}: train pool \d+ images \(oslsm\), val \d+; pixel rule >= 2048",
+                                   said)
+    with pytest.raises(KitError, match="--dataset synthetic2: .* holds pascal data"):
+        prepare_data.main(["verify", "--dataset", "synthetic2", "--data-root", out])
+
+
+def test_a_test_reads_only_the_val_list(synthetic_root, pretrained, tmp_path):
+    import nonparametric_eval
+    r = nonparametric_eval.main(np_args(synthetic_root, pretrained["bcpt"], tmp_path / "n.json",
+                                        "--train-pool", "oslsm"))  # the root has no train.txt / train_noval.txt
+    assert 0 <= r["miou"] <= 100
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(synthetic_root, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    argv = pretrain_args(synthetic_root, out, "--save-every", "1", "--max-iters", "40")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"), *argv], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 2:
+        assert p.poll() is None and time.sleep(0.05) is None
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    saved = common.load_checkpoint(str(out / "last.pt"))["iter"]
+    assert p.returncode == 130 and err.count("\n") == 1, err
+    assert f"stopped: interrupted: the last checkpoint is {out}/last.pt (iteration {saved}); continue with: " \
+           f"python pretrain_bcpt.py {' '.join(argv)} --resume" in err
+    assert subprocess.run([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"), *argv, "--resume"],
+                          cwd=HERE, capture_output=True).returncode == 0
+
+
+def test_a_log_line_cut_off_by_a_kill_does_not_block_resume(synthetic_root, tmp_path, capsys):
+    import pretrain_bcpt
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, "--max-iters", "2"))
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')  # the kill came mid-write
+    pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, "--max-iters", "3", "--resume"))
+    assert "dropped 1 line(s) cut off by a kill" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def corrupt_middle(src, dst):
+    """A JPEG with 100 bytes of its entropy-coded data overwritten: it decodes "successfully" into garbage."""
+    data = bytearray(open(src, "rb").read())
+    pos = int(len(data) * 0.45)
+    data[pos:pos + 100] = bytes((k * 37 + 11) % 255 for k in range(100))  # no 0xff: no marker appears
+    open(dst, "wb").write(data)
+
+
+def test_a_jpeg_damaged_in_the_middle_is_caught_by_verify_and_own_images(own_episode, metatrained, tmp_path):
+    import evaluate
+    ds, d, query, support = own_episode
+    corrupt_middle(d / f"{query}.jpg", d / "damaged.jpg")
+    assert cv2.imread(str(d / "damaged.jpg")) is not None  # OpenCV alone returns an image
+    with pytest.raises(KitError, match=r"cannot read image .*damaged.jpg \(Corrupt JPEG data"):
+        evaluate.main(["--checkpoint", metatrained[1], "--support", str(d / f"{support}.jpg"),
+                       str(d / "support_mask.png"), "--query", str(d / "damaged.jpg"), "--out", str(d / "p")])
+    root = tmp_path / "world"
+    prepare_data.make_synthetic(str(root), 6, 3, 64)
+    corrupt_middle(root / common.IMAGES / "train_000002.jpg", root / common.IMAGES / "train_000002.jpg")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "verify", "--data-root", str(root)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "train_000002.jpg (Corrupt JPEG data" in r.stdout
+
+
+def test_own_images_need_only_the_checkpoint(tmp_path, capsys):
+    import nonparametric_eval
+    import pretrain_bcpt
+    root = make_root(tmp_path)
+    pretrain_bcpt.main(["--dataset", "pascal", "--data-root", root, "--train-pool", "aug", "--backbone", "resnet18",
+                        "--weights", "none", "--out", str(tmp_path / "p"), "--max-iters", "1", "--workers", "0",
+                        "--crop", "48", "--batch", "2"])
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "x.jpg"), blocks([1, 0, 0, 2])[0])
+    img, mask = blocks([1, 0, 0, 0])
+    cv2.imwrite(str(tmp_path / "s.png"), img)
+    cv2.imwrite(str(tmp_path / "m.png"), mask * 255)
+    own = ["--pretrained", str(tmp_path / "p" / "last.pt"), "--support", str(tmp_path / "s.png"),
+           str(tmp_path / "m.png"), "--query", str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b" / "x.jpg")]
+    args = nonparametric_eval.parse_args(own + ["--out", str(tmp_path / "o")])
+    assert (args.dataset, args.backbone, args.test_size) == ("pascal", "resnet18", 473)  # the checkpoint's
+    nonparametric_eval.main(own + ["--out", str(tmp_path / "o")])
+    assert {"x_mask.png", "x-2_mask.png"} <= set(os.listdir(tmp_path / "o"))  # two queries named x.jpg
+    with pytest.raises(KitError, match=r"--backbone resnet50: .*last.pt was made for --backbone resnet18"):
+        nonparametric_eval.parse_args(own + ["--out", str(tmp_path / "o"), "--backbone", "resnet50"])
+
+
+def test_every_common_way_of_storing_a_mask(tmp_path):
+    m = np.zeros((40, 50), np.uint8)
+    m[10:30, 5:25] = 1
+    blurred = cv2.GaussianBlur(m * 255, (7, 7), 2)  # anti-aliased edges: many grey values
+    voc = m * 15
+    voc[9, 5:25] = 255  # a VOC void border beside class 15
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere; the object is the opaque part
+    rgba[..., 3] = m * 255
+    files = {"01.png": m, "0255.png": m * 255, "rgb.png": np.stack([m * 0, m * 200, m * 0], -1),
+             "gray.jpg": m * 255, "aa.png": blurred, "voc.png": voc, "rgba.png": rgba}
+    for name, arr in files.items():
+        cv2.imwrite(str(tmp_path / name), arr if arr.ndim == 2 or arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]])
+    write_p_png(tmp_path / "palette.png", voc)
+    for name in [*files, "palette.png"]:
+        got = common.read_user_mask(str(tmp_path / name), "img", m.shape)
+        expect = m.copy()
+        if name in ("voc.png", "palette.png"):
+            expect[9, 5:25] = 255  # void, ignored
+        if name == "aa.png":
+            expect = (blurred > 127).astype(np.uint8)
+        assert np.array_equal(got, expect), name
+
+
+def test_gram_matrices_never_overflow_in_fp16():
+    x = torch.full((1, 3, 60, 60), 5.0)  # RMS 5: |F_i|^2 = 90000 > 65504, the largest fp16 number
+    with torch.autocast("cpu", dtype=torch.float16):
+        g = common.gram(x.half())
+    assert g.dtype == torch.float32 and torch.isfinite(g).all() and torch.allclose(g, torch.ones(1, 3, 3), atol=1e-5)
+
+
+def test_precision_auto_is_bf16_where_the_gpu_has_it_else_fp32(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for has_bf16, expect in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: has_bf16)
+        assert plumbing.precision_of("auto", cuda) == expect
+    assert plumbing.precision_of("auto", cpu) == "fp32" and plumbing.precision_of("fp16", cuda) == "fp16"
+    with pytest.raises(KitError, match="--precision fp16 needs a CUDA device"):
+        plumbing.precision_of("fp16", cpu)

@@ -239,6 +239,22 @@ class ASPP(nn.Module):
         return torch.cat([g] + [b(x) for b in self.branches], 1)  # (B, 5C, H, W)
 
 
+class PSPHead(nn.Module):
+    """BAM's base-learner head (PROTOCOL.md 9.6): pyramid pooling (bins 1, 2, 3, 6; each a 1x1 conv D -> D/4 + BN
+    + ReLU, upsampled and concatenated with the input), a 3x3 conv 2D -> 512 + BN + ReLU + Dropout2d(0.1), then a
+    1x1 conv to the classes. (B, D, h, w) -> (B, classes, h, w)."""
+
+    def __init__(self, d, classes, bins=(1, 2, 3, 6)):
+        super().__init__()
+        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(d, d // 4, 1, bias=False),
+                                                nn.BatchNorm2d(d // 4), nn.ReLU(inplace=True)) for b in bins])
+        self.cls = nn.Sequential(nn.Conv2d(2 * d, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
+                                 nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(512, classes, 1))
+
+    def forward(self, x):
+        return self.cls(torch.cat([x] + [resize(f(x), x.shape[-2:]) for f in self.ppm], 1))  # (B, 2D, h, w) in
+
+
 def _conv_relu(c_in, c_out, k):
     return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
 
@@ -290,12 +306,13 @@ class AsppPFENet(nn.Module):
 
 # ============ 3. Metrics (PROTOCOL.md 6) ============
 class FewShotIoU:
-    """Per-class foreground IoU summed over all episodes of a class, mIoU over the classes, FB-IoU; in percent."""
+    """Per-class foreground IoU summed over all episodes of a class, mIoU over the classes, FB-IoU; in percent; and
+    the share of episodes answered with some foreground (near 0: the all-background answer, a collapsed model)."""
 
     def __init__(self, classes):
         self.classes = list(classes)
         self.per_class = torch.zeros(len(self.classes), 2, dtype=torch.float64)  # foreground [I, U] per class
-        self.fb = torch.zeros(2, 2, dtype=torch.float64)  # [I, U] x [background, foreground] over all episodes
+        self.fb = torch.zeros(3, 2, dtype=torch.float64)  # [I, U, episodes] x [background, foreground answered]
 
     def update(self, pred, target, cls):
         """pred (H, W) in {0, 1}; target (H, W) in {0, 1, 255}; 255 pixels count nowhere."""
@@ -305,7 +322,7 @@ class FewShotIoU:
             raise ValueError("FewShotIoU.update expects pred in {0, 1} and target in {0, 1, 255}")
         inter = torch.bincount(t[p == t], minlength=2).double()
         union = torch.bincount(p, minlength=2).double() + torch.bincount(t, minlength=2).double() - inter
-        self.fb += torch.stack([inter, union])
+        self.fb += torch.stack([inter, union, torch.tensor([1.0, float(p.any())])])
         self.per_class[self.classes.index(cls)] += torch.stack([inter[1], union[1]])
         return inter, union  # [background, foreground] of this episode
 
@@ -324,10 +341,14 @@ class FewShotIoU:
     def fb_iou(self):
         return float(100 * (self.fb[0] / (self.fb[1] + 1e-10)).mean())
 
+    def foreground_answers(self):
+        return float(self.fb[2, 1] / max(self.fb[2, 0], 1))
+
 
 # ============ 4. Data on disk: folds, the VOC layout, pools, per-class index (PROTOCOL.md 1-3) ============
 N_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20, "synthetic2": 20}
 SYNTHETIC_ROOTS = {"synthetic": "data/synthetic", "synthetic2": "data/synthetic2"}  # the two built-in worlds
+STANDIN_ROOTS = {w: root + "-standin" for w, root in SYNTHETIC_ROOTS.items()}  # their ImageNet stand-ins
 
 
 def novel_classes(dataset, fold, coco_split="interleaved"):
@@ -506,12 +527,16 @@ def class_index(ids, counts, classes, min_pixels):
     return {c: [ids[j] for j in np.flatnonzero(counts[:, c] >= min_pixels)] for c in classes}
 
 
-def open_data(args, splits=("train", "val")):
-    """{split: (ids, per-class pixel counts)} of the splits a stage reads (no other list is opened); generates the
-    synthetic benchmark on first use."""
+def open_data(args, splits=("train", "val"), kind="benchmark"):
+    """{split: (ids, per-class pixel counts)} of the splits a stage reads (no other list is opened); draws a
+    synthetic world (kind benchmark or standin) on first use, and records its checksum in args.world_checksum."""
     if args.dataset in SYNTHETIC_ROOTS:
         from prepare_data import ensure_synthetic  # data-stage tooling, imported only when needed
-        ensure_synthetic(args.data_root, args.dataset)
+        made = ensure_synthetic(args.data_root, args.dataset, kind) or {}
+        args.world_checksum = made.get("checksum")
+        print(f"world: {args.dataset} {made.get('kind', 'from your images')} at {args.data_root}, checksum "
+              f"{args.world_checksum}" + " (drawn by an earlier kit version: delete it to draw today's)"
+              * (bool(made) and not args.world_checksum))
     pools = dict(zip(("train", "val"), image_pools(args.data_root, args.train_pool, "train" in splits)))
     n = N_CLASSES[args.dataset]
     data = {k: (pools[k], class_pixel_counts(args.data_root, pools[k], n, args.workers)) for k in splits}
@@ -595,6 +620,28 @@ def logits_at_label_size(logits, raw_label):
 def binarize(label, cls):
     """Episode mask: cls -> 1, 255 kept, everything else (background, other classes) -> 0."""
     return np.where(label == cls, 1, np.where(label == IGNORE, IGNORE, 0)).astype(np.uint8)
+
+
+class BaseClassDataset(torch.utils.data.Dataset):
+    """Pre-training images: base classes -> 1..n_base in id order, novel classes and background -> 0 (the merged
+    background, PROTOCOL.md 2.5), 255 kept. Item idx draws its augmentation from default_rng([seed, idx]), so a
+    stream of indices gives the same batches for any worker count. With test_size: the test geometry instead."""
+
+    def __init__(self, root, ids, dataset, base, crop, scale, seed, test_size=None):
+        self.root, self.ids, self.crop, self.scale, self.seed = root, ids, crop, scale, seed
+        self.n_classes, self.test_size = N_CLASSES[dataset], test_size
+        self.lut = np.zeros(256, np.uint8)
+        self.lut[IGNORE] = IGNORE
+        self.lut[base] = np.arange(1, len(base) + 1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, idx):
+        img, label = read_pair(self.root, self.ids[idx % len(self.ids)], self.n_classes)
+        if self.test_size:
+            return test_transform(img, self.lut[label], self.test_size)
+        return train_transform(img, self.lut[label], np.random.default_rng([self.seed, idx]), self.crop, self.scale)
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
@@ -764,11 +811,12 @@ def weights_made_for(path):
         None, backbone_kind(_split_state(ckpt, path) or ckpt))
 
 
-def build_backbone(name, weights="none", expect=None):
+def build_backbone(name, weights="none", expect=None, dilate=True):
     """The backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2).
 
     name: resnet50v2 (PSPNet/PFENet/BAM's deep stem), resnet50, resnet18 (torchvision; layer3 and layer4 dilated
-    2 and 4: output stride 8), or vgg16 (vgg16_bn, PFENet/BAM's split, ceil-mode pools). weights: 'imagenet',
+    2 and 4: output stride 8, or undilated, stride 32, as ImageNet weights are trained), or vgg16 (vgg16_bn,
+    PFENet/BAM's split, ceil-mode pools). weights: 'imagenet',
     'none', a state-dict file of the unsplit network (torchvision's, PFENet/BAM's resnet50_v2.pth or vgg16_bn.pth),
     BAM's base learner best.pth, or a kit pre-training checkpoint, which must match `expect` (dataset, fold).
     """
@@ -794,8 +842,8 @@ def build_backbone(name, weights="none", expect=None):
         stem = [net.conv1, net.bn1, nn.ReLU(inplace=True)]
         if name == "resnet50v2":  # BAM's layer0 order: conv1 bn1 relu1 conv2 bn2 relu2 conv3 bn3 relu3 maxpool
             stem += [net.conv2, net.bn2, nn.ReLU(inplace=True), net.conv3, net.bn3, nn.ReLU(inplace=True)]
-        layers = [nn.Sequential(*stem, net.maxpool), net.layer1, net.layer2, _dilate(net.layer3, 2),
-                  _dilate(net.layer4, 4)]
+        layers = [nn.Sequential(*stem, net.maxpool), net.layer1, net.layer2,
+                  *((_dilate(net.layer3, 2), _dilate(net.layer4, 4)) if dilate else (net.layer3, net.layer4))]
         channels = {"resnet18": [64, 64, 128, 256, 512], "resnet50": [64, 256, 512, 1024, 2048],
                     "resnet50v2": [128, 256, 512, 1024, 2048]}[name]
     backbone = Backbone(name, layers, channels)
@@ -815,7 +863,7 @@ def load_checkpoint(path, expect=None):
                        "is it a state dict or a file written by this kit?") from None
     saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
     for key, want in (expect or {}).items():
-        if key in saved and saved[key] != want:
+        if saved.get(key) is not None and saved[key] != want:  # fold None: the fold-free ImageNet stand-in
             flag = "--" + key.replace("_", "-")
             raise KitError(f"checkpoint {path} was made with {flag} {saved[key]} but this run has {flag} {want}: "
                            "pass the matching checkpoint or flag")
@@ -929,13 +977,17 @@ def run_episodes(args, data, seed, episodes, predict, decide, classes, shard=(0,
     return meters, lines, t_model
 
 
+ALL_BACKGROUND = 0.05  # a model that answers some foreground in fewer episodes than this has collapsed
+
+
 def summarize(meters, seeds):
-    """Mean +- sample std (ddof 1; 0 for one seed) over seeds of mIoU and FB-IoU; per-class IoU averaged."""
-    per_seed = [{"seed": s, "miou": m.miou(), "fb_iou": m.fb_iou(), "class_iou": m.class_iou()}
-                for s, m in zip(seeds, meters)]
+    """Mean +- sample std (ddof 1; 0 for one seed) over seeds of mIoU and FB-IoU; per-class IoU averaged; whether
+    the answers were all background (fewer than ALL_BACKGROUND of the episodes with any foreground)."""
+    per_seed = [{"seed": s, "miou": m.miou(), "fb_iou": m.fb_iou(), "class_iou": m.class_iou(),
+                 "foreground_answers": m.foreground_answers()} for s, m in zip(seeds, meters)]
     std = lambda key: float(np.std([r[key] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
     classes = per_seed[0]["class_iou"]
     return {"miou": float(np.mean([r["miou"] for r in per_seed])), "miou_std": std("miou"),
             "fb_iou": float(np.mean([r["fb_iou"] for r in per_seed])), "fb_iou_std": std("fb_iou"),
             "class_iou": {c: float(np.mean([r["class_iou"][c] for r in per_seed])) for c in classes},
-            "per_seed": per_seed}
+            "all_background": all(r["foreground_answers"] < ALL_BACKGROUND for r in per_seed), "per_seed": per_seed}

@@ -13,6 +13,7 @@ import argparse
 import atexit
 import contextlib
 import cProfile
+import functools
 import glob
 import json
 import math
@@ -336,14 +337,19 @@ def wrap_ddp(model, device, sync_bn=False):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
-def global_mean_ce(logits, target):
-    """Cross-entropy (ignoring 255) as this process's share of the mean over the labelled pixels of the whole
-    global batch: F.cross_entropy's mean for one process, each rank's sum over the all-reduced count for several
-    (the shares add up to the one-process loss; Trainer.optimise scales the gradient to match)."""
+def global_mean(loss, logits, target, n):
+    """loss(logits, target) as this process's share of its mean over the n labelled entries of the whole global
+    batch: loss's own mean for one process, each rank's sum over the all-reduced count for several (the shares add
+    up to the one-process loss; Trainer.optimise scales the gradient to match)."""
     if world() == 1:
-        return F.cross_entropy(logits, target, ignore_index=IGNORE)
-    n = all_reduce_sum((target != IGNORE).sum().float())
-    return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") / n.clamp(min=1)
+        return loss(logits, target)
+    return loss(logits, target, reduction="sum") / all_reduce_sum(n.float()).clamp(min=1)
+
+
+def global_mean_ce(logits, target):
+    """Cross-entropy ignoring 255, as global_mean."""
+    ce = functools.partial(F.cross_entropy, ignore_index=IGNORE)
+    return global_mean(ce, logits, target, (target != IGNORE).sum())
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -568,22 +574,29 @@ def write_args_json(args, stage, argv, data):
 
 
 # ============ 6. Results files and tables ============
+BAM_BASE_MIOU = {"pascal": [71.43, 69.17, 69.19, 73.72]}  # BAM's ResNet-50 base learners, folds 0-3 (BAM #17)
+
+
 def pretrain_label(weights):
     """Table row name of a backbone source: imagenet, none, BAM's base learner, or pretrain_bcpt.py's method with
-    every choice that changes it (head, K, alpha, Eq. 3 and Eq. 4 readings, guidance, best-val selection)."""
+    every choice that changes it (head, K, alpha, Eq. 3 and Eq. 4 readings, guidance, novel images dropped,
+    best-val selection, an ImageNet stand-in start)."""
     if weights in (None, "none", "imagenet"):
         return weights or "none"
     ckpt = load_checkpoint(weights)
     a = ckpt.get("args", {})
     if "method" not in a:
         return "standard (BAM best.pth)" if "state_dict" in ckpt else os.path.basename(weights)
-    best = " best-val" if ckpt.get("select") == "best-val" else ""
+    if a["method"] == "generic":
+        return "imagenet stand-in"
+    tail = (" drop-novel" * (a.get("novel_images") == "drop") + " best-val" * (ckpt.get("select") == "best-val")
+            + " from stand-in" * (a.get("init_label") == "imagenet stand-in"))
     if a["method"] != "bcpt":
-        return f"standard {a.get('head', 'linear')}{best}"  # files from before --head: linear
+        return f"standard {a.get('head', 'linear')}{tail}"  # files from before --head: linear
     alpha, scale = a.get("alpha", 0.1), a.get("loss_scale", "sum")  # files from before --loss-scale: sum
     return ("bcpt" + (" no-guidance" if a.get("no_guidance") else "") + f" K={a['K']}"
             + (f" alpha={alpha:g}" if alpha != 0.1 else "") + f" Eq4={scale}"  # the paper's alpha goes unnamed
-            + (" Eq3=base" if a.get("eq3") == "base" else "") + best)
+            + (" Eq3=base" if a.get("eq3") == "base" else "") + tail)
 
 
 def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None):
@@ -637,6 +650,7 @@ def write_results(path, summary, args, data=None, **fields):
                 "coco_split": args.coco_split, "std": "sample std over seeds"}
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
            "dataset": args.dataset, "backbone": args.backbone, "precision": args.amp, "protocol": protocol,
+           "world_checksum": getattr(args, "world_checksum", None),
            **fields, "run": run_record(args, data)}
     if is_main():
         write_atomic(path, save_json, out)

@@ -19,7 +19,9 @@ The kit writes only into a folder that is new, empty, or carries its own marker 
     python prepare_data.py coco --coco COCO2014 --out ROOT
     python prepare_data.py verify --dataset pascal --data-root ROOT
 """
+import colorsys
 import functools
+import hashlib
 import json
 import math
 import os
@@ -36,8 +38,102 @@ from common import (CACHE_DIR, IMAGES, LISTS, MASKS, N_CLASSES, SYNTHETIC_ROOTS,
                     check_image_file, class_pixel_counts, image_pools, novel_classes, read_list, read_mask)
 from plumbing import POSITIVE, SIZE, KitParser, add_data_args, dataset_of, run, typed
 
-# ============ 1. The synthetic benchmarks: seeded worlds in the VOC layout ============
-# ---- 1a. The first world, synthetic: many small shape classes on textured stuff ----
+# ============ 1. The synthetic benchmarks: seeded worlds in the VOC layout, drawn with numpy alone ============
+# Every pixel is float64 numpy arithmetic on a seeded numpy Generator (colours through the standard library's
+# colorsys), so a world is the same on every machine and library version; OpenCV only encodes the files. Its
+# checksum (the decoded pixels and labels of every file) is printed, kept in the world's marker, and recorded in
+# args.json and every results file, so a number says which world it was measured on.
+
+# ---- 1a. Drawing primitives ----
+@functools.lru_cache(maxsize=8)
+def _grid(size):
+    """Pixel-centre coordinates (y, x), each (size, size) float64."""
+    return tuple(np.mgrid[:size, :size].astype(np.float64))
+
+
+def _inside(polys, size):
+    """Boolean (size, size) mask of the pixel centres inside any of the polygons ((n, 2) arrays of x, y), each
+    filled by the even-odd rule (computed in each polygon's bounding box)."""
+    mask = np.zeros((size, size), bool)
+    for p in polys:
+        (x0, y0), (x1, y1) = np.clip(np.floor(p.min(0)), 0, size).astype(int), np.clip(np.ceil(p.max(0)) + 1, 0,
+                                                                                      size).astype(int)
+        y, x = (g[y0:y1, x0:x1] for g in _grid(size))
+        inside = np.zeros(y.shape, bool)
+        for (ax, ay), (bx, by) in zip(p, np.roll(p, -1, 0)):
+            inside ^= ((ay > y) != (by > y)) & (x < ax + (y - ay) * (bx - ax) / (by - ay + (by == ay)))
+        mask[y0:y1, x0:x1] |= inside
+    return mask
+
+
+def _upsample(grid, h, w=None):
+    """A small (gh, gw) grid smoothly interpolated (smoothstep between cell centres) to (h, w)."""
+    w = w or h
+
+    def axis(n, k):
+        c = np.clip((np.arange(n) + .5) * k / n - .5, 0, k - 1)
+        i = np.minimum(np.floor(c).astype(int), k - 2) if k > 1 else np.zeros(n, int)
+        f = c - i
+        return i, np.minimum(i + 1, k - 1), f * f * (3 - 2 * f)
+    (i0, i1, fy), (j0, j1, fx) = axis(h, grid.shape[0]), axis(w, grid.shape[1])
+    rows = grid[i0] * (1 - fy)[:, None] + grid[i1] * fy[:, None]  # (h, gw)
+    return rows[:, j0] * (1 - fx) + rows[:, j1] * fx  # (h, w)
+
+
+def _blur(img, sigma):
+    """Separable Gaussian blur of an (H, W, ...) array, reflected at the borders."""
+    r = int(math.ceil(3 * sigma))
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma * sigma))
+    k /= k.sum()
+    for axis in (0, 1):
+        pad = [(r, r) if a == axis else (0, 0) for a in range(img.ndim)]
+        p, n = np.pad(img, pad, mode="reflect"), img.shape[axis]
+        img = sum(k[j] * np.take(p, np.arange(j, j + n), axis=axis) for j in range(2 * r + 1))
+    return img
+
+
+def _hsv(h, s, v):
+    """RGB (3,) float64 in 0..255 from hue, saturation, value in 0..1 (hue wraps)."""
+    return 255 * np.array(colorsys.hsv_to_rgb(h % 1, min(max(s, 0), 1), min(max(v, 0), 1)))
+
+
+def _jitter(rng, rgb, val=(.75, 1.1)):
+    """A colour with per-draw jitter: hue +-0.03, saturation x0.8-1.1, brightness x`val`."""
+    h, s, v = colorsys.rgb_to_hsv(*(np.array(rgb) / 255))
+    return _hsv(h + rng.uniform(-.03, .03), s * rng.uniform(.8, 1.1), v * rng.uniform(*val))
+
+
+def _spread(m):
+    """3 x 3 dilation of a boolean mask."""
+    p = np.pad(m, 1)
+    return np.any([p[i:i + m.shape[0], j:j + m.shape[1]] for i in range(3) for j in range(3)], 0)
+
+
+def _finish(rng, img, inst, classes, blur):
+    """Instance map (H, W) -> VOC label map with a void band (255) along each visible object outline; the image
+    gets a mild blur and noise. -> (uint8 RGB image, uint8 label map)."""
+    lab = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)[inst]  # instance id -> class label
+    for k in np.unique(inst[inst > 0]):  # a 1-2 px void band along each visible outline, as VOC's
+        mk = inst == k
+        lab[_spread(mk) & _spread(~mk)] = 255
+    img = _blur(img, blur) + 3 * rng.standard_normal(img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), lab
+
+
+def _place(polys, scale, cx, cy, angle, aspect):
+    """Unit-frame polygons stretched by aspect, rotated, scaled and moved to (cx, cy)."""
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return [(p * [aspect, 1 / aspect]) @ rot.T * scale + [cx, cy] for p in polys]
+
+
+def _frame(size, cx, cy, scale, angle):
+    """The object's own frame (u, v) at every pixel, in units of its scale."""
+    y, x = _grid(size)
+    c, s = math.cos(angle) / scale, math.sin(angle) / scale
+    return (x - cx) * c + (y - cy) * s, (y - cy) * c - (x - cx) * s
+
+
+# ---- 1b. The first world, synthetic: many small shape classes on textured stuff ----
 # Base RGB colours; each is shared by 2-3 classes, so colour alone never identifies a class.
 COLOURS = dict(red=(200, 40, 40), green=(50, 165, 60), blue=(45, 75, 205), yellow=(225, 200, 45),
                purple=(140, 55, 175), orange=(235, 130, 35), cyan=(45, 190, 200), white=(225, 225, 220))
@@ -47,7 +143,8 @@ blue_triangle_solid orange_triangle_checker purple_ellipse_striped red_ellipse_d
 cyan_star_striped white_cross_checker green_cross_solid orange_ring_dots purple_ring_solid
 cyan_diamond_checker red_diamond_striped blue_hexagon_dots yellow_hexagon_checker
 green_crescent_striped white_crescent_dots""".split()
-CLASSES = [name.split("_") for name in SYNTHETIC_CLASS_NAMES]  # (colour, shape, texture)
+CLASSES = [tuple(name.split("_")) for name in SYNTHETIC_CLASS_NAMES]  # (colour, shape, texture)
+TEXTURES = ("solid", "striped", "checker", "dots")
 
 
 def _ngon(n, r=1.0, phase=np.pi / 2):
@@ -59,72 +156,50 @@ def _ngon(n, r=1.0, phase=np.pi / 2):
 _CIRC = _ngon(48)
 _BAR = np.array([(-1, -.33), (1, -.33), (1, .33), (-1, .33)])  # a cross is two crossing bars
 # Unit-frame polygons per shape: (filled polygons, holes cut out afterwards).
-_SHAPES = {"circle": ([_CIRC], []), "ellipse": ([_CIRC * [1, .55]], []),
-           "square": ([_ngon(4, 1.2, np.pi / 4)], []), "triangle": ([_ngon(3, 1.25)], []),
-           "diamond": ([_ngon(4) * [.65, 1.1]], []), "hexagon": ([_ngon(6)], []),
-           "star": ([_ngon(10, 1.15) * np.tile([[1.0], [.42]], (5, 1))], []),
-           "cross": ([_BAR, _BAR[:, ::-1]], []),
-           "ring": ([_CIRC], [_CIRC * .55]), "crescent": ([_CIRC - [.2, 0]], [_CIRC * .85 + [.25, -.15]])}
+SHAPES = {"circle": ([_CIRC], []), "ellipse": ([_CIRC * [1, .55]], []),
+          "square": ([_ngon(4, 1.2, np.pi / 4)], []), "triangle": ([_ngon(3, 1.25)], []),
+          "diamond": ([_ngon(4) * [.65, 1.1]], []), "hexagon": ([_ngon(6)], []),
+          "star": ([_ngon(10, 1.15) * np.tile([[1.0], [.42]], (5, 1))], []),
+          "cross": ([_BAR, _BAR[:, ::-1]], []),
+          "ring": ([_CIRC], [_CIRC * .55]), "crescent": ([_CIRC - [.2, 0]], [_CIRC * .85 + [.25, -.15]])}
 
 
-def _shape_mask(shape, size, cx, cy, r, angle, aspect):
-    """Boolean size x size mask of a shape with given centre, radius, rotation and aspect jitter."""
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    m = np.zeros((size, size), np.uint8)
-    for polys, val in zip(_SHAPES[shape], (1, 0)):
-        for p in polys:  # aspect scaling keeps the area; fixed-point coords give sub-pixel accuracy
-            q = (p * [aspect, 1 / aspect]) @ rot.T * r + [cx, cy]
-            cv2.fillPoly(m, [np.round(q * 16).astype(np.int32)], val, cv2.LINE_8, 4)
-    return m.astype(bool)
+def _shape_mask(shape, size, *pose):
+    """Boolean mask of a shape at pose (scale, cx, cy, angle, aspect): its polygons less its holes."""
+    filled, holes = SHAPES[shape]
+    return _inside(_place(filled, *pose), size) & ~_inside(_place(holes, *pose), size)
 
 
-# Area of each shape at unit radius, used to draw objects with a target pixel area.
-_UNIT_AREA = {s: float(_shape_mask(s, 400, 200, 200, 100, 0, 1).sum()) / 1e4 for s in _SHAPES}
+_UNIT_AREA = {s: float(_shape_mask(s, 200, 50, 100, 100, 0, 1).sum()) / 2500 for s in SHAPES}  # area at scale 1
 
 
-@functools.lru_cache(maxsize=4)
-def _grid(size):
-    """Float32 pixel coordinate grids (y, x)."""
-    return np.mgrid[:size, :size].astype(np.float32)
-
-
-def _hsv2rgb(h, s, v):
-    """OpenCV-range HSV (h in 0..180) to a float32 RGB triple."""
-    return cv2.cvtColor(np.uint8([[np.clip([h, s, v], 0, 255)]]), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
-
-
-def _object_texture(rng, cls, size, cx, cy, r, angle):
-    """Float RGB image of a class texture laid out in the object's own rotated, scaled frame."""
-    colour, _, tex = CLASSES[cls]
-    # per-instance colour jitter: hue shift, saturation and brightness scale
-    hue, sat, val = cv2.cvtColor(np.uint8([[COLOURS[colour]]]), cv2.COLOR_RGB2HSV)[0, 0].astype(float)
-    base = _hsv2rgb((hue + rng.uniform(-6, 6)) % 180, sat * rng.uniform(.8, 1.1), val * rng.uniform(.75, 1.1))
-    y, x = _grid(size)
-    c, s = math.cos(angle) / r / .45, math.sin(angle) / r / .45  # python floats keep float32
-    u, v = (x - cx) * c + (y - cy) * s, (y - cy) * c - (x - cx) * s  # object frame, in pattern periods
+def _object_texture(rng, look, size, cx, cy, r, angle):
+    """Float RGB image of a look (colour, shape, texture) laid out in the object's own rotated, scaled frame."""
+    colour, _, tex = look
+    base = _jitter(rng, COLOURS[colour])
+    u, v = _frame(size, cx, cy, .45 * r, angle)  # in pattern periods
     on = {"striped": lambda: u % 1 < .5, "checker": lambda: (np.floor(u) + np.floor(v)) % 2 == 0,
           "dots": lambda: (u % 1 - .5) ** 2 + (v % 1 - .5) ** 2 > .09, "solid": lambda: True}[tex]()
-    d, grain = rng.uniform(0, 2 * math.pi), .05 if tex == "solid" else .02
-    grain = grain * rng.standard_normal((size, size), np.float32)
+    d, grain = rng.uniform(0, 2 * math.pi), (.05 if tex == "solid" else .02) * rng.standard_normal((size, size))
     shade = 1 + .08 * (u * math.cos(d) + v * math.sin(d)) + grain  # directional light, like a 3-D object
     return np.where(on, shade, .35 * shade)[..., None] * base
 
 
 def _bg_texture(rng, size):
     """One background 'stuff' texture: gradient, low/fine noise, grass streaks or bricks."""
-    hue, sat, val = rng.uniform(0, 180), rng.uniform(15, 150), rng.uniform(50, 220)  # overlaps objects
-    c1 = _hsv2rgb(hue, sat, val)
-    c2 = _hsv2rgb((hue + rng.uniform(-15, 15)) % 180, sat + rng.uniform(-40, 40), val + rng.uniform(-90, 90))
-    (y, x), kind, low = _grid(size), rng.integers(5), lambda k: rng.random(k, np.float32)
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(.06, .6), rng.uniform(.2, .86)  # overlaps the objects' colours
+    c1 = _hsv(hue, sat, val)
+    c2 = _hsv(hue + rng.uniform(-.08, .08), sat + rng.uniform(-.16, .16), val + rng.uniform(-.35, .35))
+    (y, x), kind = _grid(size), rng.integers(5)
     if kind == 0:  # smooth gradient
         a = rng.uniform(0, 2 * math.pi)
         t = (x * math.cos(a) + y * math.sin(a)) / size / 1.5 + .5
     elif kind == 1:  # low-frequency noise
-        t = cv2.resize(low((4, 4)), (size, size), interpolation=cv2.INTER_CUBIC)
+        t = _upsample(rng.random((4, 4)), size)
     elif kind == 2:  # fine noise over a soft ramp
-        t = .6 * low((size, size)) + .4 * cv2.resize(low((3, 3)), (size, size))
+        t = .6 * rng.random((size, size)) + .4 * _upsample(rng.random((3, 3)), size)
     elif kind == 3:  # grass-like vertical streaks
-        t = cv2.resize(low((size // 8, size)), (size, size)) * .8 + .2 * low((size, size))
+        t = .8 * _upsample(rng.random((max(size // 8, 2), size)), size) + .2 * rng.random((size, size))
     else:  # bricks: staggered rows with dark mortar lines
         bh = int(rng.integers(6, 12))  # brick height; bricks are 2 * bh wide
         row, xs = y // bh, x + (y // bh % 2) * bh
@@ -138,44 +213,45 @@ def _background(rng, size):
     y, x = _grid(size)
     horizon = (size * rng.uniform(.25, .75) + (x - size / 2) * rng.uniform(-.5, .5)
                + rng.uniform(1, 5) * np.sin(x / rng.uniform(4, 12) + rng.uniform(0, 6)))
-    region = (y > horizon).astype(np.int32)
+    region = (y > horizon).astype(int)
     if rng.random() < .5:  # blob: thresholded low-frequency noise
-        blob = cv2.resize(rng.random((3, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+        blob = _upsample(rng.random((3, 3)), size)
         region[blob > np.quantile(blob, rng.uniform(.6, .85))] = 2
-    img = np.zeros((size, size, 3), np.float32)
+    img = np.zeros((size, size, 3))
     for k in np.unique(region):
         img[region == k] = _bg_texture(rng, size)[region == k]
     return img
 
 
-def _render(rng, size):
-    """Render one image with 1-4 objects; returns (uint8 RGB image, uint8 VOC label map)."""
-    img, inst = _background(rng, size), np.zeros((size, size), np.int32)
-    classes = rng.integers(0, 20, rng.choice([1, 2, 3, 4], p=[.3, .3, .25, .15]))
-    for k, c in enumerate(classes, 1):  # later objects occlude earlier ones
-        shape = CLASSES[c][1]
+def _distractor(rng, classes, parts):
+    """A look that is no class: the cues of the world, recombined (the stand-in's unlabelled objects)."""
+    while True:
+        look = tuple(p[rng.integers(len(p))] for p in parts)
+        if look not in classes:
+            return look
+
+
+def _render(rng, size, distractors=0):
+    """One image with 1-4 objects (and, for the stand-in, `distractors` unlabelled ones); later objects occlude
+    earlier ones. -> (uint8 RGB image, uint8 VOC label map)."""
+    img, inst = _background(rng, size), np.zeros((size, size), int)
+    classes = list(rng.integers(0, 20, rng.choice([1, 2, 3, 4], p=[.3, .3, .25, .15])))
+    looks = [CLASSES[c] for c in classes] + [_distractor(rng, CLASSES, (list(COLOURS), list(SHAPES), TEXTURES))
+                                             for _ in range(distractors)]
+    order = rng.permutation(len(looks))  # distractors may lie over or under the objects
+    for k in order:
+        shape = looks[k][1]
         area = rng.uniform(.08, .3) if rng.random() < .8 else rng.uniform(.02, .08)
         r = math.sqrt(area * size * size / _UNIT_AREA[shape])
-        cx, cy = rng.uniform(.6 * r, size - .6 * r), rng.uniform(.6 * r, size - .6 * r)  # may touch border
+        cx, cy = rng.uniform(.6 * r, size - .6 * r), rng.uniform(.6 * r, size - .6 * r)  # may touch the border
         angle, aspect = rng.uniform(0, 2 * math.pi), math.exp(rng.uniform(-.25, .25))
-        m = _shape_mask(shape, size, cx, cy, r, angle, aspect)
-        img[m], inst[m] = _object_texture(rng, c, size, cx, cy, r, angle)[m], k
+        m = _shape_mask(shape, size, r, cx, cy, angle, aspect)
+        img[m] = _object_texture(rng, looks[k], size, cx, cy, r, angle)[m]
+        inst[m] = k + 1 if k < len(classes) else 0
     return _finish(rng, img, inst, classes, blur=.6)
 
 
-def _finish(rng, img, inst, classes, blur):
-    """Instance map (H, W) -> VOC label map with a void band (255) along each visible object outline;
-    the image gets a mild blur and noise. -> (uint8 RGB image, uint8 label map)."""
-    lab = np.concatenate([[0], classes + 1]).astype(np.uint8)[inst]  # instance id -> class label
-    kernel = np.ones((3, 3), np.uint8)
-    for k in np.unique(inst[inst > 0]):  # VOC-style void band along each visible object outline
-        mk = (inst == k).astype(np.uint8)
-        lab[cv2.dilate(mk, kernel) > cv2.erode(mk, kernel)] = 255
-    img = cv2.GaussianBlur(img, (0, 0), blur) + 3 * rng.standard_normal(img.shape, np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8), lab
-
-
-# ---- 1b. The second world, synthetic2: other statistics, for a claim to be checked beyond one world ----
+# ---- 1c. The second world, synthetic2: other statistics, for a claim to be checked beyond one world ----
 # 1-2 large objects per image with smooth Fourier-blob or compound outlines, two-tone colour pairs laid out by
 # a class texture, on cloud / gradient / patchwork backgrounds with small non-class clutter.
 # Five tones; every class has two of them (all 10 pairs, each pair used by 2 classes, each tone by 8).
@@ -223,61 +299,41 @@ def _parts2(shape, rng=None):
     return polys
 
 
-def _mask2(polys, size, cx, cy, scale, angle, aspect):
-    """Boolean size x size mask: union of unit-frame polygons, stretched, rotated, scaled, moved."""
-    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    m = np.zeros((size, size), np.uint8)
-    for p in polys:  # one fillPoly per part: overlapping parts must not cancel (even-odd rule)
-        q = (p * [aspect, 1 / aspect]) @ rot.T * scale + [cx, cy]
-        cv2.fillPoly(m, [np.round(q * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
-    return m.astype(bool)
+_UNIT_AREA2 = {s: float(_inside(_place(_parts2(s), 50, 100, 100, 0, 1), 200).sum()) / 2500 for s in SHAPES2}
 
 
-# Area of each mean shape at unit scale, used to draw objects with a target pixel area.
-_UNIT_AREA2 = {s: float(_mask2(_parts2(s), 400, 200, 200, 100, 0, 1).sum()) / 1e4 for s in SHAPES2}
-
-
-def _tone(rng, rgb):
-    """A colour with per-draw jitter: hue shift, saturation and brightness scale."""
-    h, s, v = cv2.cvtColor(np.uint8([[rgb]]), cv2.COLOR_RGB2HSV)[0, 0].astype(float)
-    return _hsv2rgb((h + rng.uniform(-6, 6)) % 180, s * rng.uniform(.75, 1.1), v * rng.uniform(.7, 1.1))
-
-
-def _object_texture2(rng, cls, size, cx, cy, scale, angle):
-    """Float RGB two-tone texture of a class in the object's own frame (u, v in units of its scale)."""
-    _, (name1, name2), tex = CLASSES2[cls]
-    y, x = _grid(size)
-    c, s = math.cos(angle) / scale, math.sin(angle) / scale  # python floats keep float32
-    u, v = (x - cx) * c + (y - cy) * s, (y - cy) * c - (x - cx) * s
+def _object_texture2(rng, look, size, cx, cy, scale, angle):
+    """Float RGB two-tone texture of a look (shape, tone pair, texture) in the object's own frame."""
+    _, (name1, name2), tex = look
+    u, v = _frame(size, cx, cy, scale, angle)
     rho = np.sqrt(u * u + v * v)
     if tex == "stripes":  # grating along the object's axis, about 3 periods per unit
         t = np.sin(u * rng.uniform(17, 21) + rng.uniform(0, 6.3)) > 0
     elif tex == "rings":  # concentric bands around the object centre
         t = np.sin(rho * rng.uniform(13, 16)) > 0
     elif tex == "spots":  # 8 random discs of the second tone
-        p = rng.uniform(-.9, .9, (8, 2, 1, 1)).astype(np.float32)
+        p = rng.uniform(-.9, .9, (8, 2, 1, 1))
         t = ((u - p[:, 0]) ** 2 + (v - p[:, 1]) ** 2).min(0) < rng.uniform(.03, .05)
     elif tex == "radial":  # smooth gradient from the first tone at the centre to the second at the rim
         t = np.clip(rho, 0, 1)
     else:  # halves: first tone on one side of the long axis, second on the other, soft border
         t = 1 / (1 + np.exp(-12 * (v - rng.uniform(-.2, .2))))
-    a, b = _tone(rng, PALETTE2[name1]), _tone(rng, PALETTE2[name2])
+    a, b = _jitter(rng, PALETTE2[name1], (.7, 1.1)), _jitter(rng, PALETTE2[name2], (.7, 1.1))
     d = rng.uniform(0, 2 * math.pi)
-    shade = 1 + .1 * (u * math.cos(d) + v * math.sin(d)) + .03 * rng.standard_normal((size, size), np.float32)
-    return (a + (b - a) * t.astype(np.float32)[..., None]) * shade[..., None]
+    shade = 1 + .1 * (u * math.cos(d) + v * math.sin(d)) + .03 * rng.standard_normal((size, size))
+    return (a + (b - a) * np.asarray(t, float)[..., None]) * shade[..., None]
 
 
 def _bg_colour(rng):
     """Background colour: half the time a palette tone (so colour never separates objects), else any."""
     if rng.random() < .5:
-        return _tone(rng, list(PALETTE2.values())[rng.integers(len(PALETTE2))])
-    return _hsv2rgb(rng.uniform(0, 180), rng.uniform(20, 170), rng.uniform(60, 225))
+        return _jitter(rng, list(PALETTE2.values())[rng.integers(len(PALETTE2))], (.7, 1.1))
+    return _hsv(rng.uniform(0, 1), rng.uniform(.08, .67), rng.uniform(.24, .88))
 
 
 def _clouds(rng, size):
     """Multi-octave value noise in [0, 1]: random grids of 3, 6, 12, 24 cells, amplitude halving."""
-    t = sum(.5 ** k * cv2.resize(rng.random((3 << k, 3 << k), np.float32), (size, size),
-                                 interpolation=cv2.INTER_CUBIC) for k in range(4))
+    t = sum(.5 ** k * _upsample(rng.random((3 << k, 3 << k)), size) for k in range(4))
     return (t - t.min()) / (t.max() - t.min() + 1e-6)
 
 
@@ -293,54 +349,70 @@ def _background2(rng, size):
         img = (1 - wy) * ((1 - wx) * c[0] + wx * c[1]) + wy * ((1 - wx) * c[2] + wx * c[3])
     else:  # patchwork: Voronoi cells of 3-7 seeds, borders wobbled by noise, one colour per cell
         n = int(rng.integers(3, 8))
-        seeds, cols = rng.uniform(0, size, (n, 2, 1, 1)).astype(np.float32), [_bg_colour(rng) for _ in range(n)]
+        seeds, cols = rng.uniform(0, size, (n, 2, 1, 1)), [_bg_colour(rng) for _ in range(n)]
         wob = .15 * size * (_clouds(rng, size) - .5)
-        cell = ((x + wob - seeds[:, 0]) ** 2 + (y - wob - seeds[:, 1]) ** 2).argmin(0)
-        img = np.float32(cols)[cell]
+        img = np.array(cols)[((x + wob - seeds[:, 0]) ** 2 + (y - wob - seeds[:, 1]) ** 2).argmin(0)]
     img = img * (.8 + .4 * _clouds(rng, size))[..., None]  # soft light variation over every kind
     for _ in range(rng.integers(3, 12)):  # clutter: short strokes and dots, labelled background
-        p, col = rng.uniform(0, size, 2), tuple(float(v) for v in _bg_colour(rng))
-        if rng.random() < .5:
-            length, a = rng.uniform(4, 12), rng.uniform(0, 2 * math.pi)
-            q = p + length * np.array([math.cos(a), math.sin(a)])
-            cv2.line(img, tuple(int(t) for t in p), tuple(int(t) for t in q), col, 1, cv2.LINE_AA)
-        else:
-            cv2.circle(img, tuple(int(t) for t in p), int(rng.integers(1, 3)), col, -1, cv2.LINE_AA)
+        p, col = rng.uniform(0, size, 2), _bg_colour(rng)
+        if rng.random() < .5:  # a stroke: the pixels within 0.6 px of a 4-12 px segment
+            a = rng.uniform(0, 2 * math.pi)
+            d = np.array([math.cos(a), math.sin(a)])
+            s = np.clip((x - p[0]) * d[0] + (y - p[1]) * d[1], 0, rng.uniform(4, 12))
+            img[(x - p[0] - s * d[0]) ** 2 + (y - p[1] - s * d[1]) ** 2 <= .36] = col
+        else:  # a dot of radius 1-2 px
+            img[(x - p[0]) ** 2 + (y - p[1]) ** 2 <= rng.integers(1, 3) ** 2] = col
     return img
 
 
-def _render2(rng, size):
-    """Render one image with 1-2 large objects; returns (uint8 RGB image, uint8 VOC label map)."""
-    img, inst = _background2(rng, size), np.zeros((size, size), np.int32)
-    classes = rng.choice(20, 1 if rng.random() < .55 else 2, replace=False)  # 55% one object, 45% two
-    prev = None
-    for k, c in enumerate(classes, 1):  # the second object occludes the first
-        shape = CLASSES2[c][0]
-        scale = math.sqrt(rng.uniform(.12, .4) * size * size / _UNIT_AREA2[shape])  # 12-40% of the image
-        cand = rng.uniform(.2 * size, .8 * size, (8, 2))  # may cross the border; a second object takes
-        cx, cy = cand[0] if prev is None else cand[np.argmax(((cand - prev) ** 2).sum(1))]  # the farthest
-        prev, angle, aspect = (cx, cy), rng.uniform(0, 2 * math.pi), math.exp(rng.uniform(-.2, .2))
-        m = _mask2(_parts2(shape, rng), size, cx, cy, scale, angle, aspect)
-        img[m], inst[m] = _object_texture2(rng, c, size, cx, cy, scale, angle)[m], k
+def _render2(rng, size, distractors=0):
+    """One image with 1-2 large objects (and, for the stand-in, `distractors` unlabelled ones). -> (uint8 RGB
+    image, uint8 VOC label map)."""
+    img, inst = _background2(rng, size), np.zeros((size, size), int)
+    classes = list(rng.choice(20, 1 if rng.random() < .55 else 2, replace=False))  # 55% one object, 45% two
+    pairs = sorted({c[1] for c in CLASSES2})
+    looks = [CLASSES2[c] for c in classes] + [_distractor(rng, CLASSES2, (list(SHAPES2), pairs, ("stripes", "rings",
+                                              "spots", "radial", "halves"))) for _ in range(distractors)]
+    prev = []
+    for k in rng.permutation(len(looks)):  # later objects occlude earlier ones
+        scale = math.sqrt(rng.uniform(.12, .4) * size * size / _UNIT_AREA2[looks[k][0]])  # 12-40% of the image
+        cand = rng.uniform(.2 * size, .8 * size, (8, 2))  # may cross the border; each next object goes to the
+        far = np.min([((cand - q) ** 2).sum(1) for q in prev], 0) if prev else np.zeros(8)  # farthest candidate
+        (cx, cy), angle, aspect = cand[np.argmax(far)], rng.uniform(0, 2 * math.pi), math.exp(rng.uniform(-.2, .2))
+        prev.append((cx, cy))
+        m = _inside(_place(_parts2(looks[k][0], rng), scale, cx, cy, angle, aspect), size)
+        img[m] = _object_texture2(rng, looks[k], size, cx, cy, scale, angle)[m]
+        inst[m] = k + 1 if k < len(classes) else 0
     return _finish(rng, img, inst, classes, blur=.7)
 
 
-# ---- 1c. Writing a world ----
-SYNTHETIC_MARKER = ".complete"  # written into a finished synthetic world: its generation parameters (JSON)
+# ---- 1d. Writing a world: the benchmark, or its ImageNet stand-in ----
+SYNTHETIC_MARKER = ".complete"  # written into a finished synthetic world: its parameters and checksum (JSON)
 PREPARED_MARKER = ".prepared.json"  # written by the pascal / coco commands into their --out
+# The worlds, their renderers and default sizes. kind "benchmark": train and val images of the few-shot benchmark;
+# kind "standin": the companion root of the ImageNet stand-in (pretrain_bcpt.py --method generic), the world's
+# classes on other images (another seed stream), each with 1-2 unlabelled distractors, no val images.
+WORLDS = {"synthetic": dict(render=_render, n_train=1200, n_val=400, size=64),
+          "synthetic2": dict(render=_render2, n_train=1200, n_val=400, size=64)}
+STANDIN = dict(n_train=1200, n_val=0)
 
 
 def _synthetic_params(root):
-    """The generation parameters recorded in a world's marker (world, n_train, n_val, size, seed), or None if
-    root is not a finished world. A marker from before the second world names none: it is the first."""
+    """The marker of a finished world at root (world, kind, n_train, n_val, size, seed, checksum), or None. A
+    marker from before the second world names none: it is the first; one from before the stand-in, a benchmark."""
     try:
         with open(os.path.join(root, SYNTHETIC_MARKER)) as f:
             params = json.load(f)
         if isinstance(params, dict) and {"n_train", "n_val", "size", "seed"} <= set(params):
-            return {"world": "synthetic", **params}
+            return {"world": "synthetic", "kind": "benchmark", "checksum": None, **params}
     except (OSError, ValueError):
         pass
     return None
+
+
+def _same_world(root, params):
+    made = _synthetic_params(root)
+    return made is not None and {k: made[k] for k in params} == params
 
 
 def _prepared_kind(root):
@@ -371,33 +443,37 @@ def claim_root(root, flag, kind):
                    f"is written there: {hint}")
 
 
-# The worlds and their default sizes: a different image count and different statistics in each.
-WORLDS = {"synthetic": dict(n_train=2000, n_val=500, size=96), "synthetic2": dict(n_train=1200, n_val=400, size=96)}
-
-
-def ensure_synthetic(root, world="synthetic"):
-    """What a stage calls on --dataset synthetic / synthetic2: a finished world of that kind at root is used
-    as it is (of any size); no world there: the default one is generated (make_synthetic refuses a foreign
-    folder); a world of the other kind: refused, naming both."""
+def ensure_synthetic(root, world="synthetic", kind="benchmark"):
+    """What a stage calls on --dataset synthetic / synthetic2: a finished world of that kind at root is used as
+    it is (of any size); no world there: the default one is generated (make_synthetic refuses a foreign folder);
+    a world of the other kind: refused, naming both. The stand-in may be any VOC-layout root. -> its marker, or
+    None for a root the kit did not make."""
     params = _synthetic_params(root)
+    if params is None and kind == "standin" and os.path.isdir(os.path.join(root, IMAGES)):
+        return None  # the user's own images stand in for ImageNet
     if params is None:
-        make_synthetic(root, world=world)
-    elif params["world"] != world:
+        make_synthetic(root, world=world, kind=kind)
+        return _synthetic_params(root)
+    if params["world"] != world:
         raise KitError(f"--data-root {root} holds the {params['world']} world, not {world}: pass --dataset "
                        f"{params['world']}, or the --data-root of a {world} world (default {SYNTHETIC_ROOTS[world]})")
-    return root
+    if kind == "benchmark" and params["kind"] != kind:
+        raise KitError(f"--data-root {root} holds the ImageNet stand-in of {world}, which has no val images: pass "
+                       f"the benchmark's --data-root (default {SYNTHETIC_ROOTS[world]})")
+    return params
 
 
-def make_synthetic(root, n_train=None, n_val=None, size=None, seed=0, flag="--data-root", world="synthetic"):
-    """Write a synthetic world (WORLDS; sizes default to the world's) to `root` in VOC layout; return root.
+def make_synthetic(root, n_train=None, n_val=None, size=None, seed=0, flag="--data-root", world="synthetic",
+                   kind="benchmark"):
+    """Write a synthetic world (WORLDS, STANDIN; sizes default to the world's) to `root` in VOC layout; return root.
     Idempotent: if root holds that world with the same parameters, return at once. Only a missing or empty
     folder, or a world of the same kind this kit made, is (re)written (claim_root). The world is written to a
     private temporary folder and published with one rename, so runs started side by side never read a
     half-written world."""
-    spec, render = WORLDS[world], _render if world == "synthetic" else _render2
-    n_train, n_val, size = n_train or spec["n_train"], n_val or spec["n_val"], size or spec["size"]
-    params = dict(world=world, n_train=n_train, n_val=n_val, size=size, seed=seed)
-    if _synthetic_params(root) == params:
+    spec = {**WORLDS[world], **(STANDIN if kind == "standin" else {})}
+    n_train, n_val, size = n_train or spec["n_train"], spec["n_val"] if n_val is None else n_val, size or spec["size"]
+    params = dict(world=world, kind=kind, n_train=n_train, n_val=n_val, size=size, seed=seed)
+    if _same_world(root, params):
         return root
     claim_root(root, flag, world)
     if os.path.isdir(root):
@@ -405,27 +481,31 @@ def make_synthetic(root, n_train=None, n_val=None, size=None, seed=0, flag="--da
     parent, name = os.path.split(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
-    t0 = time.time()
-    print(f"{world}: writing {n_train} + {n_val} images of {size} px to {root} ...", flush=True)
+    t0, checksum = time.time(), hashlib.sha256()
+    what = f"{world}{' ImageNet stand-in' * (kind == 'standin')}"
+    print(f"{what}: drawing {n_train} + {n_val} images of {size} px into {root} ...", flush=True)
     try:
         dirs = [os.path.join(tmp, d) for d in (IMAGES, MASKS, LISTS)]
         for d in dirs:
             os.makedirs(d)
-        for split_idx, (split, n) in enumerate((("train", n_train), ("val", n_val))):
+        splits = [("train", 2 if kind == "standin" else 0, n_train), ("val", 1, n_val)]  # disjoint seed streams
+        for split, stream, n in splits:
             for i in range(n):
-                img, lab = render(np.random.default_rng([seed, split_idx, i]), size)
-                stem = f"{split}_{i:06d}"
-                cv2.imwrite(os.path.join(dirs[0], stem + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, 95])
-                cv2.imwrite(os.path.join(dirs[1], stem + ".png"), lab)
+                rng = np.random.default_rng([seed, stream, i])
+                img, lab = spec["render"](rng, size, int(rng.integers(1, 3)) if kind == "standin" else 0)
+                jpg = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+                jpg.tofile(os.path.join(dirs[0], f"{split}_{i:06d}.jpg"))
+                cv2.imwrite(os.path.join(dirs[1], f"{split}_{i:06d}.png"), lab)
+                checksum.update(cv2.imdecode(jpg, cv2.IMREAD_COLOR).tobytes() + lab.tobytes())  # what stages read
         with open(os.path.join(dirs[2], "val.txt"), "w") as f:
             f.writelines(f"val_{i:06d}\n" for i in range(n_val))
+        params["checksum"] = checksum.hexdigest()[:16]
         with open(os.path.join(tmp, SYNTHETIC_MARKER), "w") as f:
             json.dump(params, f)
         _publish_world(tmp, root, params, flag)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{world}: done in {time.time() - t0:.0f}s", flush=True)
+    print(f"{what}: done in {time.time() - t0:.0f}s, checksum {params['checksum']}", flush=True)
     return root
 
 
@@ -453,7 +533,7 @@ def _publish_world(tmp, root, params, flag):
     """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made world of the
     same kind there (checked again now: the folder may have changed during generation, and holds only the kit's
     files). If another process published the same world first, keep theirs."""
-    if _synthetic_params(root) == params:
+    if _same_world(root, params):
         return
     claim_root(root, flag, params["world"])
     if os.path.isdir(root):
@@ -467,7 +547,7 @@ def _publish_world(tmp, root, params, flag):
     try:
         os.rename(tmp, root)
     except OSError:
-        if _synthetic_params(root) != params:
+        if not _same_world(root, params):
             raise
 
 

@@ -5,18 +5,24 @@
   bcpt      the merged background represented by K cluster centres P (a buffer) updated online (Eq. 1),
             trained with the background mining loss (Eq. 2) and the base-class loss (Eq. 3) combined as
             Eq. 4, the centres guided by k-means over the base-class vectors (Eqs. 5-7). The equations
-            themselves are section 1 of common.py; train_step below calls them in the paper's order.
+            themselves are section 1 of common.py; bcpt_step below calls them in the paper's order.
+  generic   the "ImageNet" stand-in where no ImageNet weights exist: the undilated backbone (output stride 32)
+            trained as an image-level multi-label classifier of every class (global average pooling, a linear
+            layer, binary cross-entropy; labels read from the masks) on a separate root, fold-free. Synthetic
+            worlds get a companion root drawn on first use; any VOC-layout root can serve (--data-root).
 
 Reads the training pool of a VOC-layout root; writes <out>/last.pt (resumable: model, optimiser, iteration,
 centres, RNG states, flags), <out>/log.jsonl, with --select best-val <out>/best.pt (BAM's selection on the
-base classes of the val images) and with --vis-clusters <out>/clusters/*.png. Later stages take the backbone
-as --pretrained <out>/last.pt.
+base classes of the val images) and with --vis-clusters <out>/clusters/*.png; standard and bcpt end with the
+base-class mIoU on the val images (beside BAM's for PASCAL). Later stages take --pretrained <out>/last.pt.
 
 Full run (one CUDA GPU, BAM's base pre-training settings, PROTOCOL.md 7.3):
     python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 --backbone resnet50v2 \
         --weights initmodel/resnet50_v2.pth --out runs/bcpt-f0
-CPU run on the built-in synthetic benchmark (a few minutes on 2 cores; --max-iters 20 for a smoke test):
-    python pretrain_bcpt.py --method bcpt --fold 0 --vis-clusters 4
+CPU run on the built-in synthetic benchmark (a few minutes on 2 cores; --max-iters 20 for a smoke test), from
+the world's ImageNet stand-in:
+    python pretrain_bcpt.py --method generic --out runs/standin
+    python pretrain_bcpt.py --method bcpt --fold 0 --weights runs/standin/last.pt --vis-clusters 4
 """
 import math
 import os
@@ -27,23 +33,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IGNORE, N_CLASSES, KitError, bcpt_loss, build_backbone, cluster_assign, cluster_sums, fp32,
-                    guidance_step, momentum_update, open_data, read_pair, resize, split_pixels, test_transform,
-                    to_bgr_image, train_transform)
-from plumbing import (NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitParser, Trainer, add_common_args, add_flag,
-                      add_training_args, all_reduce_sum, bounded, dataset_of, finish_args, global_mean_ce, is_main,
-                      rank, run, same_on_all_ranks, seed_everything, world, wrap_ddp)
+from common import (IGNORE, N_CLASSES, STANDIN_ROOTS, BaseClassDataset, KitError, PSPHead, bcpt_loss, build_backbone,
+                    cluster_assign, cluster_sums, fp32, guidance_step, momentum_update, open_data, resize, split_pixels,
+                    to_bgr_image)
+from plumbing import (BAM_BASE_MIOU, NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitParser, Trainer, add_common_args,
+                      add_flag, add_training_args, all_reduce_sum, bounded, dataset_of, finish_args, global_mean,
+                      global_mean_ce, is_main, pretrain_label, rank, run, same_on_all_ranks, seed_everything, typed,
+                      world, wrap_ddp)
 
 RESUME_KEYS = ("method", "head", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "eq3", "batch",
-               "crop", "epochs", "seed", "no_guidance", "select")
+               "crop", "epochs", "seed", "no_guidance", "select", "novel_images")
 
 
 def parse_args(argv):
     ds = dataset_of(argv)
     p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "pretrain")
     g = p.add_argument_group("pre-training method (paper Sec. 2)")
-    g.add_argument("--method", default="bcpt", choices=["standard", "bcpt"], help="standard: cross-entropy over "
-                   "background + base classes (the paper's 'Standard'); bcpt: Eqs. 1-7 (default %(default)s)")
+    g.add_argument("--method", default="bcpt", choices=["standard", "bcpt", "generic"], help="standard: "
+                   "cross-entropy over background + base classes (the paper's 'Standard'); bcpt: Eqs. 1-7; generic: "
+                   "the ImageNet stand-in, a multi-label classifier of every class on another root (default "
+                   "%(default)s)")
     add_flag(g, ds, "--head", dict(pascal="psp", coco="psp", synthetic="linear"), "head of --method standard: psp "
              "= BAM's base learner (PSPNet, PROTOCOL.md 9.6), loss on logits upsampled to the crop; linear = W on "
              "the last layer, loss at its resolution. BCPT always uses W on the last layer (Sec. 2.2)",
@@ -60,6 +69,9 @@ def parse_args(argv):
     add_flag(g, ds, "--eq3", "centres", "Eq. 3's softmax, left open by the paper: over the base vectors and the K "
              "centres, or over the base vectors only", choices=["centres", "base"])
     g.add_argument("--no-guidance", action="store_true", help="skip Eqs. 5-7: Table 3's row 'BMC' only")
+    g.add_argument("--novel-images", default="keep", choices=["keep", "drop"], help="training images with a novel "
+                   "pixel: keep them, novel objects in the merged background (BAM's base learner), or drop them "
+                   "all, the ablation of the paper's premise (default %(default)s)")
     g.add_argument("--vis-clusters", type=NON_NEGATIVE, default=0, help="write N pictures of the background "
                    "clusters at the end (Fig. 1b)")
     # deviation: the synthetic benchmark starts from random weights, hence its higher lr, and its 96-px images
@@ -73,59 +85,30 @@ def parse_args(argv):
              "times this: 1 = BAM's PASCAL base config (index_split 0), 10 = its COCO one (index_split -1: "
              "everything at 10x, PROTOCOL.md 7.3)", type=POSITIVE_FLOAT)
     args = p.parse_args(argv)
-    if args.method == "bcpt":
-        if args.head == "psp" and any(a.split("=")[0] == "--head" for a in argv):
-            raise KitError("--head psp is for --method standard: BCPT's losses are on the last layer's "
-                           "embeddings (paper Sec. 2.2)")
+    if args.method != "standard":
+        if args.head == "psp" and typed(argv, "--head"):
+            raise KitError(f"--head psp is for --method standard: {args.method}'s loss is on the last layer")
         args.head = "linear"
-    return finish_args(args, f"pretrain-{args.method}-{args.dataset}-fold{args.fold}", outputs=[("--out", True)])
-
-
-# ============ Data: base classes remapped, the merged background (PROTOCOL.md 2.5) ============
-class BaseClassDataset(torch.utils.data.Dataset):
-    """Base classes -> 1..n_base in id order, novel classes and background -> 0 (the merged background),
-    255 kept. Item idx draws its augmentation from default_rng([seed, idx]), so a stream of indices gives
-    the same batches for any worker count. With test_size: the test geometry instead (validation)."""
-
-    def __init__(self, root, ids, dataset, base, crop, scale, seed, test_size=None):
-        self.root, self.ids, self.crop, self.scale, self.seed = root, ids, crop, scale, seed
-        self.n_classes, self.test_size = N_CLASSES[dataset], test_size
-        self.lut = np.zeros(256, np.uint8)
-        self.lut[IGNORE] = IGNORE
-        self.lut[base] = np.arange(1, len(base) + 1)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, idx):
-        img, label = read_pair(self.root, self.ids[idx % len(self.ids)], self.n_classes)
-        if self.test_size:
-            return test_transform(img, self.lut[label], self.test_size)
-        rng = np.random.default_rng([self.seed, idx])
-        return train_transform(img, self.lut[label], rng, self.crop, self.scale)
+    if args.method == "generic":  # fold-free, every class a label, on the stand-in root
+        for flag in ("--fold", "--select", "--novel-images"):
+            if typed(argv, flag):
+                raise KitError(f"{flag}: --method generic has no folds, no val images and no novel classes")
+        if not typed(argv, "--data-root") and args.dataset in STANDIN_ROOTS:
+            args.data_root = STANDIN_ROOTS[args.dataset]
+        args.train_pool = "aug" if not typed(argv, "--train-pool") else args.train_pool
+    name = f"pretrain-{args.method}-{args.dataset}" + f"-fold{args.fold}" * (args.method != "generic")
+    args = finish_args(args, name, outputs=[("--out", True)])
+    if args.method == "generic":
+        args.fold, args.base, args.novel = None, list(range(1, N_CLASSES[args.dataset] + 1)), []
+    return args
 
 
 # ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> W or BAM's PSPNet head ============
-class PSPHead(nn.Module):
-    """BAM's base-learner head (PROTOCOL.md 9.6): pyramid pooling (bins 1, 2, 3, 6; each a 1x1 conv D -> D/4 + BN
-    + ReLU, upsampled and concatenated with the input), a 3x3 conv 2D -> 512 + BN + ReLU + Dropout2d(0.1), then a
-    1x1 conv to the classes. (B, D, h, w) -> (B, classes, h, w)."""
-
-    def __init__(self, d, classes, bins=(1, 2, 3, 6)):
-        super().__init__()
-        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(d, d // 4, 1, bias=False),
-                                                nn.BatchNorm2d(d // 4), nn.ReLU(inplace=True)) for b in bins])
-        self.cls = nn.Sequential(nn.Conv2d(2 * d, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
-                                 nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(512, classes, 1))
-
-    def forward(self, x):
-        return self.cls(torch.cat([x] + [resize(f(x), x.shape[-2:]) for f in self.ppm], 1))  # (B, 2D, h, w) in
-
-
 class PretrainNet(nn.Module):
     """Backbone + W (1x1 conv, no bias, Sec. 2.2) or the PSPNet head. standard: background + base columns;
     bcpt: base columns only, and the background is the buffer `centers` P (D, K); `guidance` G (D, K-1) is
-    kept to warm-start the next iteration's k-means."""
+    kept to warm-start the next iteration's k-means; generic: a linear layer (with bias) from the pooled last
+    layer to every class."""
 
     def __init__(self, backbone, n_base, method, K, head):
         super().__init__()
@@ -134,7 +117,7 @@ class PretrainNet(nn.Module):
         if head == "psp":
             self.psp = PSPHead(d, n_base + 1)
         else:
-            self.W = nn.Conv2d(d, n_base + (method == "standard"), 1, bias=False)
+            self.W = nn.Conv2d(d, n_base + (method == "standard"), 1, bias=method == "generic")
         if method == "bcpt":
             self.register_buffer("centers", F.normalize(torch.randn(d, K), dim=0))  # random init (Sec. 2.3)
             self.register_buffer("guidance", torch.zeros(d, K - 1))
@@ -206,10 +189,23 @@ def standard_step(net, x, y, args, optimise):
     return loss, {}
 
 
+def generic_step(net, x, y, args, optimise):
+    """The ImageNet stand-in: every class present in the crop's mask is a positive label of the image; binary
+    cross-entropy of the linear layer on the globally pooled last layer; then the SGD step."""
+    m, emb = getattr(net, "module", net), net(x)  # (B, D, h, w), h = H / 32 (undilated)
+    n = len(args.base)  # every class; 0 background and 255 void are no label
+    present = torch.zeros(len(y), n + 2, device=y.device).scatter_(1, y.flatten(1).clamp(max=n + 1), 1)[:, 1:-1]
+    logits = m.linear(emb.mean((2, 3), keepdim=True))[:, :, 0, 0]  # (B, C), present (B, C) in {0, 1}
+    loss = global_mean(F.binary_cross_entropy_with_logits, logits, present, torch.tensor(present.numel()))
+    optimise(loss)
+    return loss, {"top1": present.gather(1, logits.argmax(1, keepdim=True)).mean().item()}  # best class is present
+
+
 # ============ Training ============
 def build(args, device):
     """-> the network on `device` and SGD: the head at 10x --lr, the backbone at --backbone-lr-mult x --lr (BAM)."""
-    net = PretrainNet(build_backbone(args.backbone, args.weights), len(args.base), args.method, args.K, args.head)
+    backbone = build_backbone(args.backbone, args.weights, {"dataset": args.dataset}, dilate=args.method != "generic")
+    net = PretrainNet(backbone, len(args.base), args.method, args.K, args.head)
     net = net.to(device).to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
     groups = [{"params": net.backbone.parameters(), "lr": args.lr * args.backbone_lr_mult},
@@ -239,22 +235,27 @@ def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
-    data = open_data(args, ("train", "val") if args.select == "best-val" else ("train",))
-    dataset = BaseClassDataset(args.data_root, data["train"][0], args.dataset, args.base, args.crop, args.scale,
-                               args.seed)
+    generic = args.method == "generic"
+    data = open_data(args, ("train",) if generic else ("train", "val"), "standin" if generic else "benchmark")
+    ids, counts = data["train"]
+    if args.novel_images == "drop":  # the ablation: no novel object left in the merged background
+        ids = [i for i, c in zip(ids, counts[:, args.novel].sum(1)) if c == 0]
+    dataset = BaseClassDataset(args.data_root, ids, args.dataset, args.base, args.crop, args.scale, args.seed)
+    args.init_label = pretrain_label(args.weights)
     args.iters_per_epoch = math.ceil(len(dataset) / args.batch)
     args.total_iters = args.epochs * args.iters_per_epoch
     stop = min(args.total_iters, args.max_iters or args.total_iters)
-    print(f"pretrain {args.method} ({args.head} head): {len(args.base)} base classes {args.base}, {len(dataset)} "
-          f"images, {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} iterations (running "
-          f"to {stop}), backbone {args.backbone} init {args.weights}, device {device}, out {args.out}")
+    print(f"pretrain {args.method} ({args.head} head): {len(args.base)} {'classes' if generic else 'base classes'} "
+          f"{args.base}, {len(dataset)} images ({args.novel_images} novel-containing), {args.iters_per_epoch} it/epoch "
+          f"x {args.epochs} epochs = {args.total_iters} iterations (running to {stop}), backbone {args.backbone} init "
+          f"{args.init_label}, device {device}, out {args.out}")
     if args.vis_clusters and args.method != "bcpt":
         print("--vis-clusters: standard pre-training has no background clusters; no pictures will be written")
     net, opt = build(args, device)
     trainer = Trainer(args, "pretrain", net, opt, [args.lr * args.backbone_lr_mult, 10 * args.lr], RESUME_KEYS)
     model = wrap_ddp(net, device, sync_bn=True)  # several processes: BN trains, so SyncBatchNorm on CUDA
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    train_step = bcpt_step if args.method == "bcpt" else standard_step
+    train_step = {"bcpt": bcpt_step, "standard": standard_step, "generic": generic_step}[args.method]
 
     def step(batch):
         x, y = batch[0].to(device, memory_format=memory_format), batch[1].to(device)
@@ -264,10 +265,15 @@ def main(argv=None):
         return trainer.benchmark(dataset, step, f"pretrain {args.method} {args.backbone} crop {args.crop} batch "
                                  f"{args.batch} {args.precision}",
                                  ("guidance_step", "cluster_assign", "momentum_update"))
-    val_set = args.select == "best-val" and BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base,
-                                                             None, None, args.seed, test_size=args.crop)
+    val_set = not generic and BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base, None, None,
+                                               args.seed, test_size=args.crop)
     trainer.fit(dataset, step, stop, argv, data, validate=lambda: validate_base(net, val_set, args, device),
                 val_every=args.iters_per_epoch)
+    if val_set:  # is the base learner trained right? (BAM's criterion, PROTOCOL.md 2.5)
+        base_miou = validate_base(net, val_set, args, device)[0]
+        bam = BAM_BASE_MIOU.get(args.dataset, [None] * 4)[args.fold]
+        print(f"base-class mIoU on the val images: {base_miou:.2f}" + (
+            f" (BAM's ResNet-50 base learner, PASCAL-5i fold {args.fold}: {bam})" if bam else ""))
     if args.method == "bcpt" and world() > 1:  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
         if not same_on_all_ranks(net.centers):
             raise KitError("the cluster centres differ between the processes: please report this")

@@ -18,9 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -431,10 +428,10 @@ def read_pair(root, img_id, n_classes):
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32), label
 
 
-def check_image_file(root, img_id, shape, full=False):
+def check_image_file(root, img_id, shape):
     """Check one image against its mask's `shape` (H, W) without decoding it (at every index scan): the header's
-    size, and for a JPEG the end-of-image marker that a truncated download lacks (a file without it is decoded).
-    full (prepare_data.py verify): every file decoded, and refused where libjpeg only warns (read_image)."""
+    size, and for a JPEG the end-of-image marker that a truncated download lacks (a file without it is decoded;
+    prepare_data.py verify decodes every file)."""
     path = os.path.join(root, IMAGES, img_id + ".jpg")
     fix = f"re-extract or re-download it, or drop {img_id} from the lists"
     try:
@@ -451,31 +448,6 @@ def check_image_file(root, img_id, shape, full=False):
     except Exception as e:
         raise KitError(f"cannot read image {path} ({type(e).__name__}: {e}): missing, truncated or corrupt; {fix}") \
             from None
-    if full:
-        read_image(path, fix)
-
-
-_STDERR = threading.Lock()  # one decode at a time may borrow the process's stderr
-
-
-def read_image(path, fix):
-    """An image file decoded in full -> RGB float32 (H, W, 3) in 0..255, refusing what libjpeg only warns about: a
-    JPEG damaged in the middle decodes "successfully" into garbage, saying 'Corrupt JPEG data' on stderr."""
-    with _STDERR, tempfile.TemporaryFile() as said:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(said.fileno(), 2)
-        try:
-            img = cv2.imread(path, cv2.IMREAD_COLOR)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        said.seek(0)
-        warning = said.read().decode(errors="replace").strip()
-    if img is None or "JPEG" in warning:
-        why = f" ({warning.splitlines()[-1]})" if "JPEG" in warning else ""
-        raise KitError(f"cannot read image {path}{why}: missing, truncated, corrupt or not an image; {fix}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
 
 
 def _cache_path(root, key):
@@ -593,9 +565,12 @@ def train_transform(img, label, rng, crop, scale, rotate=10.0, keep_fg=False):
     return to_tensor(img[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop])
 
 
-def test_transform(img, label, size):
-    """Keep aspect, longer side to `size`, both sides floored to a multiple of 8, top-left on a
-    size x size canvas (image 0 in raw pixel space, label 255)."""
+def test_transform(img, label, size, geometry="pfenet"):
+    """pfenet (PROTOCOL.md 5.1): keep aspect, longer side to `size`, both sides floored to a multiple of 8, top-left
+    on a size x size canvas (image 0 in raw pixel space, label 255). hsnet (PROTOCOL.md 5.3): both sides to size."""
+    if geometry == "hsnet":
+        return to_tensor(cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR),
+                         cv2.resize(label, (size, size), interpolation=cv2.INTER_NEAREST))
     h, w = label.shape
     r = size / max(h, w)
     nh, nw = max(8, int(h * r) // 8 * 8), max(8, int(w * r) // 8 * 8)
@@ -652,9 +627,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
     default_rng(seed), walking data_list in order, test geometry; fixed whatever the worker count.
     """
 
-    def __init__(self, root, ids, counts, dataset, classes, shot, min_pixels, seed,
-                 crop=None, scale=None, test_size=None, episodes=None, drop_classes=()):
-        self.root, self.shot, self.seed = root, shot, seed
+    def __init__(self, root, ids, counts, dataset, classes, shot, min_pixels, seed, crop=None, scale=None,
+                 test_size=None, episodes=None, drop_classes=(), geometry="pfenet"):
+        self.root, self.shot, self.seed, self.geometry = root, shot, seed, geometry
         self.crop, self.scale, self.test_size = crop, scale, test_size
         self.n_classes, self.classes = N_CLASSES[dataset], list(classes)
         if drop_classes:  # BAM: drop every image containing any pixel of these (the novel) classes
@@ -687,14 +662,14 @@ class EpisodeDataset(torch.utils.data.Dataset):
         pairs = [read_pair(self.root, i, self.n_classes) for i in [query] + supports]
         pairs = [(img, binarize(label, cls)) for img, label in pairs]
         if self.episodes:
-            xs = [test_transform(img, label, self.test_size) for img, label in pairs]
+            xs = [test_transform(img, label, self.test_size, self.geometry) for img, label in pairs]
         else:
             xs = [train_transform(img, label, rng, self.crop, self.scale, keep_fg=True) for img, label in pairs]
         item = {"query": xs[0][0], "query_mask": xs[0][1],                   # (3, H, W), (H, W)
                 "support": torch.stack([x[0] for x in xs[1:]]),               # (S, 3, H, W)
                 "support_mask": torch.stack([x[1] for x in xs[1:]]), "cls": cls}  # (S, H, W)
-        if self.episodes:  # scores are computed against the original-size label (PROTOCOL.md 5.2)
-            item["raw_label"] = torch.from_numpy(pairs[0][1]).long()         # (H0, W0)
+        if self.episodes:  # scored against the original-size label (PROTOCOL.md 5.2), or HSNet's resized one
+            item["raw_label"] = xs[0][1] if self.geometry == "hsnet" else torch.from_numpy(pairs[0][1]).long()
             item.update(query_id=query, support_ids=" ".join(supports))
         return item
 
@@ -872,71 +847,13 @@ def load_checkpoint(path, expect=None):
 
 
 # ============ 8. Episodic evaluation and your own images (PROTOCOL.md 5, 6, 8) ============
-def read_user_mask(path, image_path, shape):
-    """A support mask read as its user means it -> (H, W) uint8: 1 foreground, 0 background, 255 ignored. A palette
-    (VOC) PNG: index 0 background, any other index foreground. A transparent PNG: the opaque part. Otherwise 0/1,
-    0/255, class indices, grey, RGB: a label image (lossless, a few values) is foreground wherever non-zero; a JPEG or
-    one with many values (anti-aliased edges) above half its maximum. 255 beside other non-zero values is void."""
-    try:
-        with Image.open(path) as im:
-            mode, lossy, m = im.mode, im.format == "JPEG", np.array(im)
-    except Exception as e:
-        raise KitError(f"cannot read mask {path} ({type(e).__name__}): missing, corrupt or not an image") from None
-    if m.ndim == 3 and mode in ("RGBA", "LA", "PA") and m[..., -1].min() < m[..., -1].max():
-        m = m[..., -1]  # the alpha channel marks the object
-    m = m.reshape(m.shape[0], m.shape[1], -1)[..., :3].max(-1)  # (H, W): a colour mask's brightest channel
-    labels = mode == "P" or (not lossy and len(np.unique(m)) <= 8)
-    mask = ((m > 0) if labels else (m > m.max() / 2)).astype(np.uint8)
-    if labels and m.max() == 255 and ((m > 0) & (m < 255)).any():
-        mask[m == 255] = IGNORE
-    if mask.shape != tuple(shape):
-        raise KitError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
-                       f"{shape[1]}x{shape[0]}: pass the mask made for that image")
-    if not (mask == 1).any():
-        raise KitError(f"mask {path} has no foreground pixel: mark the object with non-zero values")
-    return mask
-
-
-def own_episodes(supports, queries, test_size):
-    """The user's episodes, every file read before any is predicted: the supports [(image path, mask path)] once,
-    then per query (its output name, unique in the run; the item as an evaluation batch of EpisodeDataset, in the
-    benchmark's test geometry, PROTOCOL.md 5.1; the query (H, W, 3); the supports [(image, mask)])."""
-    fix = "pass an image file"
-    pairs = [(img, read_user_mask(m, i, img.shape[:2])) for i, m in supports for img in [read_image(i, fix)]]
-    xs = [test_transform(img, m, test_size) for img, m in pairs]
-    support = {"support": torch.stack([x for x, _ in xs])[None], "support_mask": torch.stack([y for _, y in xs])[None]}
-    names, episodes = set(), []  # (1, S, 3, s, s), (1, S, s, s)
-    for path in queries:
-        q, stem = read_image(path, fix), os.path.splitext(os.path.basename(path))[0]
-        name = next(n for n in [stem] + [f"{stem}-{k}" for k in range(2, len(queries) + 2)] if n not in names)
-        names.add(name)
-        xq, _ = test_transform(q, np.zeros(q.shape[:2], np.uint8), test_size)  # (3, s, s)
-        episodes.append((name, {"query": xq[None], **support}, q, pairs))
-    return episodes
-
-
-def at_query_size(scores, query):
+def at_query_size(scores, query, geometry="pfenet"):
     """Scores (1, C, s, s) on the test canvas -> (C, H, W) at the query's size, as the benchmark scores them
-    (logits_at_label_size to max(H, W), then the query's top-left part)."""
+    (logits_at_label_size to max(H, W), then the query's top-left part; hsnet: resized to (H, W))."""
     h, w = query.shape[:2]
+    if geometry == "hsnet":
+        return resize(scores.float().cpu(), (h, w))[0]
     return logits_at_label_size(scores.float().cpu(), torch.zeros(h, w, dtype=torch.long))[0][0, :, :h, :w]
-
-
-def write_user_prediction(out, name, query, pred, pairs, heat=None):
-    """NAME_mask.png (0/255, the query's size) and NAME_overlay.png (the query with the prediction tinted, the
-    supports with their masks beside it, Fig. 2 style); NAME_prior.png from `heat` (H, W) in [0, 1] if given."""
-    os.makedirs(out, exist_ok=True)
-    h = query.shape[0]
-    tint = lambda img, m, colour: np.where(m[..., None] == 1, 0.45 * img + 0.55 * np.array(colour), img)
-    panels = [tint(query[:, :, ::-1], pred, (255, 80, 0))] + [  # BGR
-        cv2.resize(tint(img[:, :, ::-1], m, (0, 200, 255)), (max(1, round(img.shape[1] * h / img.shape[0])), h),
-                   interpolation=cv2.INTER_AREA) for img, m in pairs]
-    cv2.imwrite(os.path.join(out, f"{name}_mask.png"), (255 * pred).astype(np.uint8))
-    cv2.imwrite(os.path.join(out, f"{name}_overlay.png"), np.clip(np.concatenate(panels, 1), 0, 255).astype(np.uint8))
-    if heat is not None:
-        cv2.imwrite(os.path.join(out, f"{name}_prior.png"), cv2.applyColorMap((255 * heat).astype(np.uint8),
-                                                                             cv2.COLORMAP_JET))
-    print(f"wrote {os.path.join(out, name)}_mask.png and _overlay.png" + " and _prior.png" * (heat is not None))
 
 
 def predict_meta(model, item):
@@ -958,7 +875,7 @@ def run_episodes(args, data, seed, episodes, predict, decide, classes, shard=(0,
     and [background, foreground] intersection and union per name), seconds in predict)."""
     ids, counts = data["val"]
     ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, classes, args.shot, args.min_pixels, seed,
-                        test_size=args.test_size, episodes=episodes)
+                        test_size=args.test_size, episodes=episodes, geometry=args.test_geometry)
     mine = torch.utils.data.Subset(ds, range(shard[0], len(ds), shard[1]))
     loader = torch.utils.data.DataLoader(mine, batch_size=1, shuffle=False, num_workers=args.workers)
     meters, lines, t_model = {name: FewShotIoU(classes) for name in decide}, [], 0.0

@@ -16,7 +16,6 @@ CPU smoke run on the built-in synthetic benchmark:
     python evaluate.py --checkpoint runs/metatrain-synthetic-fold0-1shot/last.pt --episodes 100 --seeds 510
 """
 import functools
-import json
 import os
 
 import cv2
@@ -24,13 +23,14 @@ import numpy as np
 import torch
 
 from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, at_query_size, build_backbone, load_checkpoint,
-                    open_data, own_episodes, predict_meta, to_bgr_image, write_user_prediction)
+                    open_data, predict_meta, to_bgr_image)
 from plumbing import (POSITIVE, KitParser, add_common_args, add_eval_args, amp_dtype, autocast_call, check_paths,
                       dataset_of, evaluate_seeds, finish_args, format_table, is_main, parse_json_line, pretrain_label,
                       run, write_results)
+from prepare_data import own_episodes, write_user_prediction
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
-                   "train_pool", "coco_split")  # each taken from the checkpoint unless typed
+                   "test_geometry", "train_pool", "coco_split")  # each taken from the checkpoint unless typed
 MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if typed and different
 
 
@@ -82,7 +82,7 @@ def panel(x, mask, colour, title):
 def write_vis(args, data, models, device):
     ids, counts = data["val"]  # the first episodes of the first seed: the same ones the scores use
     ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.novel, args.shot, args.min_pixels,
-                        args.seeds[0], test_size=args.test_size, episodes=args.vis_count)
+                        args.seeds[0], test_size=args.test_size, episodes=args.vis_count, geometry=args.test_geometry)
     os.makedirs(args.vis, exist_ok=True)
     for k in range(len(ds)):
         it = ds[k]
@@ -110,9 +110,9 @@ def segment_own_images(args, ckpt, model, dtype):
                        f"{trained} --support pairs")
     if shots != trained:
         print(f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)")
-    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size):
+    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size, args.test_geometry):
         scores = autocast_call(torch.device(args.device), dtype, predict_meta, model, item)  # (1, 2, s, s)
-        pred = at_query_size(scores, query).argmax(0).numpy()  # (H, W) in {0, 1}
+        pred = at_query_size(scores, query, args.test_geometry).argmax(0).numpy()  # (H, W) in {0, 1}
         write_user_prediction(args.out, name, query, pred, pairs)
 
 
@@ -176,7 +176,7 @@ def main(argv=None):
     typed = {k for k in FROM_CHECKPOINT if getattr(args, k) is not None}
     ckpt = metatrain_checkpoint(args.checkpoint, {k: getattr(args, k) for k in MUST_MATCH if k in typed})
     for k in set(FROM_CHECKPOINT) - typed:
-        setattr(args, k, ckpt["args"][k])
+        setattr(args, k, ckpt["args"].get(k, "pfenet"))  # checkpoints from before --test-geometry: pfenet
     args = finish_args(args, needs_data=False, outputs=[("--json", False), ("--episode-log", False), ("--vis", True),
                                                         ("--out", True)])
     device = torch.device(args.device)

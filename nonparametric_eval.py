@@ -24,11 +24,12 @@ import sys
 import numpy as np
 import torch
 
-from common import (KitError, at_query_size, build_backbone, frozen_features, open_data, own_episodes, resize,
-                    shot_prior, weights_made_for, write_user_prediction)
+from common import (KitError, at_query_size, build_backbone, frozen_features, open_data, resize,
+                    shot_prior, weights_made_for)
 from plumbing import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype, autocast_call,
                       dataset_of, evaluate_seeds, finish_args, format_table, is_main, pretrain_label, run,
                       seed_everything, typed, write_results)
+from prepare_data import own_episodes, write_user_prediction
 
 
 TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
@@ -111,9 +112,9 @@ def segment_own_images(args, backbone, dtype):
         raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
     if not is_main():  # under torchrun, rank 0 does it all
         return
-    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size):
+    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size, args.test_geometry):
         prior = autocast_call(torch.device(args.device), dtype, predict_prior, backbone, item)  # (1, 1, s, s)
-        heat = at_query_size(prior, query)[0].numpy()  # (H, W) in [0, 1]
+        heat = at_query_size(prior, query, args.test_geometry)[0].numpy()  # (H, W) in [0, 1]
         write_user_prediction(args.out, name, query, (heat > args.threshold).astype(np.uint8), pairs, heat)
 
 

@@ -1,25 +1,21 @@
-"""plumbing.py: how the BCPT kit runs, beside the science in common.py (which never imports this file).
+"""plumbing.py: how the BCPT kit runs. The science is common.py, which never imports this file.
 
-  1. Flags and their per-dataset defaults
-  2. Several processes (torchrun) and the resumable batch stream
-  3. Precision
-  4. Checkpoints and RNG state
-  5. Run folders, locks and run records
-  6. Results files and tables
-  7. The training loop both training stages share, progress and --benchmark
-  8. The entry point: one line per user error
+Sections: 1 flags and their per-dataset defaults; 2 several processes (torchrun) and the resumable batch stream;
+3 precision; 4 files: atomic writes, checkpoints, RNG state; 5 run folders, locks and run records; 6 results files
+and tables, beside the paper's numbers; 7 the training loop both training stages share; 8 the entry point.
 """
 import argparse
 import atexit
 import contextlib
 import cProfile
+import fcntl  # POSIX: the kit's runs target Linux workstations
 import functools
-import glob
 import json
 import math
 import os
 import pstats
 import random
+import re
 import shlex
 import socket
 import sys
@@ -33,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from common import (BACKBONES, IGNORE, LAYOUT_FIX, N_CLASSES, SYNTHETIC_ROOTS, FewShotIoU, KitError, base_classes,
+from common import (BACKBONES, IGNORE, LAYOUT_FIX, N_CLASSES, SYNTHETIC_ROOTS, KitError, base_classes,
                     load_checkpoint, novel_classes, run_episodes, summarize)
 
 
@@ -46,7 +42,7 @@ class KitParser(argparse.ArgumentParser):
 
 
 def bounded(kind, lo=None, hi=None, open_lo=False):
-    """An argparse type: `kind` (int or float) within [lo, hi] (lo excluded if open_lo), checked at parse
+    """An argparse type: a finite `kind` (int or float) within [lo, hi] (lo excluded if open_lo), checked at parse
     time, so a bad value stops the run before any work with 'argument --flag: value V is ...'."""
     def check(text):
         v = kind(text)
@@ -73,10 +69,14 @@ def dataset_of(argv):
     return dataset if dataset in N_CLASSES else "synthetic"  # a wrong name is refused by the full parser
 
 
+def typed(argv, flag):
+    """Whether the command line names this flag (--flag or --flag=value)."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv or [])
+
+
 def add_flag(group, dataset, flags, default, help, **kw):
-    """Add a flag (`flags`: its names, space-separated) whose default may depend on the dataset ({dataset: value},
-    the one place it is written): the parser gets the value for `dataset`, and --help prints it beside the
-    other datasets' values."""
+    """Add a flag (`flags`: its names) whose default may depend on the dataset ({dataset: value}, the one place it
+    is written): the parser gets the value for `dataset`, and --help prints it beside the other datasets'."""
     if isinstance(default, dict):
         key = dataset if dataset in default else "synthetic"  # the synthetic worlds share unless told
         others = "; ".join(f"{d} {'required' if v is None else v}" for d, v in default.items() if d != key)
@@ -92,11 +92,11 @@ def add_data_args(parser, dataset, stage):
     """The data flags of a stage ('pretrain', 'metatrain', 'evaluate', 'nonparametric' or 'verify'); evaluate's
     have no defaults (the checkpoint's fill them)."""
     d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
-    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + ("; default: the checkpoint's" * (stage == "evaluate")))
+    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + "; default: the checkpoint's" * (stage == "evaluate"))
     add_flag(g, dataset, "--dataset", d("synthetic"), "pascal, coco, or a built-in synthetic benchmark world",
              choices=list(N_CLASSES))
     add_flag(g, dataset, "--data-root", d(dict(pascal=None, coco=None, **SYNTHETIC_ROOTS)),
-             "VOC-layout root (python prepare_data.py makes one; the synthetic one is generated on first use)")
+             "VOC-layout root (python prepare_data.py makes one; the synthetic one is drawn on first use)")
     if stage != "verify":
         add_flag(g, dataset, "--fold", d(0), "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
     add_flag(g, dataset, "--train-pool", d(dict(pascal="oslsm", coco="aug", synthetic="aug")), "aug: every mask "
@@ -104,26 +104,24 @@ def add_data_args(parser, dataset, stage):
              "(PROTOCOL.md 2.2)", choices=["aug", "oslsm"])
     add_flag(g, dataset, "--coco-split", d("interleaved"), "COCO-20i folds: interleaved is PFENet/BAM/HSNet's "
              "(PROTOCOL.md 1.2)", choices=["interleaved", "contiguous"])
-    if stage != "pretrain":  # the pixel rule and the test canvas belong to episodes
+    if stage != "pretrain":  # the pixel rule and the test geometry belong to episodes
         add_flag(g, dataset, "--min-pixels", d(dict(pascal=2048, coco=2048, synthetic=128)),
                  "pixel rule of the support pools (PROTOCOL.md 3.1)", type=POSITIVE)
     if stage not in ("pretrain", "verify"):
-        add_flag(g, dataset, "--test-size", d(dict(pascal=473, coco=641, synthetic=96)),
-                 "test canvas side (PROTOCOL.md 5.1)", type=SIZE)
+        add_flag(g, dataset, "--test-size", d(dict(pascal=473, coco=641, synthetic=64)), "test canvas side "
+                 "(PROTOCOL.md 5.1)", type=SIZE)
+        add_flag(g, dataset, "--test-geometry", d("pfenet"), "pfenet: keep the aspect, longer side to --test-size, "
+                 "score at the original label size (PFENet/BAM); hsnet: both sides to --test-size, score there "
+                 "(HSNet/DCAMA, with --test-size 400) (PROTOCOL.md 5)", choices=["pfenet", "hsnet"])
     return parser
-
-
-def cpu_cores():
-    """The cores this process may use (the affinity mask, not the machine's count, where the OS tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def add_common_args(parser, dataset, stage):
     """The flags the stages share: data, model and run flags. stage: 'pretrain', 'metatrain' (with --seed and
     --out), 'nonparametric' (with --seed) or 'evaluate' (data and model default to the checkpoint's)."""
-    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)  # evaluate: the checkpoint's
+    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
     add_data_args(parser, dataset, stage)
-    g = parser.add_argument_group("model" + ("; default: the checkpoint's" if stage == "evaluate" else ""))
+    g = parser.add_argument_group("model" + "; default: the checkpoint's" * (stage == "evaluate"))
     add_flag(g, dataset, "--backbone", d(dict(pascal="resnet50", coco="resnet50", synthetic="resnet18")),
              "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. 3.1); resnet18 "
              "for CPU runs", choices=BACKBONES)
@@ -131,8 +129,12 @@ def add_common_args(parser, dataset, stage):
              "backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt", dest="weights")
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    g.add_argument("--workers", type=NON_NEGATIVE, default=min(8, cpu_cores()), help="DataLoader workers; results "
-                   "do not depend on it (default min(8, cores): %(default)s here)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    g.add_argument("--workers", type=NON_NEGATIVE, default=min(8, cores), help="DataLoader workers; results do not "
+                   "depend on it (default min(8, the cores this process may use): %(default)s here)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 autocast "
+                   "on a GPU that has bfloat16, fp32 elsewhere; bf16: bfloat16 autocast (CPU or CUDA); fp16: float16 "
+                   "autocast with a gradient scaler, CUDA only (default %(default)s)")
     if stage != "evaluate":
         g.add_argument("--seed", type=int, default=321, help="all randomness of the run: initialisation, "
                        "augmentation, training episodes (PFENet/BAM's value) (default %(default)s)")
@@ -155,11 +157,11 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     add_flag(g, dataset, "--power", 0.9, "power of the poly lr schedule, per iteration (PROTOCOL.md 7.1)",
              type=bounded(float, 0.0))
     g = parser.add_argument_group("run control")
-    add_precision_arg(g)
     g.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations; the lr schedule is unchanged")
     add_flag(g, dataset, "--log-every", 20, "iterations between progress lines", type=POSITIVE)
     add_flag(g, dataset, "--save-every", 200, "iterations between checkpoints", type=POSITIVE)
-    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (a fresh start if none yet)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt (a fresh start "
+                   "if none yet); a folder holding a checkpoint is never started again without it")
     g.add_argument("--select", default="last", choices=["last", "best-val"], help="last: the final model (honest); "
                    "best-val: also keep best.pt, the best validation on the val images, as BAM and PFENet do "
                    "(PROTOCOL.md 8.1) (default %(default)s)")
@@ -171,46 +173,38 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
 def add_eval_args(parser):
     """The flags of both tests (evaluate.py, nonparametric_eval.py): episodes, seeds, outputs, your own images."""
     g = parser.add_argument_group("episodic evaluation (PROTOCOL.md 5, 8)")
-    g.add_argument("--episodes", type=POSITIVE, default=1000,
-                   help="episodes per seed, as BAM and HSNet; use >= 10000 on COCO (PROTOCOL.md 8.2-8.4) "
-                   "(default %(default)s)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988],
-                   help="one evaluation per seed, reported as mean +- std (BAM test.py's seeds) (default %(default)s)")
+    g.add_argument("--episodes", type=POSITIVE, default=1000, help="episodes per seed, as BAM and HSNet; use >= "
+                   "10000 on COCO (PROTOCOL.md 8.2-8.4) (default %(default)s)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988], help="one evaluation per seed, "
+                   "reported as mean +- std (BAM test.py's seeds) (default %(default)s)")
     g.add_argument("--json", help="write the results to this file")
     g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, "
                    "bcpt K=6...)")
-    g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these result files")
+    g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these results "
+                   "files, and beside it the paper's numbers where it reports the row")
     g.add_argument("--episode-log", metavar="FILE", help="one JSON line per episode (seed, index, query and support "
                    "ids, class, intersection and union), from which every reported number can be recomputed")
-    add_precision_arg(g)
     g = parser.add_argument_group("your own images (no data root, fold or class needed)")
     g.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"), help="a support image and its "
-                   "mask (foreground wherever non-zero); repeat for more shots")
+                   "mask (0/1, 0/255, palette, RGB or transparent PNG; README 'Your own images'); repeat for shots")
     g.add_argument("--query", nargs="+", metavar="IMAGE", help="images to segment with the --support examples")
     g.add_argument("--out", help="folder for NAME_mask.png and NAME_overlay.png of each --query (with "
                    "evaluate.py --curves: the PNG to write)")
     return parser
 
 
-def add_precision_arg(group):
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 "
-                       "autocast on a GPU that has bfloat16, fp32 elsewhere; bf16: bfloat16 autocast (CPU or CUDA); "
-                       "fp16: float16 autocast with a gradient scaler, CUDA only (default %(default)s)")
-
-
 def finish_args(args, out_name=None, needs_data=True, outputs=(), inputs=()):
     """Checks that need several flags, derived values, the device and precision; out_name: the default run folder
     name; outputs: (flag, is a folder) of the paths the run will write, inputs: the flags naming files it reads, all
-    checked now rather than after the work. The flags as parsed and resolved are kept in args.flags (args.json;
-    flags_to_argv turns them back)."""
+    checked now rather than after the work. The flags as parsed are kept in args.flags (args.json)."""
     if args.data_root is None and needs_data:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
     if out_name and args.out is None:
         args.out = os.path.join("runs", out_name)
     check_paths(args, outputs, inputs)
+    args.flags = dict(vars(args))
     args.device = setup_device(args.device)
     args.amp = precision_of(args.precision, torch.device(args.device))
-    args.flags = {k: v for k, v in vars(args).items() if k != "amp"}
     args.novel, args.base = (novel_classes(args.dataset, args.fold, args.coco_split),
                              base_classes(args.dataset, args.fold, args.coco_split))
     return args
@@ -219,31 +213,21 @@ def finish_args(args, out_name=None, needs_data=True, outputs=(), inputs=()):
 def check_paths(args, outputs=(), inputs=()):
     """outputs: (flag, is a folder) of every path the run will write; inputs: the flags naming files it reads."""
     for flag, folder in outputs:
-        check_writable(getattr(args, flag[2:].replace("-", "_")), flag, folder)
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is None:
+            continue
+        if os.path.exists(path) and os.path.isdir(path) != folder:
+            raise KitError(f"{flag} {path} is a {'file' if folder else 'folder'}: pass the "
+                           f"{'folder' if folder else 'file'} to write")
+        near = os.path.abspath(path)
+        while not os.path.exists(near):
+            near = os.path.dirname(near)
+        if not (os.path.isdir(near) or near == os.path.abspath(path)) or not os.access(near, os.W_OK):
+            raise KitError(f"{flag} {path} cannot be written ({near} is not a writable folder): choose another path")
     for flag in inputs:
         for path in getattr(args, flag[2:].replace("-", "_")) or []:
             if not os.path.isfile(path) or not os.access(path, os.R_OK):
                 raise KitError(f"{flag} {path}: no such readable file")
-
-
-def check_writable(path, flag, folder=False):
-    """Refuse a path the run could not write, before the work: one of the wrong kind (file / folder), or one whose
-    nearest existing folder is not writable."""
-    if path is None:
-        return
-    if os.path.exists(path) and os.path.isdir(path) != folder:
-        kind = ("a file", "folder") if folder else ("a folder", "file")
-        raise KitError(f"{flag} {path} is {kind[0]}: pass the {kind[1]} to write")
-    near = os.path.abspath(path)
-    while not os.path.exists(near):
-        near = os.path.dirname(near)
-    if not os.access(near, os.W_OK) or (near != os.path.abspath(path) and not os.path.isdir(near)):
-        raise KitError(f"{flag} {path} cannot be written ({near} is not a writable folder): choose another path")
-
-
-def typed(argv, flag):
-    """Whether the command line names this flag (--flag or --flag=value)."""
-    return any(a == flag or a.startswith(flag + "=") for a in argv or [])
 
 
 def flags_to_argv(flags):
@@ -261,16 +245,12 @@ def flags_to_argv(flags):
 
 
 # ============ 2. Several processes (torchrun): one process per device, rank 0 prints and writes ============
-def distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
 def rank():
-    return dist.get_rank() if distributed() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world():
-    return dist.get_world_size() if distributed() else 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main():
@@ -285,21 +265,19 @@ def setup_device(flag):
         raise KitError(f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda, "
                        "cpu or auto (and choose the GPUs with CUDA_VISIBLE_DEVICES)")
     try:
-        device = torch.device("cuda" if flag == "auto" and torch.cuda.is_available() else "cpu" if flag == "auto"
-                              else flag)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag)
     except RuntimeError:
         raise KitError(f"--device {flag}: not a device; pass auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise KitError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s) that torch can "
-                       "use; pass --device cpu" + (" or cuda:0" if torch.cuda.device_count() else ""))
+                       "use; pass --device cpu" + " or cuda:0" * (torch.cuda.device_count() > 0))
     if not launched:
         return str(device)
-    cuda = flag != "cpu" and torch.cuda.is_available()
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-    if cuda:
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device.type == "cuda" else "cpu"
+    if device != "cpu":
         torch.cuda.set_device(device)
-    if not distributed():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if world() == 1:
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
         atexit.register(dist.destroy_process_group)  # else gloo's threads may abort the process as it exits
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")
@@ -315,12 +293,12 @@ def all_reduce_sum(t):
     return x.to(t.device)
 
 
-def same_on_all_ranks(t):
-    """Whether the tensor is bit-identical on every process (the BCPT centres after a run)."""
-    copies = [None] * world()
+def gathered(obj):
+    """[obj of every process], in rank order."""
+    objs = [obj] * world()
     if world() > 1:
-        dist.all_gather_object(copies, t.detach().cpu())
-    return world() == 1 or all(torch.equal(copies[0], c) for c in copies)
+        dist.all_gather_object(objs, obj)
+    return objs
 
 
 def wrap_ddp(model, device, sync_bn=False):
@@ -328,13 +306,13 @@ def wrap_ddp(model, device, sync_bn=False):
     trains on CUDA; buffers are not broadcast, the BCPT centres stay in step by all_reduce_sum). One: the model."""
     if world() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel as DDP
     if sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     import inspect  # torch >= 2.14 names the option forward_sync_buffers; earlier ones broadcast_buffers
-    params = inspect.signature(DistributedDataParallel).parameters
-    no_sync = {("forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"): False}
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    option = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{option: False})
 
 
 def global_mean(loss, logits, target, n):
@@ -402,51 +380,24 @@ def amp_dtype(args):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
 
-def autocast(device, dtype):
-    """Mixed precision in `dtype` on `device`, or nothing for dtype None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def autocast_call(device, dtype, fn, *a):
+    """fn(*a) under autocast in `dtype` (nothing for None) on `device`."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return fn(*a)
 
 
-# ============ 4. Checkpoints and RNG state ============
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state():
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # lists, not arrays: weights_only loads them
-    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
+# ============ 4. Files: atomic writes, checkpoints, RNG state ============
 def write_atomic(path, save, obj):
     """save(obj, temp) then one rename: a crash mid-write leaves the previous file intact, and no reader ever sees a
     half-written one. The temp file's name (PATH.tmpPID) is the only kind the kit ever deletes, left by a kill."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save(obj, tmp)
-    os.replace(tmp, path)
+    save(obj, f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
-def save_json(obj, path):
+def save_text(text, path):
     with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-def save_lines(lines, path):
-    with open(path, "w") as f:
-        f.writelines(lines)
+        f.write(text if isinstance(text, str) else json.dumps(text, indent=1))
 
 
 def read_json(path, flag):
@@ -458,8 +409,33 @@ def read_json(path, flag):
         raise KitError(f"{flag} {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
 
 
-def save_checkpoint(path, state):
-    write_atomic(path, torch.save, state)
+def parse_json_line(line):
+    """One record of a log.jsonl, or None for a line a kill cut off (no newline) or garbled."""
+    try:
+        return json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+        return None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # lists, not arrays: weights_only loads them
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ============ 5. Run folders, locks and run records ============
@@ -471,11 +447,11 @@ def check_run_folder(args, stage, keys):
     same stage, with the same `keys` flags; a folder of another stage's run is refused. -> the checkpoint to
     resume from, or None."""
     path, fresh = os.path.join(args.out, "last.pt"), "choose a new --out"
-    if os.path.isfile(os.path.join(args.out, "args.json")):
-        with open(os.path.join(args.out, "args.json")) as f:
-            other = json.load(f).get("stage", stage) if os.path.getsize(f.name) else stage
-        if other != stage:
-            raise KitError(f"--out {args.out} holds a {other} run, not a {stage} run: {fresh}")
+    record = os.path.join(args.out, "args.json")
+    other = (read_json(record, "--out").get("stage", stage) if os.path.isfile(record) and os.path.getsize(record)
+             else stage)
+    if other != stage:
+        raise KitError(f"--out {args.out} holds a {other} run, not a {stage} run: {fresh}")
     if not os.path.isfile(path):
         return None
     ckpt = load_checkpoint(path)
@@ -490,61 +466,46 @@ def check_run_folder(args, stage, keys):
 
 @contextlib.contextmanager
 def run_folder(out):
-    """One run per folder: hold an exclusive lock on OUT/.lock (holding our process id) while the run lasts.
-    A second run on the same folder stops at once; a lock left by a killed run is taken over with a note
-    (the kernel releases a dead process's lock), and that run's temp files are removed. Under torchrun
-    rank 0 holds it and tells the others whether it could."""
-    with contextlib.ExitStack() as stack:
-        taken = torch.zeros(1)
+    """One run per folder: rank 0 holds an exclusive lock on OUT/.lock (with its process id) while the run lasts,
+    and tells the other ranks whether it could. A second run on the same folder stops at once; a lock left by a
+    killed run is taken over with a note (the kernel releases a dead process's lock), and its temp files removed."""
+    f, err = None, None
+    if is_main():
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
         try:
-            if is_main():
-                stack.enter_context(_locked(out))
-                taken += 1
-        finally:  # every rank learns whether rank 0 took the folder, also when it could not
-            taken = all_reduce_sum(taken)
-        if not taken.item():
-            raise KitError(f"--out {out}: rank 0 could not take the run folder (its message says why)")
-        yield out
-
-
-@contextlib.contextmanager
-def _locked(out):
-    """The lock of run_folder, in this process."""
-    import fcntl  # POSIX; the kit's runs target Linux workstations
-    import re
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, ".lock")
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            err = f"--out {out} is in use by {f.read().strip() or 'another process'} ({f.name}): wait for that " \
+                  "run to end, or choose another --out"
+            f.close()
+    if all_reduce_sum(torch.tensor([float(err is not None)])).item():
+        raise KitError(err or f"--out {out}: rank 0 could not take the run folder (its message says why)")
+    if f:
         f.seek(0)
-        owner = f.read().strip() or "another process"
-        f.close()
-        raise KitError(f"--out {out} is in use by {owner} (lock {path}): wait for that run to end, "
-                       "or choose another --out") from None
-    f.seek(0)
-    previous = f.read().strip()
-    if previous:
-        print(f"note: {path} was left by {previous}, which is no longer running; taking it over")
-    for name in os.listdir(out):  # a killed run's half-written files, named by write_atomic; nothing else
-        if re.fullmatch("(" + "|".join(map(re.escape, RUN_FILES)) + r")\.tmp\d+", name):
-            os.remove(os.path.join(out, name))
-    f.seek(0)
-    f.truncate()
-    f.write(f"process {os.getpid()} on {socket.gethostname()}")
-    f.flush()
+        previous = f.read().strip()
+        if previous:
+            print(f"note: {f.name} was left by {previous}, which is no longer running; taking it over")
+        for name in os.listdir(out):  # a killed run's half-written files, named by write_atomic; nothing else
+            if re.fullmatch("(" + "|".join(map(re.escape, RUN_FILES)) + r")\.tmp\d+", name):
+                os.remove(os.path.join(out, name))
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}")
+        f.flush()
     try:
         yield out
     finally:
-        f.seek(0)
-        f.truncate()  # an empty lock file means a clean end; the file stays so lockers share one inode
-        f.close()
+        if f:
+            f.seek(0)
+            f.truncate()  # an empty lock file means a clean end; the file stays so lockers share one inode
+            f.close()
 
 
 def run_record(args, data=None):
     """What ran where: UTC time, host, library versions, device, world size, the kit's git commit and whether
-    its tree was dirty, the data root and its pool sizes (args.json, and "run" in the results files)."""
+    its tree was dirty, the data root, its pool sizes and world checksum (args.json, and "run" in results files)."""
     import platform
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
@@ -561,20 +522,44 @@ def run_record(args, data=None):
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "world_size": world(), "git_commit": commit, "git_dirty": dirty,
             "data_root": os.path.abspath(args.data_root) if args.data_root else None,
+            "world_checksum": getattr(args, "world_checksum", None),
             "pools": {split: len(ids) for split, (ids, _) in data.items()} if data else None}
 
 
-def write_args_json(args, stage, argv, data):
-    """<out>/args.json at the start of a run, once every check has passed: the stage, the command line, every flag
-    with its default filled in, the values derived from them, and the run record."""
-    if is_main():
-        derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
-        write_atomic(os.path.join(args.out, "args.json"), save_json, {
-            "stage": stage, "argv": list(argv), "flags": args.flags, "derived": derived, "run": run_record(args, data)})
+# ============ 6. Results files and tables, beside the paper's numbers ============
+BAM_BASE_MIOU = {  # BAM's base learners' base-class mIoU on the val images, folds 0-3 (PROTOCOL.md 11.2)
+    ("pascal", "vgg16"): [67.76, 65.82, 65.51, 69.95], ("pascal", "resnet50"): [71.43, 69.17, 69.19, 73.72],
+    ("coco", "vgg16"): [44.99, 43.04, 45.92, 45.05], ("coco", "resnet50"): [50.84, 49.41, 51.95, 50.89]}
+def base_learner_check(args, miou):
+    """The final base-class mIoU on the val images, beside BAM's base learner's for that fold where it exists."""
+    bam = BAM_BASE_MIOU.get((args.dataset, args.backbone.replace("50v2", "50")), [None] * 4)[args.fold]
+    return f"base-class mIoU on the val images: {miou:.2f}" + (
+        f" (BAM's base learner, {args.dataset} fold {args.fold}, {args.backbone}: {bam}, PROTOCOL.md 11.2)" * bool(bam))
 
 
-# ============ 6. Results files and tables ============
-BAM_BASE_MIOU = {"pascal": [71.43, 69.17, 69.19, 73.72]}  # BAM's ResNet-50 base learners, folds 0-3 (BAM #17)
+PAPER = {  # the BCPT paper's ASPP-PFENet rows, mIoU folds 0-3 and mean (PROTOCOL.md 11.1): (table, dataset,
+    # backbone, pre-training, shot)
+    (1, "pascal", "vgg16", "ImageNet", 1): [59.45, 66.65, 63.22, 54.77, 61.02],
+    (1, "pascal", "vgg16", "ImageNet", 5): [63.39, 70.11, 67.66, 62.51, 65.92],
+    (1, "pascal", "vgg16", "Standard", 1): [60.02, 68.67, 63.76, 55.00, 61.86],
+    (1, "pascal", "vgg16", "Standard", 5): [64.02, 71.51, 69.39, 63.55, 67.12],
+    (1, "pascal", "vgg16", "BCPT", 1): [60.77, 69.96, 64.28, 56.60, 62.90],
+    (1, "pascal", "vgg16", "BCPT", 5): [65.21, 72.68, 70.81, 64.81, 68.38],
+    (1, "pascal", "resnet50", "ImageNet", 1): [64.42, 70.81, 63.64, 57.98, 64.21],
+    (1, "pascal", "resnet50", "ImageNet", 5): [67.10, 72.31, 63.64, 63.19, 66.56],
+    (1, "pascal", "resnet50", "Standard", 1): [64.79, 71.46, 65.94, 59.51, 65.36],
+    (1, "pascal", "resnet50", "Standard", 5): [67.59, 73.21, 67.63, 65.97, 68.60],
+    (1, "pascal", "resnet50", "BCPT", 1): [68.73, 71.57, 65.69, 61.22, 66.87],
+    (1, "pascal", "resnet50", "BCPT", 5): [73.20, 74.25, 69.38, 67.50, 71.21],
+    (1, "coco", "resnet50", "ImageNet", 1): [37.11, 47.47, 43.20, 41.28, 42.27],
+    (1, "coco", "resnet50", "ImageNet", 5): [43.25, 52.94, 48.58, 48.01, 48.20],
+    (1, "coco", "resnet50", "Standard", 1): [37.57, 48.21, 44.13, 42.68, 43.15],
+    (1, "coco", "resnet50", "Standard", 5): [44.89, 52.85, 50.30, 48.44, 49.12],
+    (1, "coco", "resnet50", "BCPT", 1): [37.50, 51.15, 44.38, 42.33, 43.84],
+    (1, "coco", "resnet50", "BCPT", 5): [45.47, 53.98, 50.94, 49.01, 49.85],
+    (2, "pascal", "resnet50", "ImageNet", 1): [27.04, 38.29, 36.40, 33.88, 33.90],
+    (2, "pascal", "resnet50", "Standard", 1): [28.65, 40.43, 43.33, 36.85, 37.32],
+    (2, "pascal", "resnet50", "BCPT", 1): [38.52, 47.08, 46.01, 38.65, 42.57]}
 
 
 def pretrain_label(weights):
@@ -599,6 +584,17 @@ def pretrain_label(weights):
             + (" Eq3=base" if a.get("eq3") == "base" else "") + tail)
 
 
+def paper_row(r):
+    """The key of PAPER for a results file, or None: the paper's pre-training (ImageNet weights, Standard, BCPT
+    with K=6, alpha 0.1 and guidance, either reading of Eqs. 3-4) on its backbone (ResNet-50: either stem)."""
+    label, t = r["pretrained"], 2 if r.get("method") == "non-parametric prior" else 1
+    kind = ("ImageNet" if label == "imagenet" else "Standard" if re.fullmatch(
+        r"standard (psp|linear|\(BAM best.pth\))( best-val)?", label) else "BCPT" if re.fullmatch(
+        r"bcpt K=6 Eq4=\w+( Eq3=base)?( best-val)?", label) else None)
+    key = (t, r["dataset"], {"resnet50v2": "resnet50"}.get(r["backbone"], r["backbone"]), kind, r["shot"])
+    return key if key in PAPER and r.get("protocol", {}).get("test_geometry", "pfenet") == "pfenet" else None
+
+
 def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None):
     """common.run_episodes for every seed (default args.seeds, args.episodes episodes each, of the novel classes),
     predict under autocast in `dtype`, the episodes shared out over the processes and their counts summed;
@@ -608,70 +604,70 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, class
     if args.dataset == "coco" and episodes < 10000:
         print(f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so mIoU is noisy "
               "between seeds; use --episodes 10000 to compare methods (PROTOCOL.md 8.2, 8.4)")
-    device = torch.device(args.device)
-    timed = lambda item: autocast_call(device, dtype, predict, item)
+    timed = functools.partial(autocast_call, torch.device(args.device), dtype, predict)
     runs, t0, t_model = [], time.perf_counter(), 0.0
     for seed in seeds:
         meters, lines, t = run_episodes(args, data, seed, episodes, timed, decide, classes, (rank(), world()))
-        meters = {k: m.reduce(all_reduce_sum) for k, m in meters.items()}
-        if world() > 1:
-            shards = [None] * world()
-            dist.all_gather_object(shards, lines)
-            lines = sorted((line for s in shards for line in s), key=lambda line: json.loads(line)["index"])
-        if getattr(args, "episode_log", None) and is_main():
-            with open(args.episode_log, "a") as f:
-                f.writelines(line + "\n" for line in lines)
-        runs.append(meters)
+        runs.append({k: m.reduce(all_reduce_sum) for k, m in meters.items()})
+        if getattr(args, "episode_log", None):  # every rank's episodes, in episode order
+            lines = sorted(sum(gathered(lines), []), key=lambda x: json.loads(x)["index"])
+            if is_main():
+                with open(args.episode_log, "a") as f:
+                    f.writelines(f"{x}\n" for x in lines)
         t_model += t
         print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}"
-                                           for k, m in meters.items()))
+                                           for k, m in runs[-1].items()))
     total = time.perf_counter() - t0
     print(f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * t_model / total:.0f}% of the time in the "
           "model")
     out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
     for name, r in out.items():
         print(f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- {r['fb_iou_std']:.2f} "
-              f"over {len(seeds)} seeds; class IoU " + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items()))
+              f"over {len(seeds)} seeds" + ", ALL BACKGROUND (a collapsed model)" * r["all_background"]
+              + "; class IoU " + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items()))
     return out
-
-
-def autocast_call(device, dtype, fn, *a):
-    with autocast(device, dtype):
-        return fn(*a)
 
 
 def write_results(path, summary, args, data=None, **fields):
     """The results JSON of evaluate.py / nonparametric_eval.py (README "Results files"), with the run record,
     written atomically."""
     protocol = {"split": "val, novel classes", "query_order": "val list in order, wrapping", "batch": 1,
-                "test_size": args.test_size,
-                "scoring": "logits resized to max(H, W) of the original label (ori_resize)",
-                "ignore": IGNORE, "min_pixels": args.min_pixels, "train_pool": args.train_pool,
-                "coco_split": args.coco_split, "std": "sample std over seeds"}
+                "test_size": args.test_size, "test_geometry": args.test_geometry, "ignore": IGNORE,
+                "scoring": {"pfenet": "logits resized to max(H, W) of the original label (ori_resize)",
+                            "hsnet": "image and label resized to test_size x test_size"}[args.test_geometry],
+                "min_pixels": args.min_pixels, "train_pool": args.train_pool, "coco_split": args.coco_split,
+                "std": "sample std over seeds"}
     out = {**summary, "episodes": args.episodes, "seeds": args.seeds, "shot": args.shot, "fold": args.fold,
            "dataset": args.dataset, "backbone": args.backbone, "precision": args.amp, "protocol": protocol,
-           "world_checksum": getattr(args, "world_checksum", None),
-           **fields, "run": run_record(args, data)}
+           "world_checksum": getattr(args, "world_checksum", None), **fields, "run": run_record(args, data)}
     if is_main():
-        write_atomic(path, save_json, out)
+        write_atomic(path, save_text, out)
         print(f"wrote {path}")
 
 
 def format_table(paths, metric="miou"):
-    """Paper Table 1 / 2 layout: one row per (dataset, backbone, method, pre-training) over the files,
-    folds 0-3 and mean per shot; several files in one cell (e.g. training seeds) print as mean+-std.
-    metric: the results field shown (or a function of the results)."""
-    cells, shots = {}, set()
+    """Paper Table 1 / 2 layout: one row per (dataset, backbone, method, pre-training, test geometry) over the
+    files, folds 0-3 and mean per shot; several files in one cell (training seeds) print as mean+-std, with how many
+    were all background; then, for the rows the paper reports, its numbers beside ours (table_vs_paper)."""
+    cells, shots, files = {}, set(), {}
     for p in paths:
         r = read_json(p, "--table")
         try:
-            row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"])
+            geometry = r.get("protocol", {}).get("test_geometry", "pfenet")
+            row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"] + f" @{geometry}" * (
+                geometry != "pfenet"))
             value = metric(r) if callable(metric) else r[metric]
         except (KeyError, TypeError, AttributeError) as e:
             raise KitError(f"--table {p}: not a results file of this kit (no {e})") from None
-        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append(value)
+        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append((value, r.get("all_background")))
+        files.setdefault(row, []).append(r)
         shots.add(r["shot"])
-    cell = lambda v: "-" if not v else f"{np.mean(v):.2f}" + (f"+-{np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+
+    def cell(v):
+        flat = " (all background)" if any(c for _, c in v) and len(v) == 1 else f" ({sum(c for _, c in v)} of " \
+            f"{len(v)} all background)" * any(c for _, c in v)
+        return "-" if not v else f"{np.mean([x for x, _ in v]):.2f}" + (
+            f"+-{np.std([x for x, _ in v], ddof=1):.2f}" if len(v) > 1 else "") + flat
     head = ["Dataset", "Backbone", "Method", "Pre-train"] + [f"{s}-shot {c}" for s in sorted(shots)
                                                              for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -679,11 +675,38 @@ def format_table(paths, metric="miou"):
         vals = []
         for s in sorted(shots):
             folds = [got.get((s, f), []) for f in range(4)]
-            means = [np.mean(v) for v in folds if v]
-            mean = f"{np.mean(means):.2f}" + ("*" if len(means) < 4 else "") if means else "-"
-            vals += [cell(v) for v in folds] + [mean]
+            means = [np.mean([x for x, _ in v]) for v in folds if v]
+            vals += [cell(v) for v in folds] + [f"{np.mean(means):.2f}" + "*" * (len(means) < 4) if means else "-"]
         lines.append("| " + " | ".join(list(row) + vals) + " |")
-    return "\n".join(lines + ["mIoU in %; * = mean over the folds present only."])
+    lines.append("mIoU in %; * = mean over the folds present only.")
+    return "\n".join(lines + [line for rs in files.values() for line in table_vs_paper(rs, metric)])
+
+
+def table_vs_paper(results, metric):
+    """Where the paper reports a row: per fold and the mean, ours beside the paper's, the difference, the spread
+    of our seeds (training seeds when several files share a cell, else the evaluation seeds of the one file) and
+    whether the paper's number lies inside it, and BAM test.py's figure, the best of the evaluation seeds."""
+    key = paper_row(results[0])
+    if key is None or metric not in ("miou",):
+        return []
+    lines = [f"Beside the paper (Table {key[0]}, {key[1]} {key[2]} {key[3]} {key[4]}-shot):"]
+    ours = {}
+    for f in range(4):
+        rs = [r for r in results if r["fold"] == f]
+        if not rs:
+            continue
+        seeds = [r["miou"] for r in rs] if len(rs) > 1 else [s["miou"] for s in rs[0]["per_seed"]]
+        best = max(s["miou"] for r in rs for s in r["per_seed"])
+        ours[f] = mean = float(np.mean([r["miou"] for r in rs]))
+        paper, inside = PAPER[key][f], min(seeds) <= PAPER[key][f] <= max(seeds)
+        lines.append(f"  fold {f}: ours {mean:.2f} ({'training' if len(rs) > 1 else 'evaluation'} seeds "
+                     f"{min(seeds):.2f}-{max(seeds):.2f}), paper {paper:.2f}, difference {mean - paper:+.2f}: "
+                     f"{'inside' if inside else 'outside'} the spread of our seeds; best of the evaluation seeds "
+                     f"(BAM test.py's Best_mIoU) {best:.2f}")
+    if len(ours) == 4:
+        mean = float(np.mean(list(ours.values())))
+        lines.append(f"  mean: ours {mean:.2f}, paper {PAPER[key][4]:.2f}, difference {mean - PAPER[key][4]:+.2f}")
+    return lines
 
 
 # ============ 7. The training loop both training stages share ============
@@ -693,26 +716,25 @@ class Stopped(KitError):
 
 
 class Trainer:
-    """Everything around a stage's training step: the run folder (locked, args.json), --resume (refusing a
-    checkpoint made with other `keys` flags), the resumable batch stream, the poly lr, autocast and gradient
+    """Everything around a stage's training step: the run folder (checked, locked, args.json), --resume (refusing
+    a checkpoint made with other `keys` flags), the resumable batch stream, the poly lr, autocast and gradient
     scaling, the NaN stop agreed by every process (keeping the last good state), validation with best.pt, progress
-    lines and log.jsonl, atomic checkpoints holding everything --resume needs, and --benchmark.
+    lines and log.jsonl, atomic checkpoints holding everything --resume needs, Ctrl-C, and --benchmark.
 
     The step, step(batch) -> (loss, metrics), computes the method's loss and calls trainer.optimise(loss) for the
     optimiser step; its loss is this process's share of the whole global batch's loss."""
 
     def __init__(self, args, stage, model, opt, base_lrs, keys):
         self.args, self.stage, self.model, self.opt, self.base_lrs, self.keys = args, stage, model, opt, base_lrs, keys
-        self.device = torch.device(args.device)
-        self.dtype = amp_dtype(args)
+        self.device, self.dtype = torch.device(args.device), amp_dtype(args)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.path, self.best, self.skipped = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}, False
+        self.path, self.best, self.skipped, self.saved = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}, \
+            False, 0
 
     def optimise(self, loss):
         """The optimiser step on the loss, when it is finite on every process (all agree, so none hangs), with
         the gradient scaler of fp16 and the gradient summed over the processes. -> whether a step was taken."""
-        bad = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))]))
-        self.skipped = bad.item() > 0
+        self.skipped = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))])).item() > 0
         if self.skipped:
             return False
         self.opt.zero_grad(set_to_none=True)
@@ -724,11 +746,9 @@ class Trainer:
 
     def save(self, t, path=None, **extra):
         """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait for it."""
-        states = [rng_state()] * world()
-        if world() > 1:
-            dist.all_gather_object(states, rng_state())
+        states = gathered(rng_state())
         if is_main():
-            save_checkpoint(path or self.path, {
+            write_atomic(path or self.path, torch.save, {
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "iter": t,
                 "scaler": self.scaler.state_dict(), "rng": states[0], "args": dict(vars(self.args)),
                 "stage": self.stage, "best": self.best, "select": "last",
@@ -745,28 +765,31 @@ class Trainer:
         with run_folder(args.out):
             if ckpt is None and os.path.isfile(self.path):  # another run wrote it since the check
                 ckpt = check_run_folder(args, self.stage, self.keys)
-            write_args_json(args, self.stage, argv, data)
+            if is_main():
+                derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
+                write_atomic(os.path.join(args.out, "args.json"), save_text, {
+                    "stage": self.stage, "argv": argv, "flags": args.flags, "derived": derived,
+                    "run": run_record(args, data)})
             if ckpt:
-                self.model.load_state_dict(ckpt["model"])
-                self.opt.load_state_dict(ckpt["optimizer"])
-                self.scaler.load_state_dict(ckpt["scaler"])
-                self.best = ckpt.get("best", self.best)
+                for part in ("model", "optimizer", "scaler"):
+                    getattr(self, {"optimizer": "opt"}.get(part, part)).load_state_dict(ckpt[part])
+                self.best, self.saved = ckpt.get("best", self.best), ckpt["iter"]
                 print(f"resumed from {self.path} at iteration {ckpt['iter']}")
             elif args.resume:
                 print(f"--resume: no {self.path} yet, starting from iteration 0")
-            self.saved = start = ckpt["iter"] if ckpt else 0
             with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG,
-                batches = iter(stream_loader(dataset, args.batch, args.seed, start, stop, args.workers, self.device))
+                batches = iter(stream_loader(dataset, args.batch, args.seed, self.saved, stop, args.workers,
+                                             self.device))
             if ckpt:  # ... so that after a resume every RNG is where a straight run has it (each rank's own)
                 ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
                 if len(ranks) != world():
                     print(f"note: {self.path} was written by {len(ranks)} processes, this run has {world()}: every "
                           "rank continues from rank 0's RNG state, so the run is not an exact continuation")
                 set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
-            progress = Progress(stop, start, args.log_every, args.out)
+            progress = Progress(stop, self.saved, args.log_every, args.out)
             self.model.train()
             try:
-                self.loop(batches, start, stop, step, progress, validate, val_every, log_extra)
+                self.loop(batches, stop, step, progress, validate, val_every, log_extra)
             except KeyboardInterrupt:
                 script = {"pretrain": "pretrain_bcpt.py", "metatrain": "metatrain.py"}[self.stage]
                 last = (f"the last checkpoint is {self.path} (iteration {self.saved})" if self.saved else
@@ -775,9 +798,9 @@ class Trainer:
                               + shlex.join(argv + ["--resume"] * (not args.resume))) from None
             print(f"saved {self.path}")
 
-    def loop(self, batches, t, stop, step, progress, validate, val_every, log_extra):
+    def loop(self, batches, stop, step, progress, validate, val_every, log_extra):
         args = self.args
-        for t, batch in enumerate(batches, t):
+        for t, batch in enumerate(batches, self.saved):
             lr = poly_lr(self.opt, self.base_lrs, t, args.total_iters, args.power)
             good = {k: v.clone() for k, v in self.model.named_buffers()}  # BN statistics, centres
             loss, metrics = autocast_call(self.device, self.dtype, step, batch)
@@ -808,43 +831,33 @@ class Trainer:
         peak memory, and the host time inside the functions named `inner` (cProfile); and one sample of `dataset`
         (read, decode, augment) on one core, hence the workers that keep such a step fed. Prints two lines
         (figures, not a test) and returns the ms."""
-        n, batch, sync = self.args.benchmark, self.args.batch, (torch.cuda.synchronize if self.device.type == "cuda"
-                                                                 else (lambda: None))
+        n, batch, cuda = self.args.benchmark, self.args.batch, self.device.type == "cuda"
         t0 = time.perf_counter()
         for i in range(8):
             dataset[i]
         sample_ms = 1000 * (time.perf_counter() - t0) / 8
         batches = iter(stream_loader(dataset, batch, self.args.seed, 0, n + 1, self.args.workers, self.device))
         self.model.train()
-        spent, prof = {"data": 0.0, "network": 0.0}, cProfile.Profile()
+        spent, prof = np.zeros(2), cProfile.Profile()
         for k in range(n + 1):  # step 0 warms up and is not counted
             t0 = time.perf_counter()
             item = next(batches)
             t1 = time.perf_counter()
             prof.enable() if k else None
             autocast_call(self.device, self.dtype, step, item)
-            sync()
+            torch.cuda.synchronize() if cuda else None
             prof.disable()
-            spent["data"] += (t1 - t0) * (k > 0)
-            spent["network"] += (time.perf_counter() - t1) * (k > 0)
-        ms = {k: 1000 * v / n for k, v in spent.items()}
-        ms["inner"] = 1000 * sum(s[3] for f, s in pstats.Stats(prof).stats.items() if f[2] in inner) / n
-        mem = (torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else
+            spent += np.array([t1 - t0, time.perf_counter() - t1]) * (k > 0)
+        data, net = 1000 * spent / n
+        inside = 1000 * sum(s[3] for f, s in pstats.Stats(prof).stats.items() if f[2] in inner) / n
+        mem = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
                __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024)  # Unix
-        share = f", of which {'/'.join(inner)} {ms['inner']:.2f} ms = {100 * ms['inner'] / ms['network']:.2f}%"
-        print(f"benchmark {what} on {self.device}: {ms['data'] + ms['network']:.1f} ms/step = data {ms['data']:.1f} + "
-              f"network {ms['network']:.1f}{share * bool(inner)}; peak memory {mem:.0f} MiB", flush=True)
+        share = f", of which {'/'.join(inner)} {inside:.2f} ms = {100 * inside / net:.2f}%" * bool(inner)
+        print(f"benchmark {what} on {self.device}: {data + net:.1f} ms/step = data {data:.1f} + network {net:.1f}"
+              f"{share}; peak memory {mem:.0f} MiB", flush=True)
         print(f"one sample takes {sample_ms:.1f} ms to load and augment on one core: {batch} per step need "
-              f"{math.ceil(batch * sample_ms / ms['network'])} workers to keep up with this "
-              f"{ms['network']:.0f} ms step")
-        return {**ms, "sample": sample_ms}
-
-
-def parse_json_line(line):
-    try:
-        return json.loads(line) if line.endswith("\n") else None  # a line without its newline was cut off
-    except ValueError:
-        return None
+              f"{math.ceil(batch * sample_ms / net)} workers to keep up with this {net:.0f} ms step")
+        return {"data": data, "network": net, "inner": inside, "sample": sample_ms}
 
 
 def poly_lr(opt, base_lrs, t, total, power=0.9):
@@ -859,16 +872,15 @@ class Progress:
 
     def __init__(self, total, start=0, every=10, out=None, unit="it"):
         """A run from step `start`: <out>/log.jsonl is cut back to the records of steps <= start, so a resumed
-        run logs no step twice and a fresh one starts an empty log."""
+        run logs no step twice and a fresh one starts an empty log; a line a kill cut off is dropped with a note."""
         self.total, self.start, self.every, self.unit = total, start, every, unit
         self.t0, self.log = time.time(), (os.path.join(out, "log.jsonl") if out and is_main() else None)
         if self.log and os.path.exists(self.log):
             with open(self.log) as f:
-                lines = f.readlines()
-            records = [(line, parse_json_line(line)) for line in lines]
+                records = [(line, parse_json_line(line)) for line in f]
             if any(r is None for _, r in records):
                 print(f"note: {self.log}: dropped {sum(r is None for _, r in records)} line(s) cut off by a kill")
-            write_atomic(self.log, save_lines, [line for line, r in records if r and r.get("step", 0) <= start])
+            write_atomic(self.log, save_text, "".join(line for line, r in records if r and r.get("step", 0) <= start))
 
     def due(self, t):
         return t % self.every == 0 or t == self.total
@@ -891,8 +903,8 @@ class Progress:
 
 # ============ 8. The entry point ============
 def run(main):
-    """Entry point of every script: a KitError (also one raised in a DataLoader worker) becomes one
-    line on stderr and exit code 2, not a traceback wall."""
+    """Entry point of every script: a KitError (also one raised in a DataLoader worker) becomes one line on stderr
+    and exit code 2 (130 for Ctrl-C), not a traceback wall."""
     try:
         main(sys.argv[1:])
     except KitError as e:

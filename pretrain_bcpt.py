@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from common import (IGNORE, N_CLASSES, STANDIN_ROOTS, BaseClassDataset, KitError, PSPHead, bcpt_loss, build_backbone,
                     cluster_assign, cluster_sums, fp32, guidance_step, momentum_update, open_data, resize, split_pixels,
                     to_bgr_image)
-from plumbing import (BAM_BASE_MIOU, NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitParser, Trainer, add_common_args,
+from plumbing import (NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitParser, Trainer, add_common_args, base_learner_check,
                       add_flag, add_training_args, all_reduce_sum, bounded, dataset_of, finish_args, global_mean,
-                      global_mean_ce, is_main, pretrain_label, rank, run, same_on_all_ranks, seed_everything, typed,
+                      gathered, global_mean_ce, is_main, pretrain_label, rank, run, seed_everything, typed,
                       world, wrap_ddp)
 
 RESUME_KEYS = ("method", "head", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "eq3", "batch",
@@ -96,6 +96,9 @@ def parse_args(argv):
         if not typed(argv, "--data-root") and args.dataset in STANDIN_ROOTS:
             args.data_root = STANDIN_ROOTS[args.dataset]
         args.train_pool = "aug" if not typed(argv, "--train-pool") else args.train_pool
+        if args.dataset in STANDIN_ROOTS:  # from random weights: 2 epochs teach the classifier nothing (RESULTS.md)
+            args.epochs = args.epochs if typed(argv, "--epochs") else 30
+            args.lr = args.lr if typed(argv, "--lr") else 0.03
     name = f"pretrain-{args.method}-{args.dataset}" + f"-fold{args.fold}" * (args.method != "generic")
     args = finish_args(args, name, outputs=[("--out", True)])
     if args.method == "generic":
@@ -270,12 +273,9 @@ def main(argv=None):
     trainer.fit(dataset, step, stop, argv, data, validate=lambda: validate_base(net, val_set, args, device),
                 val_every=args.iters_per_epoch)
     if val_set:  # is the base learner trained right? (BAM's criterion, PROTOCOL.md 2.5)
-        base_miou = validate_base(net, val_set, args, device)[0]
-        bam = BAM_BASE_MIOU.get(args.dataset, [None] * 4)[args.fold]
-        print(f"base-class mIoU on the val images: {base_miou:.2f}" + (
-            f" (BAM's ResNet-50 base learner, PASCAL-5i fold {args.fold}: {bam})" if bam else ""))
+        print(base_learner_check(args, validate_base(net, val_set, args, device)[0]))
     if args.method == "bcpt" and world() > 1:  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
-        if not same_on_all_ranks(net.centers):
+        if any(not torch.equal(c, net.centers.cpu()) for c in gathered(net.centers.detach().cpu())):
             raise KitError("the cluster centres differ between the processes: please report this")
         print(f"centres bit-identical on the {world()} processes")
     if args.vis_clusters and args.method == "bcpt" and is_main():

@@ -6,6 +6,7 @@ Run: python -m pytest -q test_common.py
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -58,7 +59,7 @@ def make_root(tmp_path, n=8):
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
-    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=200, n_val=100, size=64)
+    return prepare_data.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), n_train=200, n_val=200, size=64)
 
 
 # ---------- common.py 1. BCPT, Eqs. 1-7, against hand-computed values ----------
@@ -365,7 +366,7 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     path = str(tmp_path / "run" / "last.pt")
     state = {"model": {"backbone." + k: v for k, v in net.state_dict().items()},
              "args": {"dataset": "synthetic", "fold": 1, "backbone": "resnet18"}, "iter": 7}
-    plumbing.save_checkpoint(path, state)
+    plumbing.write_atomic(path, torch.save, state)
     assert not os.path.exists(path + ".tmp")
     back = common.load_checkpoint(path, {"fold": 1})
     assert back["iter"] == 7 and all(torch.equal(back["model"][k], v) for k, v in state["model"].items())
@@ -383,7 +384,7 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
 
 def test_rng_state_round_trip(tmp_path):
     plumbing.seed_everything(3)
-    plumbing.save_checkpoint(str(tmp_path / "r.pt"), {"rng": plumbing.rng_state()})
+    plumbing.write_atomic(str(tmp_path / "r.pt"), torch.save, {"rng": plumbing.rng_state()})
     a = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
     plumbing.set_rng_state(common.load_checkpoint(str(tmp_path / "r.pt"))["rng"])
     assert a == (np.random.rand(), torch.rand(1).item(), __import__("random").random())
@@ -492,7 +493,9 @@ def test_layout_and_counts(root):
     with open(os.path.join(root, ".complete")) as f:
         world = json.load(f)["world"]
     with open(os.path.join(root, ".complete")) as f:
-        assert json.load(f) == dict(world=world, n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
+        marker = json.load(f)
+    assert re.fullmatch("[0-9a-f]{16}", marker.pop("checksum"))
+    assert marker == dict(world=world, kind="benchmark", n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)
     names = {"synthetic": prepare_data.SYNTHETIC_CLASS_NAMES, "synthetic2": prepare_data.SYNTHETIC2_CLASS_NAMES}[world]
     assert world in root and len(names) == 20 == len(set(names))
 
@@ -550,7 +553,7 @@ def test_determinism(tmp_path, world):
 
 def test_the_two_worlds_differ_and_each_stays_in_its_folder(tmp_path, capsys):
     one = prepare_data.make_synthetic(str(tmp_path / "one"), 40, 10, 48)
-    two = prepare_data.make_synthetic(str(tmp_path / "two"), 40, 60, 48, world="synthetic2")
+    two = prepare_data.make_synthetic(str(tmp_path / "two"), 40, 150, 48, world="synthetic2")
     masks = [np.stack(list(_masks(r, "train").values())) for r in (one, two)]
     objects = [[len(set(np.unique(m).tolist()) - {0, 255}) for m in ms] for ms in masks]
     assert max(objects[1]) <= 2 < max(objects[0])  # synthetic2: 1-2 objects; synthetic: up to 4
@@ -598,15 +601,16 @@ def test_world_appears_whole_even_if_another_run_publishes_first(tmp_path, monke
     """Deterministic version of the race: mid-generation, root is untouched; then another run publishes
     the same world first; this run keeps it and leaves no temporary folder."""
     root, render, calls, seen = str(tmp_path / "w"), prepare_data._render, [], {}
+    spec = prepare_data.WORLDS["synthetic"]
 
-    def spy(rng, size):
+    def spy(rng, size, *more):
         calls.append(1)
         if len(calls) == 5:  # a quarter of the way through this run's 20 images
             seen["root mid-generation"] = os.path.exists(root)
-            monkeypatch.setattr(prepare_data, "_render", render)
+            monkeypatch.setitem(spec, "render", render)
             prepare_data.make_synthetic(root, 16, 4, 32)  # the other run, start to finish
-        return render(rng, size)
-    monkeypatch.setattr(prepare_data, "_render", spy)
+        return render(rng, size, *more)
+    monkeypatch.setitem(spec, "render", spy)
     assert prepare_data.make_synthetic(root, 16, 4, 32) == root
     assert seen == {"root mid-generation": False}
     assert len(os.listdir(os.path.join(root, "SegmentationClassAug"))) == 20
@@ -1644,7 +1648,7 @@ def test_own_images_nonparametric_and_mask_formats(own_episode, pretrained, caps
     palette.save(d / "palette.png")
     cv2.imwrite(str(d / "rgb.png"), np.stack([np.zeros_like(m), m * 128, m * 0], -1).astype(np.uint8))
     for mask in ("palette.png", "rgb.png"):
-        assert np.array_equal(common.read_user_mask(str(d / mask), "img", m.shape), m.astype(np.uint8))
+        assert np.array_equal(prepare_data.read_user_mask(str(d / mask), "img", m.shape), m.astype(np.uint8))
     nonparametric_eval.main(["--pretrained", pretrained["bcpt"], "--support", str(d / f"{support}.jpg"),
                              str(d / "palette.png"), "--query", str(d / f"{query}.jpg"), "--out", str(d / "np"),
                              "--test-size", "64"])
@@ -1679,7 +1683,7 @@ def test_args_json_round_trip_and_log_without_duplicates(synthetic_root, tmp_pat
     again = pretrain_bcpt.parse_args(plumbing.flags_to_argv(j["flags"]))
     assert again.flags == j["flags"] and j["flags"]["resume"] and j["derived"]["total_iters"] == 50
     assert {"utc", "host", "torch", "torchvision", "cuda", "cudnn", "device", "world_size", "git_commit",
-            "git_dirty", "data_root", "pools"} <= set(j["run"]) and j["run"]["pools"] == {"train": 200}
+            "git_dirty", "data_root", "pools"} <= set(j["run"]) and j["run"]["pools"] == {"train": 200, "val": 200}
     assert j["stage"] == "pretrain" and j["derived"]["amp"] == "fp32"
 
 
@@ -1990,7 +1994,7 @@ def test_every_common_way_of_storing_a_mask(tmp_path):
         cv2.imwrite(str(tmp_path / name), arr if arr.ndim == 2 or arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]])
     write_p_png(tmp_path / "palette.png", voc)
     for name in [*files, "palette.png"]:
-        got = common.read_user_mask(str(tmp_path / name), "img", m.shape)
+        got = prepare_data.read_user_mask(str(tmp_path / name), "img", m.shape)
         expect = m.copy()
         if name in ("voc.png", "palette.png"):
             expect[9, 5:25] = 255  # void, ignored

@@ -9,7 +9,7 @@ Sections:
   5. Transforms: training augmentation and test geometry (PROTOCOL.md 4, 5)
   6. Datasets: few-shot episodes
   7. Backbones and weight files (PROTOCOL.md 9)
-  8. Episodic evaluation and your own images (PROTOCOL.md 5, 6, 8)
+  8. Episodic evaluation (PROTOCOL.md 5, 6, 8)
 
 Shape legend used in comments: B batch, S shots, C channels or classes, D embedding dim, K cluster centres,
 H, W spatial size, N pixels. Embeddings are columns, as in the paper: I (D, N), P (D, K), W (D, C).
@@ -65,9 +65,8 @@ def cluster_assign(P, I_bg):
 
 @fp32
 def cluster_sums(I_bg, assign, K):
-    """Sec. 2.1: P_hat = I_bg A^T (D, K), the sum of the background embeddings given to each centre, and the
-    pixel count of each centre (K,). Under several processes the caller sums both over the ranks, so that
-    Eq. 1 follows the whole batch."""
+    """Sec. 2.1: P_hat = I_bg A^T (D, K), the sum of the background embeddings given to each centre, and each
+    centre's pixel count (K,). Several processes: the caller sums both over the ranks (Eq. 1 sees the batch)."""
     A_t = F.one_hot(assign, K).to(I_bg.dtype)  # (N_bg, K) = A^T
     return I_bg @ A_t, A_t.sum(0)  # (D, K), (K,)
 
@@ -82,11 +81,10 @@ def momentum_update(P, P_hat, counts, mu):
 
 @fp32
 def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centres", counts=None):
-    """Eqs. (2)-(4). I_base (D, N_base) with labels y_base in 1..C, I_bg (D, N_bg) assigned to centres
-    `assign` (N_bg,), base vectors W (D, C), centres P (D, K) (a buffer: no gradient). Two readings the paper
-    leaves open (README "choices it leaves open"): eq3, the softmax of Eq. 3 over the base vectors and the K
-    centres ('centres') or over the base vectors only ('base'); scale, how Eq. 4's sums are brought to a
-    per-pixel size: 'sum' divides both sums by N_base + N_bg, 'mean' averages each term over its own pixels.
+    """Eqs. (2)-(4). I_base (D, N_base) labelled y_base in 1..C; I_bg (D, N_bg) assigned to centres `assign` (N_bg,);
+    base vectors W (D, C); centres P (D, K) (a buffer: no gradient). Two readings the paper leaves open (README,
+    readings): eq3, Eq. 3's softmax over the base vectors and the K centres ('centres') or the base vectors only
+    ('base'); scale, Eq. 4's sums per pixel: 'sum' divides both by N_base + N_bg, 'mean' each by its own pixels.
     counts: (N_base, N_bg) of the whole batch when it is split over processes (default: these pixels').
     -> (L_total, {"l_base": Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
     # Eq. 3: a base pixel against the base vectors (and the K background centres)
@@ -507,8 +505,7 @@ def open_data(args, splits=("train", "val"), kind="benchmark"):
         made = ensure_synthetic(args.data_root, args.dataset, kind) or {}
         args.world_checksum = made.get("checksum")
         print(f"world: {args.dataset} {made.get('kind', 'from your images')} at {args.data_root}, checksum "
-              f"{args.world_checksum}" + " (drawn by an earlier kit version: delete it to draw today's)"
-              * (bool(made) and not args.world_checksum))
+              f"{args.world_checksum}")
     pools = dict(zip(("train", "val"), image_pools(args.data_root, args.train_pool, "train" in splits)))
     n = N_CLASSES[args.dataset]
     data = {k: (pools[k], class_pixel_counts(args.data_root, pools[k], n, args.workers)) for k in splits}
@@ -620,12 +617,9 @@ class BaseClassDataset(torch.utils.data.Dataset):
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
-    """Few-shot episodes: a query and `shot` supports of one class (PROTOCOL.md 3.2-3.3).
-
-    Training (`episodes=None`): query = data_list[idx % n], random class and supports from
-    default_rng([seed, idx]), PFENet augmentation. Evaluation: `episodes` drawn up front from
-    default_rng(seed), walking data_list in order, test geometry; fixed whatever the worker count.
-    """
+    """Few-shot episodes: a query and `shot` supports of one class (PROTOCOL.md 3.2-3.3). Training (episodes None):
+    query = data_list[idx % n], class and supports from default_rng([seed, idx]), PFENet augmentation. Evaluation:
+    `episodes` drawn up front from default_rng(seed) walking data_list in order, test geometry; any worker count."""
 
     def __init__(self, root, ids, counts, dataset, classes, shot, min_pixels, seed, crop=None, scale=None,
                  test_size=None, episodes=None, drop_classes=(), geometry="pfenet"):
@@ -787,14 +781,11 @@ def weights_made_for(path):
 
 
 def build_backbone(name, weights="none", expect=None, dilate=True):
-    """The backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2).
-
-    name: resnet50v2 (PSPNet/PFENet/BAM's deep stem), resnet50, resnet18 (torchvision; layer3 and layer4 dilated
-    2 and 4: output stride 8, or undilated, stride 32, as ImageNet weights are trained), or vgg16 (vgg16_bn,
-    PFENet/BAM's split, ceil-mode pools). weights: 'imagenet',
-    'none', a state-dict file of the unsplit network (torchvision's, PFENet/BAM's resnet50_v2.pth or vgg16_bn.pth),
-    BAM's base learner best.pth, or a kit pre-training checkpoint, which must match `expect` (dataset, fold).
-    """
+    """The backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2). name: resnet50v2 (PSPNet/PFENet/BAM's deep
+    stem), resnet50, resnet18 (torchvision; layer3 and layer4 dilated 2 and 4: output stride 8, or undilated, stride
+    32, as ImageNet weights are trained), or vgg16 (vgg16_bn, PFENet/BAM's split, ceil-mode pools). weights:
+    'imagenet', 'none', a state-dict file of the unsplit network (torchvision's, PFENet/BAM's resnet50_v2.pth or
+    vgg16_bn.pth), BAM's base learner best.pth, or a kit pre-training checkpoint matching `expect` (dataset, fold)."""
     if name not in BACKBONES:
         raise KitError(f"--backbone {name!r}: choose one of {', '.join(BACKBONES)}")
     net, split = _torchvision_net(name), None
@@ -845,8 +836,7 @@ def load_checkpoint(path, expect=None):
     return ckpt
 
 
-
-# ============ 8. Episodic evaluation and your own images (PROTOCOL.md 5, 6, 8) ============
+# ============ 8. Episodic evaluation (PROTOCOL.md 5, 6, 8) ============
 def at_query_size(scores, query, geometry="pfenet"):
     """Scores (1, C, s, s) on the test canvas -> (C, H, W) at the query's size, as the benchmark scores them
     (logits_at_label_size to max(H, W), then the query's top-left part; hsnet: resized to (H, W))."""

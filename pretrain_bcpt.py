@@ -6,21 +6,18 @@
             trained with the background mining loss (Eq. 2) and the base-class loss (Eq. 3) combined as
             Eq. 4, the centres guided by k-means over the base-class vectors (Eqs. 5-7). The equations
             themselves are section 1 of common.py; bcpt_step below calls them in the paper's order.
-  generic   the "ImageNet" stand-in where no ImageNet weights exist: the undilated backbone (output stride 32)
-            trained as an image-level multi-label classifier of every class (global average pooling, a linear
-            layer, binary cross-entropy; labels read from the masks) on a separate root, fold-free. Synthetic
-            worlds get a companion root drawn on first use; any VOC-layout root can serve (--data-root).
+  generic   the "ImageNet" stand-in: the undilated backbone (output stride 32) trained as a multi-label classifier
+            of every class (global average pooling, a linear layer, binary cross-entropy, labels from the masks)
+            on a separate root, fold-free; a synthetic world's companion root is drawn on first use.
 
-Reads the training pool of a VOC-layout root; writes <out>/last.pt (resumable: model, optimiser, iteration,
-centres, RNG states, flags), <out>/log.jsonl, with --select best-val <out>/best.pt (BAM's selection on the
-base classes of the val images) and with --vis-clusters <out>/clusters/*.png; standard and bcpt end with the
-base-class mIoU on the val images (beside BAM's for PASCAL). Later stages take --pretrained <out>/last.pt.
+Writes <out>/last.pt (resumable: model, optimiser, iteration, centres, RNG states, flags), <out>/log.jsonl, with
+--select best-val <out>/best.pt (BAM's selection) and with --vis-clusters <out>/clusters/*.png; standard and bcpt
+end with the base-class mIoU on the val images (beside BAM's on PASCAL). Later stages take --pretrained last.pt.
 
 Full run (one CUDA GPU, BAM's base pre-training settings, PROTOCOL.md 7.3):
     python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 --backbone resnet50v2 \
         --weights initmodel/resnet50_v2.pth --out runs/bcpt-f0
-CPU run on the built-in synthetic benchmark (a few minutes on 2 cores; --max-iters 20 for a smoke test), from
-the world's ImageNet stand-in:
+CPU run on the built-in synthetic benchmark, from the world's ImageNet stand-in (--max-iters 20: a smoke test):
     python pretrain_bcpt.py --method generic --out runs/standin
     python pretrain_bcpt.py --method bcpt --fold 0 --weights runs/standin/last.pt --vis-clusters 4
 """
@@ -58,8 +55,7 @@ def parse_args(argv):
              "the last layer, loss at its resolution. BCPT always uses W on the last layer (Sec. 2.2)",
              choices=["psp", "linear"])
     add_flag(g, ds, "--K", 6, "number of background cluster centres K (Sec. 2.1, Table 4)", type=bounded(int, 2))
-    # deviation: the synthetic run is ~150x shorter than the paper's (334 vs ~50k iterations), so the
-    # centres' time constant 1 / (1 - mu) is 10x shorter there
+    # deviation: the synthetic run is ~250x shorter (200 vs ~50k iterations): the centres' 1 / (1 - mu) 10x shorter
     add_flag(g, ds, "--mu", dict(pascal=0.999, coco=0.999, synthetic=0.99), "momentum mu of Eqs. 1 and 7 "
              "(paper Sec. 2.1)", type=UNIT)
     add_flag(g, ds, "--alpha", 0.1, "weight alpha of the background mining loss in Eq. 4 (paper Sec. 2.2)",
@@ -74,8 +70,7 @@ def parse_args(argv):
                    "all, the ablation of the paper's premise (default %(default)s)")
     g.add_argument("--vis-clusters", type=NON_NEGATIVE, default=0, help="write N pictures of the background "
                    "clusters at the end (Fig. 1b)")
-    # deviation: the synthetic benchmark starts from random weights, hence its higher lr, and its 96-px images
-    # its smaller crop and scale range
+    # deviation: the synthetic worlds' 64-px images take a smaller crop and scale range, and a higher lr
     add_training_args(p, ds, "BAM's base-learner pre-training, PROTOCOL.md 7.3",
                       epochs=dict(pascal=100, coco=20, synthetic=2), batch=12,
                       lr=(dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01), "base lr; the head gets 10x (BAM)"),
@@ -90,15 +85,13 @@ def parse_args(argv):
             raise KitError(f"--head psp is for --method standard: {args.method}'s loss is on the last layer")
         args.head = "linear"
     if args.method == "generic":  # fold-free, every class a label, on the stand-in root
-        for flag in ("--fold", "--select", "--novel-images"):
-            if typed(argv, flag):
-                raise KitError(f"{flag}: --method generic has no folds, no val images and no novel classes")
-        if not typed(argv, "--data-root") and args.dataset in STANDIN_ROOTS:
-            args.data_root = STANDIN_ROOTS[args.dataset]
-        args.train_pool = "aug" if not typed(argv, "--train-pool") else args.train_pool
-        if args.dataset in STANDIN_ROOTS:  # from random weights: 2 epochs teach the classifier nothing (RESULTS.md)
-            args.epochs = args.epochs if typed(argv, "--epochs") else 30
-            args.lr = args.lr if typed(argv, "--lr") else 0.03
+        bad = [flag for flag in ("--fold", "--select", "--novel-images") if typed(argv, flag)]
+        if bad:
+            raise KitError(f"{bad[0]}: --method generic has no folds, no val images and no novel classes")
+        own = dict(data_root=STANDIN_ROOTS[args.dataset], epochs=30, lr=0.03) if args.dataset in STANDIN_ROOTS else {}
+        for key, value in dict(train_pool="aug", **own).items():  # from random weights 2 epochs teach it nothing
+            if not typed(argv, "--" + key.replace("_", "-")):
+                setattr(args, key, value)
     name = f"pretrain-{args.method}-{args.dataset}" + f"-fold{args.fold}" * (args.method != "generic")
     args = finish_args(args, name, outputs=[("--out", True)])
     if args.method == "generic":
@@ -108,10 +101,9 @@ def parse_args(argv):
 
 # ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> W or BAM's PSPNet head ============
 class PretrainNet(nn.Module):
-    """Backbone + W (1x1 conv, no bias, Sec. 2.2) or the PSPNet head. standard: background + base columns;
-    bcpt: base columns only, and the background is the buffer `centers` P (D, K); `guidance` G (D, K-1) is
-    kept to warm-start the next iteration's k-means; generic: a linear layer (with bias) from the pooled last
-    layer to every class."""
+    """Backbone + W (1x1 conv, no bias, Sec. 2.2) or the PSPNet head. standard: background + base columns; bcpt:
+    base columns only, the background the buffer `centers` P (D, K), `guidance` G (D, K-1) warm-starts the next
+    k-means; generic: a linear layer (with bias) from the pooled last layer to every class."""
 
     def __init__(self, backbone, n_base, method, K, head):
         super().__init__()
@@ -151,11 +143,6 @@ def downsample_labels(y, size):
     return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
-def cluster_shares(assign, K):
-    """Share of the batch's background pixels in each cluster: a collapse to one cluster shows as [1, 0, ...]."""
-    return (torch.bincount(assign, minlength=K).float() / max(len(assign), 1)).tolist()
-
-
 # ============ One iteration, in the paper's order (Sec. 2) ============
 def bcpt_step(net, x, y, args, optimise):
     """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update (Eq. 1).
@@ -173,7 +160,8 @@ def bcpt_step(net, x, y, args, optimise):
     counts = all_reduce_sum(torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])]))  # N_base, N_bg of the batch
     loss, out = bcpt_loss(I_base, y_base, I_bg, assign, m.w(), m.centers, args.alpha, args.loss_scale,  # 4. Eqs. 2-4
                           args.eq3, counts)
-    out["clusters"] = [round(s, 3) for s in cluster_shares(assign, args.K)]
+    shares = torch.bincount(assign, minlength=args.K).float() / max(len(assign), 1)  # a collapse: [1, 0, ...]
+    out["clusters"] = [round(s, 3) for s in shares.tolist()]  # each cluster's share of the background pixels
     if optimise(loss):  # 5. backward and SGD step
         P_hat, n = cluster_sums(I_bg.detach(), assign, args.K)  # (D, K), (K,): this process's pixels
         m.centers.copy_(momentum_update(m.centers, all_reduce_sum(P_hat), all_reduce_sum(n), args.mu))  # 6. Eq. 1
@@ -248,10 +236,9 @@ def main(argv=None):
     args.iters_per_epoch = math.ceil(len(dataset) / args.batch)
     args.total_iters = args.epochs * args.iters_per_epoch
     stop = min(args.total_iters, args.max_iters or args.total_iters)
-    print(f"pretrain {args.method} ({args.head} head): {len(args.base)} {'classes' if generic else 'base classes'} "
-          f"{args.base}, {len(dataset)} images ({args.novel_images} novel-containing), {args.iters_per_epoch} it/epoch "
-          f"x {args.epochs} epochs = {args.total_iters} iterations (running to {stop}), backbone {args.backbone} init "
-          f"{args.init_label}, device {device}, out {args.out}")
+    print(f"pretrain {args.method} ({args.head} head): classes {args.base}, {len(dataset)} images ({args.novel_images} "
+          f"novel-containing), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} iterations "
+          f"(running to {stop}), {args.backbone} from {args.init_label}, device {device}, out {args.out}")
     if args.vis_clusters and args.method != "bcpt":
         print("--vis-clusters: standard pre-training has no background clusters; no pictures will be written")
     net, opt = build(args, device)

@@ -1371,6 +1371,24 @@ def test_table_prints_the_papers_number_beside_ours(tmp_path, capsys):
     assert "| pascal | resnet50v2 | non-parametric prior | bcpt K=6 Eq4=sum | 38.33+-1.53 |" in out
 
 
+def test_results_md_miniature_runs_end_to_end(tmp_path):
+    """RESULTS.md's commands, verbatim, on the default world with every run cut to 2 iterations and 2 episodes: the
+    paper's rows (stand-in, Standard, BCPT either reading of Eq. 4), random init and the ablation, both tables."""
+    script = open(os.path.join(HERE, "RESULTS.md")).read().split("```bash\n")[1].split("```")[0]
+    for name in glob.glob(os.path.join(HERE, "*.py")):
+        os.symlink(name, tmp_path / os.path.basename(name))
+    env = {**os.environ, "W": "synthetic2", "S": "0", "E": "2", "X": "--max-iters 2 --batch 2 --save-every 1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    out = subprocess.run(["bash", "-ec", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("|")[4].strip() for line in out.stdout.splitlines() if line.startswith("| synthetic2")}
+    assert {"none", "imagenet stand-in", "standard linear from stand-in", "bcpt K=6 Eq4=sum from stand-in",
+            "bcpt K=6 Eq4=mean from stand-in", "standard linear drop-novel from stand-in",
+            "bcpt K=6 Eq4=sum drop-novel from stand-in"} <= rows
+    assert len(glob.glob(str(tmp_path / "runs/mini/synthetic2/np/*.json"))) == 7
+    assert len(glob.glob(str(tmp_path / "runs/mini/synthetic2/meta/*.json"))) == 5
+
+
 def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrained, tmp_path, capsys):
     import nonparametric_eval
     files = []

@@ -1,23 +1,23 @@
-"""plumbing.py: how the BCPT kit runs. The science is common.py, which never imports this file.
-
-Sections: 1 flags and their per-dataset defaults; 2 several processes (torchrun) and the resumable batch stream;
-3 precision; 4 files: atomic writes, checkpoints, RNG state; 5 run folders, locks and run records; 6 results files
-and tables, beside the paper's numbers; 7 the training loop both training stages share; 8 the entry point.
-"""
+"""plumbing.py: how the BCPT kit runs: flags, processes, precision, files, run folders, results tables, the training
+loop both training stages share, the entry point. The science is common.py, which never imports this file."""
 import argparse
 import atexit
 import contextlib
 import cProfile
-import fcntl  # POSIX: the kit's runs target Linux workstations
+import fcntl  # POSIX, as is resource: the kit's runs target Linux workstations
 import functools
+import inspect
 import json
 import math
 import os
+import platform
 import pstats
 import random
 import re
+import resource
 import shlex
 import socket
+import subprocess
 import sys
 import time
 
@@ -25,8 +25,6 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 from common import (BACKBONES, IGNORE, LAYOUT_FIX, N_CLASSES, SYNTHETIC_ROOTS, KitError, base_classes,
@@ -42,8 +40,7 @@ class KitParser(argparse.ArgumentParser):
 
 
 def bounded(kind, lo=None, hi=None, open_lo=False):
-    """An argparse type: a finite `kind` (int or float) within [lo, hi] (lo excluded if open_lo), checked at parse
-    time, so a bad value stops the run before any work with 'argument --flag: value V is ...'."""
+    """An argparse type: a finite `kind` in [lo, hi] (lo excluded if open_lo), so a bad value stops the run at once."""
     def check(text):
         v = kind(text)
         if not math.isfinite(v):
@@ -61,8 +58,7 @@ UNIT, POSITIVE_FLOAT = bounded(float, 0.0, 1.0), bounded(float, 0.0, open_lo=Tru
 
 
 def dataset_of(argv):
-    """The --dataset of a command line (default synthetic), read before the parser is built so that every
-    default, and --help, is the one of that dataset."""
+    """The --dataset of a command line (default synthetic), read first so that every default and --help is its own."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="synthetic")
     dataset = pre.parse_known_args(argv)[0].dataset
@@ -75,9 +71,11 @@ def typed(argv, flag):
 
 
 def add_flag(group, dataset, flags, default, help, **kw):
-    """Add a flag (`flags`: its names) whose default may depend on the dataset ({dataset: value}, the one place it
-    is written): the parser gets the value for `dataset`, and --help prints it beside the other datasets'."""
-    if isinstance(default, dict):
+    """Add a flag whose default may be {dataset: value}, the one place it is written; --help shows the others'.
+    dataset None: no default (evaluate.py's data and model flags take the checkpoint's)."""
+    if dataset is None:
+        default = None
+    elif isinstance(default, dict):
         key = dataset if dataset in default else "synthetic"  # the synthetic worlds share unless told
         others = "; ".join(f"{d} {'required' if v is None else v}" for d, v in default.items() if d != key)
         help += (f" (required for --dataset {dataset}; {others})" if default[key] is None else
@@ -89,43 +87,42 @@ def add_flag(group, dataset, flags, default, help, **kw):
 
 
 def add_data_args(parser, dataset, stage):
-    """The data flags of a stage ('pretrain', 'metatrain', 'evaluate', 'nonparametric' or 'verify'); evaluate's
-    have no defaults (the checkpoint's fill them)."""
-    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
+    """The data flags of a stage: pretrain, metatrain, evaluate (no defaults), nonparametric or verify."""
     g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + "; default: the checkpoint's" * (stage == "evaluate"))
-    add_flag(g, dataset, "--dataset", d("synthetic"), "pascal, coco, or a built-in synthetic benchmark world",
+    dataset = None if stage == "evaluate" else dataset
+    add_flag(g, dataset, "--dataset", "synthetic", "pascal, coco, or a built-in synthetic benchmark world",
              choices=list(N_CLASSES))
-    add_flag(g, dataset, "--data-root", d(dict(pascal=None, coco=None, **SYNTHETIC_ROOTS)),
+    add_flag(g, dataset, "--data-root", dict(pascal=None, coco=None, **SYNTHETIC_ROOTS),
              "VOC-layout root (python prepare_data.py makes one; the synthetic one is drawn on first use)")
     if stage != "verify":
-        add_flag(g, dataset, "--fold", d(0), "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
-    add_flag(g, dataset, "--train-pool", d(dict(pascal="oslsm", coco="aug", synthetic="aug")), "aug: every mask "
+        add_flag(g, dataset, "--fold", 0, "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
+    add_flag(g, dataset, "--train-pool", dict(pascal="oslsm", coco="aug", synthetic="aug"), "aug: every mask "
              "not in val.txt (10582 on VOC + SBD); oslsm: train.txt + train_noval.txt, PFENet/BAM's 5953 "
              "(PROTOCOL.md 2.2)", choices=["aug", "oslsm"])
-    add_flag(g, dataset, "--coco-split", d("interleaved"), "COCO-20i folds: interleaved is PFENet/BAM/HSNet's "
+    add_flag(g, dataset, "--coco-split", "interleaved", "COCO-20i folds: interleaved is PFENet/BAM/HSNet's "
              "(PROTOCOL.md 1.2)", choices=["interleaved", "contiguous"])
     if stage != "pretrain":  # the pixel rule and the test geometry belong to episodes
-        add_flag(g, dataset, "--min-pixels", d(dict(pascal=2048, coco=2048, synthetic=128)),
+        add_flag(g, dataset, "--min-pixels", dict(pascal=2048, coco=2048, synthetic=128),
                  "pixel rule of the support pools (PROTOCOL.md 3.1)", type=POSITIVE)
     if stage not in ("pretrain", "verify"):
-        add_flag(g, dataset, "--test-size", d(dict(pascal=473, coco=641, synthetic=64)), "test canvas side "
+        add_flag(g, dataset, "--test-size", dict(pascal=473, coco=641, synthetic=64), "test canvas side "
                  "(PROTOCOL.md 5.1)", type=SIZE)
-        add_flag(g, dataset, "--test-geometry", d("pfenet"), "pfenet: keep the aspect, longer side to --test-size, "
+        add_flag(g, dataset, "--test-geometry", "pfenet", "pfenet: keep the aspect, longer side to --test-size, "
                  "score at the original label size (PFENet/BAM); hsnet: both sides to --test-size, score there "
                  "(HSNet/DCAMA, with --test-size 400) (PROTOCOL.md 5)", choices=["pfenet", "hsnet"])
     return parser
 
 
 def add_common_args(parser, dataset, stage):
-    """The flags the stages share: data, model and run flags. stage: 'pretrain', 'metatrain' (with --seed and
-    --out), 'nonparametric' (with --seed) or 'evaluate' (data and model default to the checkpoint's)."""
-    d = (lambda table: None) if stage == "evaluate" else (lambda table: table)
+    """Data, model and run flags; --seed but for evaluate (whose data and model flags default to the checkpoint's),
+    --out for the training stages."""
     add_data_args(parser, dataset, stage)
     g = parser.add_argument_group("model" + "; default: the checkpoint's" * (stage == "evaluate"))
-    add_flag(g, dataset, "--backbone", d(dict(pascal="resnet50", coco="resnet50", synthetic="resnet18")),
+    dataset = None if stage == "evaluate" else dataset
+    add_flag(g, dataset, "--backbone", dict(pascal="resnet50", coco="resnet50", synthetic="resnet18"),
              "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. 3.1); resnet18 "
              "for CPU runs", choices=BACKBONES)
-    add_flag(g, dataset, "--weights --pretrained", d(dict(pascal="imagenet", coco="imagenet", synthetic="none")),
+    add_flag(g, dataset, "--weights --pretrained", dict(pascal="imagenet", coco="imagenet", synthetic="none"),
              "backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt", dest="weights")
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -144,8 +141,7 @@ def add_common_args(parser, dataset, stage):
 
 
 def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
-    """The optimisation and run-control flags of both training stages; defaults ({dataset: value} or one
-    value) come from the stage, lr as (default, help), `source` names where the values come from."""
+    """Optimisation and run-control flags of both training stages; defaults (lr: (default, help)) from `source`."""
     g = parser.add_argument_group(f"optimisation ({source})")
     add_flag(g, dataset, "--epochs", epochs, "passes over the training data (paper Sec. 3.1)", type=POSITIVE)
     add_flag(g, dataset, "--batch", batch, "samples per iteration", type=POSITIVE)
@@ -194,9 +190,8 @@ def add_eval_args(parser):
 
 
 def finish_args(args, out_name=None, needs_data=True, outputs=(), inputs=()):
-    """Checks that need several flags, derived values, the device and precision; out_name: the default run folder
-    name; outputs: (flag, is a folder) of the paths the run will write, inputs: the flags naming files it reads, all
-    checked now rather than after the work. The flags as parsed are kept in args.flags (args.json)."""
+    """Cross-flag checks, derived values, device and precision; out_name: the default run folder; outputs, inputs:
+    as check_paths, checked before the work. The flags as parsed are kept in args.flags (args.json)."""
     if args.data_root is None and needs_data:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
     if out_name and args.out is None:
@@ -205,8 +200,8 @@ def finish_args(args, out_name=None, needs_data=True, outputs=(), inputs=()):
     args.flags = dict(vars(args))
     args.device = setup_device(args.device)
     args.amp = precision_of(args.precision, torch.device(args.device))
-    args.novel, args.base = (novel_classes(args.dataset, args.fold, args.coco_split),
-                             base_classes(args.dataset, args.fold, args.coco_split))
+    args.novel = novel_classes(args.dataset, args.fold, args.coco_split)
+    args.base = base_classes(args.dataset, args.fold, args.coco_split)
     return args
 
 
@@ -234,13 +229,9 @@ def flags_to_argv(flags):
     """The command line that gives back these flags (args.json "flags"): every flag spelled out."""
     argv = []
     for dest, value in flags.items():
-        flag = "--" + dest.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif value is not None and value is not False:  # (0 == False: compare by identity)
-            argv += [flag, str(value)]
+        if value is not None and value is not False:  # (0 == False: compare by identity)
+            values = [] if value is True else value if isinstance(value, list) else [value]
+            argv += ["--" + dest.replace("_", "-"), *map(str, values)]
     return argv
 
 
@@ -258,8 +249,8 @@ def is_main():
 
 
 def setup_device(flag):
-    """--device resolved. Under torchrun (RANK and WORLD_SIZE set): join the process group (NCCL on CUDA, gloo on
-    the CPU) with one device per local rank, cuda:LOCAL_RANK; ranks other than 0 print nothing."""
+    """--device resolved. Under torchrun (RANK and WORLD_SIZE set) join the process group (NCCL on CUDA, gloo on the
+    CPU) on cuda:LOCAL_RANK; ranks other than 0 print nothing."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if launched and flag not in ("auto", "cuda", "cpu"):
         raise KitError(f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda, "
@@ -302,23 +293,21 @@ def gathered(obj):
 
 
 def wrap_ddp(model, device, sync_bn=False):
-    """Several processes: DistributedDataParallel (gradients averaged over the ranks; SyncBatchNorm first where BN
-    trains on CUDA; buffers are not broadcast, the BCPT centres stay in step by all_reduce_sum). One: the model."""
+    """DistributedDataParallel for several processes (SyncBatchNorm first if sync_bn, on CUDA; buffers not broadcast:
+    the BCPT centres stay in step by all_reduce_sum); the model itself for one."""
     if world() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
     if sync_bn and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    import inspect  # torch >= 2.14 names the option forward_sync_buffers; earlier ones broadcast_buffers
-    option = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = torch.nn.parallel.DistributedDataParallel  # torch >= 2.14 names the option forward_sync_buffers
+    option = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
         "broadcast_buffers"
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{option: False})
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{option: False})
 
 
 def global_mean(loss, logits, target, n):
-    """loss(logits, target) as this process's share of its mean over the n labelled entries of the whole global
-    batch: loss's own mean for one process, each rank's sum over the all-reduced count for several (the shares add
-    up to the one-process loss; Trainer.optimise scales the gradient to match)."""
+    """loss(logits, target) as this process's share of its mean over the n labelled entries of the global batch (the
+    shares add up to the one-process loss; Trainer.optimise scales the gradient to match)."""
     if world() == 1:
         return loss(logits, target)
     return loss(logits, target, reduction="sum") / all_reduce_sum(n.float()).clamp(min=1)
@@ -326,14 +315,13 @@ def global_mean(loss, logits, target, n):
 
 def global_mean_ce(logits, target):
     """Cross-entropy ignoring 255, as global_mean."""
-    ce = functools.partial(F.cross_entropy, ignore_index=IGNORE)
+    ce = functools.partial(torch.nn.functional.cross_entropy, ignore_index=IGNORE)
     return global_mean(ce, logits, target, (target != IGNORE).sum())
 
 
 class StreamSampler(torch.utils.data.Sampler):
-    """Iteration t takes items t*B .. (t+1)*B - 1 of an endless stream of per-epoch permutations seeded by
-    (seed, epoch), so a run resumed at iteration t sees exactly the batches it would have. With several
-    processes, rank r takes its B / world items of each global batch: the same batches as one process."""
+    """Iteration t takes items t*B .. (t+1)*B - 1 of an endless stream of per-epoch permutations seeded by (seed,
+    epoch), so a resumed run sees the batches a straight one would; rank r of W takes its B / W of each batch."""
 
     def __init__(self, n, batch, seed, start_iter, total_iters, rank=0, world=1):
         self.n, self.batch, self.seed, self.start, self.total = n, batch, seed, start_iter, total_iters
@@ -366,8 +354,8 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
 
 # ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32) ============
 def precision_of(precision, device):
-    """--precision resolved on `device`: auto is bf16 (float32's range: nothing overflows) on a GPU that has it,
-    fp32 elsewhere; fp16 (range 6.5e4, with a gradient scaler) only when asked, and only on CUDA."""
+    """--precision resolved: auto is bf16 (float32's range) on a GPU that has it, else fp32; fp16 (range 6.5e4, with
+    a gradient scaler) only when asked, and only on CUDA."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
@@ -388,8 +376,7 @@ def autocast_call(device, dtype, fn, *a):
 
 # ============ 4. Files: atomic writes, checkpoints, RNG state ============
 def write_atomic(path, save, obj):
-    """save(obj, temp) then one rename: a crash mid-write leaves the previous file intact, and no reader ever sees a
-    half-written one. The temp file's name (PATH.tmpPID) is the only kind the kit ever deletes, left by a kill."""
+    """save(obj, PATH.tmpPID), then one rename: no reader sees a half-written file; the only kind the kit deletes."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save(obj, f"{path}.tmp{os.getpid()}")
     os.replace(f"{path}.tmp{os.getpid()}", path)
@@ -443,11 +430,9 @@ RUN_FILES = ("last.pt", "best.pt", "args.json", "log.jsonl")  # what a run write
 
 
 def check_run_folder(args, stage, keys):
-    """Before anything is written: a folder holding a run's checkpoint is continued only with --resume, by the
-    same stage, with the same `keys` flags; a folder of another stage's run is refused. -> the checkpoint to
-    resume from, or None."""
-    path, fresh = os.path.join(args.out, "last.pt"), "choose a new --out"
-    record = os.path.join(args.out, "args.json")
+    """Before anything is written: a folder holding a checkpoint is continued only by the same stage, with --resume
+    and the same `keys` flags; another stage's folder is refused. -> the checkpoint to resume from, or None."""
+    path, record, fresh = os.path.join(args.out, "last.pt"), os.path.join(args.out, "args.json"), "choose a new --out"
     other = (read_json(record, "--out").get("stage", stage) if os.path.isfile(record) and os.path.getsize(record)
              else stage)
     if other != stage:
@@ -456,19 +441,19 @@ def check_run_folder(args, stage, keys):
         return None
     ckpt = load_checkpoint(path)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
-    what = f"a {ckpt.get('stage')} run at iteration {ckpt.get('iter')} of {ckpt.get('args', {}).get('total_iters')}"
+    what = (f"a {ckpt.get('stage')} run at iteration {ckpt.get('iter')} of {ckpt.get('args', {}).get('total_iters')} "
+            f"({path}, {when})")
     if ckpt.get("stage") != stage:
-        raise KitError(f"--out {args.out} holds {what} ({path}, {when}), not a {stage} run: {fresh}")
+        raise KitError(f"--out {args.out} holds {what}, not a {stage} run: {fresh}")
     if not args.resume:
-        raise KitError(f"--out {args.out} holds {what} ({path}, {when}): add --resume to continue it, or {fresh}")
+        raise KitError(f"--out {args.out} holds {what}: add --resume to continue it, or {fresh}")
     return load_checkpoint(path, {k: getattr(args, k) for k in keys})
 
 
 @contextlib.contextmanager
 def run_folder(out):
-    """One run per folder: rank 0 holds an exclusive lock on OUT/.lock (with its process id) while the run lasts,
-    and tells the other ranks whether it could. A second run on the same folder stops at once; a lock left by a
-    killed run is taken over with a note (the kernel releases a dead process's lock), and its temp files removed."""
+    """One run per folder: rank 0 holds an exclusive lock on OUT/.lock (naming its process) while the run lasts; a
+    second run stops at once; a killed run's lock (freed by the kernel) is taken over, its temp files removed."""
     f, err = None, None
     if is_main():
         os.makedirs(out, exist_ok=True)
@@ -484,30 +469,25 @@ def run_folder(out):
         raise KitError(err or f"--out {out}: rank 0 could not take the run folder (its message says why)")
     if f:
         f.seek(0)
-        previous = f.read().strip()
-        if previous:
+        if previous := f.read().strip():
             print(f"note: {f.name} was left by {previous}, which is no longer running; taking it over")
         for name in os.listdir(out):  # a killed run's half-written files, named by write_atomic; nothing else
             if re.fullmatch("(" + "|".join(map(re.escape, RUN_FILES)) + r")\.tmp\d+", name):
                 os.remove(os.path.join(out, name))
-        f.seek(0)
-        f.truncate()
+        f.truncate(0)  # (appends go to the end of the file)
         f.write(f"process {os.getpid()} on {socket.gethostname()}")
         f.flush()
     try:
         yield out
     finally:
         if f:
-            f.seek(0)
-            f.truncate()  # an empty lock file means a clean end; the file stays so lockers share one inode
+            f.truncate(0)  # an empty lock file means a clean end; the file stays so lockers share one inode
             f.close()
 
 
 def run_record(args, data=None):
-    """What ran where: UTC time, host, library versions, device, world size, the kit's git commit and whether
-    its tree was dirty, the data root, its pool sizes and world checksum (args.json, and "run" in results files)."""
-    import platform
-    import subprocess
+    """What ran where: UTC time, host, versions, device, world size, the kit's git commit and whether its tree was
+    dirty, the data root, its pool sizes and world checksum (args.json, and "run" in results files)."""
     here = os.path.dirname(os.path.abspath(__file__))
     git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
     try:
@@ -530,6 +510,8 @@ def run_record(args, data=None):
 BAM_BASE_MIOU = {  # BAM's base learners' base-class mIoU on the val images, folds 0-3 (PROTOCOL.md 11.2)
     ("pascal", "vgg16"): [67.76, 65.82, 65.51, 69.95], ("pascal", "resnet50"): [71.43, 69.17, 69.19, 73.72],
     ("coco", "vgg16"): [44.99, 43.04, 45.92, 45.05], ("coco", "resnet50"): [50.84, 49.41, 51.95, 50.89]}
+
+
 def base_learner_check(args, miou):
     """The final base-class mIoU on the val images, beside BAM's base learner's for that fold where it exists."""
     bam = BAM_BASE_MIOU.get((args.dataset, args.backbone.replace("50v2", "50")), [None] * 4)[args.fold]
@@ -563,9 +545,8 @@ PAPER = {  # the BCPT paper's ASPP-PFENet rows, mIoU folds 0-3 and mean (PROTOCO
 
 
 def pretrain_label(weights):
-    """Table row name of a backbone source: imagenet, none, BAM's base learner, or pretrain_bcpt.py's method with
-    every choice that changes it (head, K, alpha, Eq. 3 and Eq. 4 readings, guidance, novel images dropped,
-    best-val selection, an ImageNet stand-in start)."""
+    """Table row name of a backbone source: imagenet, none, BAM's base learner, or pretrain_bcpt.py's method with every
+    choice that changes it (head, K, alpha, Eqs. 3-4, guidance, drop-novel, best-val, a stand-in start)."""
     if weights in (None, "none", "imagenet"):
         return weights or "none"
     ckpt = load_checkpoint(weights)
@@ -585,8 +566,8 @@ def pretrain_label(weights):
 
 
 def paper_row(r):
-    """The key of PAPER for a results file, or None: the paper's pre-training (ImageNet weights, Standard, BCPT
-    with K=6, alpha 0.1 and guidance, either reading of Eqs. 3-4) on its backbone (ResNet-50: either stem)."""
+    """The PAPER key of a results file, or None: the paper's pre-training (ImageNet, Standard, BCPT K=6 alpha 0.1 with
+    guidance, either reading of Eqs. 3-4) on its backbone (ResNet-50: either stem) and test geometry."""
     label, t = r["pretrained"], 2 if r.get("method") == "non-parametric prior" else 1
     kind = ("ImageNet" if label == "imagenet" else "Standard" if re.fullmatch(
         r"standard (psp|linear|\(BAM best.pth\))( best-val)?", label) else "BCPT" if re.fullmatch(
@@ -596,10 +577,8 @@ def paper_row(r):
 
 
 def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None):
-    """common.run_episodes for every seed (default args.seeds, args.episodes episodes each, of the novel classes),
-    predict under autocast in `dtype`, the episodes shared out over the processes and their counts summed;
-    prints each seed, the speed and the mean +- std; appends the episodes to --episode-log.
-    -> {name: summary} (common.summarize)."""
+    """common.run_episodes per seed (default args.seeds x args.episodes, novel classes), shared over the processes,
+    predict autocast in `dtype`; prints each seed, the speed, mean +- std; appends --episode-log. -> {name: summary}"""
     episodes, seeds, classes = episodes or args.episodes, seeds or args.seeds, classes or args.novel
     if args.dataset == "coco" and episodes < 10000:
         print(f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so mIoU is noisy "
@@ -629,8 +608,7 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, class
 
 
 def write_results(path, summary, args, data=None, **fields):
-    """The results JSON of evaluate.py / nonparametric_eval.py (README "Results files"), with the run record,
-    written atomically."""
+    """The results JSON of both tests (README "Results files"), with the run record, written atomically by rank 0."""
     protocol = {"split": "val, novel classes", "query_order": "val list in order, wrapping", "batch": 1,
                 "test_size": args.test_size, "test_geometry": args.test_geometry, "ignore": IGNORE,
                 "scoring": {"pfenet": "logits resized to max(H, W) of the original label (ori_resize)",
@@ -646,9 +624,8 @@ def write_results(path, summary, args, data=None, **fields):
 
 
 def format_table(paths, metric="miou"):
-    """Paper Table 1 / 2 layout: one row per (dataset, backbone, method, pre-training, test geometry) over the
-    files, folds 0-3 and mean per shot; several files in one cell (training seeds) print as mean+-std, with how many
-    were all background; then, for the rows the paper reports, its numbers beside ours (table_vs_paper)."""
+    """Paper Table 1 / 2 layout: a row per (dataset, backbone, method, pre-training, test geometry), folds 0-3 and mean
+    per shot, a cell of several files (training seeds) as mean+-std; then the paper beside ours (table_vs_paper)."""
     cells, shots, files = {}, set(), {}
     for p in paths:
         r = read_json(p, "--table")
@@ -664,7 +641,7 @@ def format_table(paths, metric="miou"):
         shots.add(r["shot"])
 
     def cell(v):
-        flat = " (all background)" if any(c for _, c in v) and len(v) == 1 else f" ({sum(c for _, c in v)} of " \
+        flat = " (all background)" if any(c for _, c in v) and len(v) == 1 else f" ({sum(bool(c) for _, c in v)} of " \
             f"{len(v)} all background)" * any(c for _, c in v)
         return "-" if not v else f"{np.mean([x for x, _ in v]):.2f}" + (
             f"+-{np.std([x for x, _ in v], ddof=1):.2f}" if len(v) > 1 else "") + flat
@@ -683,9 +660,8 @@ def format_table(paths, metric="miou"):
 
 
 def table_vs_paper(results, metric):
-    """Where the paper reports a row: per fold and the mean, ours beside the paper's, the difference, the spread
-    of our seeds (training seeds when several files share a cell, else the evaluation seeds of the one file) and
-    whether the paper's number lies inside it, and BAM test.py's figure, the best of the evaluation seeds."""
+    """For a row the paper reports, per fold and mean: ours, the paper's, the difference, our seeds' spread (training
+    seeds if several files, else evaluation seeds) with the paper inside or not, and BAM test.py's best seed."""
     key = paper_row(results[0])
     if key is None or metric not in ("miou",):
         return []
@@ -716,24 +692,20 @@ class Stopped(KitError):
 
 
 class Trainer:
-    """Everything around a stage's training step: the run folder (checked, locked, args.json), --resume (refusing
-    a checkpoint made with other `keys` flags), the resumable batch stream, the poly lr, autocast and gradient
-    scaling, the NaN stop agreed by every process (keeping the last good state), validation with best.pt, progress
-    lines and log.jsonl, atomic checkpoints holding everything --resume needs, Ctrl-C, and --benchmark.
-
-    The step, step(batch) -> (loss, metrics), computes the method's loss and calls trainer.optimise(loss) for the
-    optimiser step; its loss is this process's share of the whole global batch's loss."""
+    """All around a stage's step(batch) -> (loss, metrics), which calls optimise(loss) with its process's share of the
+    global batch's loss: run folder, --resume, batch stream, poly lr, autocast, gradient scaling, the NaN stop every
+    process agrees on, best.pt, progress lines and log.jsonl, checkpoints, Ctrl-C and --benchmark."""
 
     def __init__(self, args, stage, model, opt, base_lrs, keys):
         self.args, self.stage, self.model, self.opt, self.base_lrs, self.keys = args, stage, model, opt, base_lrs, keys
         self.device, self.dtype = torch.device(args.device), amp_dtype(args)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.path, self.best, self.skipped, self.saved = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}, \
-            False, 0
+        self.path, self.best = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}
+        self.log, self.skipped, self.saved = os.path.join(args.out, "log.jsonl"), False, 0
 
     def optimise(self, loss):
-        """The optimiser step on the loss, when it is finite on every process (all agree, so none hangs), with
-        the gradient scaler of fp16 and the gradient summed over the processes. -> whether a step was taken."""
+        """The optimiser step (fp16: scaled; the gradient summed over the processes) when the loss is finite on every
+        process, which all agree on so none hangs. -> whether a step was taken."""
         self.skipped = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))])).item() > 0
         if self.skipped:
             return False
@@ -771,8 +743,8 @@ class Trainer:
                     "stage": self.stage, "argv": argv, "flags": args.flags, "derived": derived,
                     "run": run_record(args, data)})
             if ckpt:
-                for part in ("model", "optimizer", "scaler"):
-                    getattr(self, {"optimizer": "opt"}.get(part, part)).load_state_dict(ckpt[part])
+                for part, obj in (("model", self.model), ("optimizer", self.opt), ("scaler", self.scaler)):
+                    obj.load_state_dict(ckpt[part])
                 self.best, self.saved = ckpt.get("best", self.best), ckpt["iter"]
                 print(f"resumed from {self.path} at iteration {ckpt['iter']}")
             elif args.resume:
@@ -786,10 +758,10 @@ class Trainer:
                     print(f"note: {self.path} was written by {len(ranks)} processes, this run has {world()}: every "
                           "rank continues from rank 0's RNG state, so the run is not an exact continuation")
                 set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
-            progress = Progress(stop, self.saved, args.log_every, args.out)
+            self.start_log()
             self.model.train()
             try:
-                self.loop(batches, stop, step, progress, validate, val_every, log_extra)
+                self.loop(batches, stop, step, validate, val_every, log_extra)
             except KeyboardInterrupt:
                 script = {"pretrain": "pretrain_bcpt.py", "metatrain": "metatrain.py"}[self.stage]
                 last = (f"the last checkpoint is {self.path} (iteration {self.saved})" if self.saved else
@@ -798,10 +770,12 @@ class Trainer:
                               + shlex.join(argv + ["--resume"] * (not args.resume))) from None
             print(f"saved {self.path}")
 
-    def loop(self, batches, stop, step, progress, validate, val_every, log_extra):
+    def loop(self, batches, stop, step, validate, val_every, log_extra):
+        """The iterations: poly lr, the step, the NaN stop, progress lines, validation and checkpoints."""
         args = self.args
         for t, batch in enumerate(batches, self.saved):
-            lr = poly_lr(self.opt, self.base_lrs, t, args.total_iters, args.power)
+            for group, base_lr in zip(self.opt.param_groups, self.base_lrs):  # poly, every iteration (PROTOCOL.md 7.1)
+                group["lr"] = base_lr * (1 - t / args.total_iters) ** args.power
             good = {k: v.clone() for k, v in self.model.named_buffers()}  # BN statistics, centres
             loss, metrics = autocast_call(self.device, self.dtype, step, batch)
             if self.skipped:  # nothing was stepped: only the buffers need restoring
@@ -809,28 +783,51 @@ class Trainer:
                 raise KitError(f"loss is {loss.item()} at iteration {t}: the last good state is saved in "
                                f"{self.save(t)}; lower --lr (now {args.lr}) and rerun with --resume")
             loss = all_reduce_sum(loss.detach().float().reshape(1)).item()
-            if progress.due(t + 1):
-                progress.step(t + 1, loss=loss, lr=lr, **metrics, **(log_extra() if log_extra else {}))
+            if (t + 1) % args.log_every == 0 or t + 1 == stop:
+                self.progress(t + 1, stop, loss=loss, lr=self.opt.param_groups[0]["lr"], **metrics,
+                              **(log_extra() if log_extra else {}))
             if validate and args.select == "best-val" and ((t + 1) % val_every == 0 or t + 1 == args.total_iters):
                 self.keep_best(t + 1, *validate())
             if (t + 1) % args.save_every == 0 or t + 1 == stop:
                 self.save(t + 1)
                 self.saved = t + 1
 
+    def start_log(self):
+        """Cut log.jsonl back to the steps <= the start (a line a kill cut off dropped with a note), so a resumed run
+        logs no step twice and a fresh one starts empty; start the clock of the progress lines."""
+        self.t0, self.start = time.time(), self.saved
+        if is_main() and os.path.exists(self.log):
+            with open(self.log) as f:
+                records = [(line, parse_json_line(line)) for line in f]
+            if any(r is None for _, r in records):
+                print(f"note: {self.log}: dropped {sum(r is None for _, r in records)} line(s) cut off by a kill")
+            write_atomic(self.log, save_text, "".join(l for l, r in records if r and r.get("step", 0) <= self.start))
+
+    def progress(self, t, total, **metrics):
+        """The line after step t of total, with rate and ETA, also appended to log.jsonl."""
+        rate = (t - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = time.strftime("%H:%M:%S", time.gmtime((total - t) / max(rate, 1e-9)))
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"[{t}/{total}] {text} | {rate:.2f} it/s ETA {eta}", flush=True)
+        self.record(step=t, **metrics, rate=rate, time=round(time.time(), 3))
+
+    def record(self, **fields):
+        """Append one JSON line to log.jsonl (rank 0)."""
+        if is_main():
+            with open(self.log, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
     def keep_best(self, t, miou, scores):
         """--select best-val, after a validation at iteration t: log it, and save best.pt if it is the best."""
         print(f"validation at iteration {t}: mIoU {miou:.2f} (best {max(self.best['miou'], miou):.2f})")
-        if is_main():
-            Progress.record(self.args.out, step=t, val_miou=miou, **scores, new_best=miou > self.best["miou"])
+        self.record(step=t, val_miou=miou, **scores, new_best=miou > self.best["miou"])
         if miou > self.best["miou"]:
             self.best = {"miou": miou, "iter": t}
             self.save(t, os.path.join(self.args.out, "best.pt"), select="best-val")
 
     def benchmark(self, dataset, step, what, inner=()):
-        """Time --benchmark steps after one warm-up: waiting for the batch (data) against the step (network), with
-        peak memory, and the host time inside the functions named `inner` (cProfile); and one sample of `dataset`
-        (read, decode, augment) on one core, hence the workers that keep such a step fed. Prints two lines
-        (figures, not a test) and returns the ms."""
+        """Time --benchmark steps after a warm-up: batch wait (data) against step (network), peak memory, host time in
+        the functions `inner` (cProfile), one sample's load time and so the workers needed. Prints two lines; -> ms."""
         n, batch, cuda = self.args.benchmark, self.args.batch, self.device.type == "cuda"
         t0 = time.perf_counter()
         for i in range(8):
@@ -851,54 +848,13 @@ class Trainer:
         data, net = 1000 * spent / n
         inside = 1000 * sum(s[3] for f, s in pstats.Stats(prof).stats.items() if f[2] in inner) / n
         mem = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
-               __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024)  # Unix
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         share = f", of which {'/'.join(inner)} {inside:.2f} ms = {100 * inside / net:.2f}%" * bool(inner)
         print(f"benchmark {what} on {self.device}: {data + net:.1f} ms/step = data {data:.1f} + network {net:.1f}"
               f"{share}; peak memory {mem:.0f} MiB", flush=True)
         print(f"one sample takes {sample_ms:.1f} ms to load and augment on one core: {batch} per step need "
               f"{math.ceil(batch * sample_ms / net)} workers to keep up with this {net:.0f} ms step")
         return {"data": data, "network": net, "inner": inside, "sample": sample_ms}
-
-
-def poly_lr(opt, base_lrs, t, total, power=0.9):
-    """lr = base_lr (1 - t / total)^power for each parameter group, every iteration (PROTOCOL.md 7.1)."""
-    for group, lr in zip(opt.param_groups, base_lrs):
-        group["lr"] = lr * (1 - t / total) ** power
-    return opt.param_groups[0]["lr"]
-
-
-class Progress:
-    """One line per interval with rate and ETA; every line also appended to <out>/log.jsonl."""
-
-    def __init__(self, total, start=0, every=10, out=None, unit="it"):
-        """A run from step `start`: <out>/log.jsonl is cut back to the records of steps <= start, so a resumed
-        run logs no step twice and a fresh one starts an empty log; a line a kill cut off is dropped with a note."""
-        self.total, self.start, self.every, self.unit = total, start, every, unit
-        self.t0, self.log = time.time(), (os.path.join(out, "log.jsonl") if out and is_main() else None)
-        if self.log and os.path.exists(self.log):
-            with open(self.log) as f:
-                records = [(line, parse_json_line(line)) for line in f]
-            if any(r is None for _, r in records):
-                print(f"note: {self.log}: dropped {sum(r is None for _, r in records)} line(s) cut off by a kill")
-            write_atomic(self.log, save_text, "".join(line for line, r in records if r and r.get("step", 0) <= start))
-
-    def due(self, t):
-        return t % self.every == 0 or t == self.total
-
-    def step(self, t, **metrics):
-        """A progress line after step t (1-based count of done steps)."""
-        rate = (t - self.start) / max(time.time() - self.t0, 1e-9)
-        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - t) / max(rate, 1e-9)))
-        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"[{t}/{self.total}] {text} | {rate:.2f} {self.unit}/s ETA {eta}", flush=True)
-        if self.log:
-            Progress.record(os.path.dirname(self.log), step=t, **metrics, rate=rate, time=round(time.time(), 3))
-
-    @staticmethod
-    def record(out, **fields):
-        """Append one JSON line to <out>/log.jsonl."""
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(fields) + "\n")
 
 
 # ============ 8. The entry point ============

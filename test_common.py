@@ -1387,6 +1387,9 @@ def test_results_md_miniature_runs_end_to_end(tmp_path):
             "bcpt K=6 Eq4=sum drop-novel from stand-in"} <= rows
     assert len(glob.glob(str(tmp_path / "runs/mini/synthetic2/np/*.json"))) == 7
     assert len(glob.glob(str(tmp_path / "runs/mini/synthetic2/meta/*.json"))) == 5
+    for root, checksum in (("synthetic2", "f95f45a9e6d48547"), ("synthetic2-standin", "c8fe55f547bc55d6")):
+        with open(tmp_path / "data" / root / ".complete") as f:  # the worlds RESULTS.md's numbers were measured on
+            assert json.load(f)["checksum"] == checksum
 
 
 def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrained, tmp_path, capsys):

@@ -2130,8 +2130,11 @@ def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(synthetic_root
     import time
     out = tmp_path / "run"
     argv = pretrain_args(synthetic_root, out, "--save-every", "1", "--max-iters", "40")
+    # a shell's background job (`cmd &`) inherits SIGINT ignored, and Python then keeps ignoring it: give the run
+    # the default disposition a terminal's Ctrl-C meets
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain_bcpt.py"), *argv], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 2:
         assert p.poll() is None and time.sleep(0.05) is None
     p.send_signal(signal.SIGINT)

@@ -1,14 +1,12 @@
 """evaluate.py: the few-shot test of a metatrain.py checkpoint (paper Sec. 3.2, Table 1; PROTOCOL.md 5, 6, 8).
 
-Episodes: --episodes per seed, drawn up front from the seed (the same for any worker count), walking the
-fold's val list in order; test geometry of PROTOCOL.md 5 (keep-aspect resize to --test-size, logits
-resized to the original label size, 255 ignored), batch 1. Reports per seed and mean +- std over the seeds
-(never a "best seed"): mIoU (per-class IoU over the novel classes) and FB-IoU in percent, episodes/s and
-the share of time spent in the model. Dataset, fold, shot, backbone and data root come from the checkpoint;
-a flag passed explicitly that disagrees with it is refused.
+Episodes: --episodes per seed, drawn up front from the seed (the same for any worker count), walking the fold's val
+list in order; test geometry of PROTOCOL.md 5, batch 1. Reports per seed and mean +- std over the seeds (never a "best
+seed"): mIoU (per-class IoU over the novel classes) and FB-IoU in percent, episodes/s and the share of time spent in
+the model. Dataset, fold, shot, backbone and data root come from the checkpoint; a typed flag that disagrees is refused.
 
-Outputs: --json FILE (README "Results files"), --vis DIR (Fig. 2-style PNGs; with --compare, the two
-predictions side by side), --table FILE... (a Table 1-style table from several JSON files).
+Outputs: --json FILE (README "Results files"), --vis DIR (Fig. 2-style PNGs; with --compare, the two predictions side
+by side). --table FILE... prints Tables 1 and 2 from the JSON files of this script and of nonparametric_eval.py.
 
 Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
     python evaluate.py --checkpoint runs/meta-f0/last.pt --json results/bcpt-f0-1shot.json
@@ -17,17 +15,18 @@ CPU smoke run on the built-in synthetic benchmark:
 """
 import functools
 import os
+import re
 
 import cv2
 import numpy as np
 import torch
 
-from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, at_query_size, build_backbone, load_checkpoint,
+from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, build_backbone, load_checkpoint,
                     open_data, predict_meta, to_bgr_image)
-from plumbing import (POSITIVE, KitParser, add_common_args, add_eval_args, amp_dtype, autocast_call, check_paths,
-                      dataset_of, evaluate_seeds, finish_args, format_table, is_main, parse_json_line, pretrain_label,
-                      run, write_results)
-from prepare_data import own_episodes, write_user_prediction
+from plumbing import (POSITIVE, KitParser, add_common_args, add_eval_args, AMP_DTYPES, check_paths,
+                      dataset_of, evaluate_seeds, finish_args, is_main, parse_json_line, pretrain_label, read_json, run,
+                      write_results)
+from prepare_data import segment_own_images
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
                    "test_geometry", "train_pool", "coco_split")  # each taken from the checkpoint unless typed
@@ -37,12 +36,15 @@ MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if ty
 def parse_args(argv):
     p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), dataset_of(argv), "evaluate"))
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
-    p.add_argument("--shot", type=POSITIVE, help="supports per episode; must match the checkpoint (default: the "
-                   "checkpoint's)")
+    p.add_argument("--shot", type=POSITIVE, help="supports per episode; must match the checkpoint (default: its)")
     p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "
                                      "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)")
     p.add_argument("--vis", help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here")
     p.add_argument("--vis-count", type=POSITIVE, default=8, help="episodes drawn by --vis (default %(default)s)")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from results files of "
+                   "this script and nonparametric_eval.py (Tables 1 and 2), with the paper's numbers beside its rows")
+    p.add_argument("--table-metric", default="threshold", choices=list(TABLE_METRICS), help="a non-parametric file's "
+                   "cell: mIoU at its --threshold, the base-chosen one or the best of its sweep (default %(default)s)")
     p.add_argument("--curves", nargs="+", metavar="LOG", help="only draw training curves from these log.jsonl files "
                    "into --out (a PNG; default curves.png): loss, lr, training mIoU, cluster shares, validation mIoU")
     return p.parse_args(argv)
@@ -98,22 +100,15 @@ def write_vis(args, data, models, device):
 
 # ============ your own images, and training curves ============
 @torch.no_grad()
-def segment_own_images(args, ckpt, model, dtype):
+def own_images(args, ckpt, model, dtype):
     """Each --query segmented with the --support examples, in the benchmark's test geometry and normalisation."""
-    if not (args.support and args.query and args.out):
-        raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
-    if not is_main():  # under torchrun, rank 0 does it all
-        return
-    shots, trained = len(args.support), ckpt["args"]["shot"]
-    if shots != trained and ckpt["args"].get("shot_fusion") == "weighted":
+    shots, trained = len(args.support or []), ckpt["args"]["shot"]
+    if shots and shots != trained and ckpt["args"].get("shot_fusion") == "weighted":
         raise KitError(f"{args.checkpoint} weighs exactly {trained} supports (--shot-fusion weighted): pass "
                        f"{trained} --support pairs")
-    if shots != trained:
+    if shots and shots != trained:
         print(f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)")
-    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size, args.test_geometry):
-        scores = autocast_call(torch.device(args.device), dtype, predict_meta, model, item)  # (1, 2, s, s)
-        pred = at_query_size(scores, query, args.test_geometry).argmax(0).numpy()  # (H, W) in {0, 1}
-        write_user_prediction(args.out, name, query, pred, pairs)
+    segment_own_images(args, functools.partial(predict_meta, model), dtype, lambda s: (s.argmax(0).numpy(), None))
 
 
 CURVES = [("loss", "training loss"), ("lr", "learning rate"), ("train_miou", "training mIoU (base-class episodes)"),
@@ -159,12 +154,107 @@ def draw_curves(paths, out):
     return [title for _, title in panels]
 
 
+# ============ --table: results files of both tests in the paper's layout, beside the paper's numbers ============
+TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",  # a non-parametric file's cell
+                 "best-sweep": lambda r: max(r["sweep"].values())}
+PAPER_ROWS = """table dataset backbone pre-training, then mIoU: 1-shot folds 0-3 and mean, 5-shot the same
+1 pascal vgg16    ImageNet  59.45 66.65 63.22 54.77 61.02   63.39 70.11 67.66 62.51 65.92
+1 pascal vgg16    Standard  60.02 68.67 63.76 55.00 61.86   64.02 71.51 69.39 63.55 67.12
+1 pascal vgg16    BCPT      60.77 69.96 64.28 56.60 62.90   65.21 72.68 70.81 64.81 68.38
+1 pascal resnet50 ImageNet  64.42 70.81 63.64 57.98 64.21   67.10 72.31 63.64 63.19 66.56
+1 pascal resnet50 Standard  64.79 71.46 65.94 59.51 65.36   67.59 73.21 67.63 65.97 68.60
+1 pascal resnet50 BCPT      68.73 71.57 65.69 61.22 66.87   73.20 74.25 69.38 67.50 71.21
+1 coco   resnet50 ImageNet  37.11 47.47 43.20 41.28 42.27   43.25 52.94 48.58 48.01 48.20
+1 coco   resnet50 Standard  37.57 48.21 44.13 42.68 43.15   44.89 52.85 50.30 48.44 49.12
+1 coco   resnet50 BCPT      37.50 51.15 44.38 42.33 43.84   45.47 53.98 50.94 49.01 49.85
+2 pascal resnet50 ImageNet  27.04 38.29 36.40 33.88 33.90
+2 pascal resnet50 Standard  28.65 40.43 43.33 36.85 37.32
+2 pascal resnet50 BCPT      38.52 47.08 46.01 38.65 42.57"""  # the BCPT paper's ASPP-PFENet rows (PROTOCOL.md 11.1)
+PAPER = {(int(t), d, b, p, shot): [float(x) for x in v[5 * k:5 * k + 5]]  # {(table, ..., shot): [folds, mean]}
+         for t, d, b, p, *v in map(str.split, PAPER_ROWS.splitlines()[1:])
+         for k, shot in enumerate([1, 5][:len(v) // 5])}
+
+
+def paper_row(r):
+    """The PAPER key of a results file of either test, or None: the paper's pre-training (ImageNet, Standard, BCPT K=6
+    alpha 0.1 with guidance, either reading of Eqs. 3-4) on its backbone (ResNet-50: either stem) and test geometry."""
+    label, t = r["pretrained"], 2 if r.get("method") == "non-parametric prior" else 1
+    kind = ("ImageNet" if label == "imagenet" else "Standard" if re.fullmatch(
+        r"standard (psp|linear|\(BAM best.pth\))( best-val)?", label) else "BCPT" if re.fullmatch(
+        r"bcpt K=6 Eq4=\w+( Eq3=base)?( best-val)?", label) else None)
+    key = (t, r["dataset"], {"resnet50v2": "resnet50"}.get(r["backbone"], r["backbone"]), kind, r["shot"])
+    return key if key in PAPER and r.get("protocol", {}).get("test_geometry", "pfenet") == "pfenet" else None
+
+
+def format_table(paths, metric="threshold"):
+    """Paper Table 1 / 2 layout: a row per (dataset, backbone, method, pre-training, test geometry), folds 0-3 and mean
+    per shot, a cell of several files (training seeds) as mean+-std; then the paper beside ours (table_vs_paper).
+    metric: what a non-parametric file shows (TABLE_METRICS); a metatrain.py model's file shows its mIoU."""
+    cells, shots, files = {}, set(), {}
+    for p in paths:
+        r = read_json(p, "--table")
+        try:
+            geometry = r.get("protocol", {}).get("test_geometry", "pfenet")
+            row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"] + f" @{geometry}" * (
+                geometry != "pfenet"))
+            pick = TABLE_METRICS[metric] if r.get("method") == "non-parametric prior" else "miou"
+            value = pick(r) if callable(pick) else r[pick]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise KitError(f"--table {p}: not a results file of this kit (no {e})") from None
+        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append((value, r.get("all_background")))
+        files.setdefault(row, []).append(r)
+        shots.add(r["shot"])
+
+    def cell(v):
+        flat = " (all background)" if any(c for _, c in v) and len(v) == 1 else f" ({sum(bool(c) for _, c in v)} of " \
+            f"{len(v)} all background)" * any(c for _, c in v)
+        return "-" if not v else f"{np.mean([x for x, _ in v]):.2f}" + (
+            f"+-{np.std([x for x, _ in v], ddof=1):.2f}" if len(v) > 1 else "") + flat
+    head = ["Dataset", "Backbone", "Method", "Pre-train"] + [f"{s}-shot {c}" for s in sorted(shots)
+                                                             for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, got in sorted(cells.items()):
+        vals = []
+        for s in sorted(shots):
+            folds = [got.get((s, f), []) for f in range(4)]
+            means = [np.mean([x for x, _ in v]) for v in folds if v]
+            vals += [cell(v) for v in folds] + [f"{np.mean(means):.2f}" + "*" * (len(means) < 4) if means else "-"]
+        lines.append("| " + " | ".join(list(row) + vals) + " |")
+    lines.append("mIoU in %; * = mean over the folds present only.")
+    return "\n".join(lines + [line for rs in files.values() for line in table_vs_paper(rs, metric)])
+
+
+def table_vs_paper(results, metric):
+    """For a row the paper reports, per fold and mean: ours, the paper's, the difference, our seeds' spread (training
+    seeds if several files, else evaluation seeds) with the paper inside or not, and BAM test.py's best seed."""
+    key = paper_row(results[0])
+    if key is None or (key[0] == 2 and metric != "threshold"):  # Table 2 at the paper's single threshold only
+        return []
+    lines = [f"Beside the paper (Table {key[0]}, {key[1]} {key[2]} {key[3]} {key[4]}-shot):"]
+    ours = {}
+    for f in range(4):
+        rs = [r for r in results if r["fold"] == f]
+        if not rs:
+            continue
+        seeds = [r["miou"] for r in rs] if len(rs) > 1 else [s["miou"] for s in rs[0]["per_seed"]]
+        best = max(s["miou"] for r in rs for s in r["per_seed"])
+        ours[f] = mean = float(np.mean([r["miou"] for r in rs]))
+        paper, inside = PAPER[key][f], min(seeds) <= PAPER[key][f] <= max(seeds)
+        lines.append(f"  fold {f}: ours {mean:.2f} ({'training' if len(rs) > 1 else 'evaluation'} seeds "
+                     f"{min(seeds):.2f}-{max(seeds):.2f}), paper {paper:.2f}, difference {mean - paper:+.2f}: "
+                     f"{'inside' if inside else 'outside'} the spread of our seeds; best of the evaluation seeds "
+                     f"(BAM test.py's Best_mIoU) {best:.2f}")
+    if len(ours) == 4:
+        mean = float(np.mean(list(ours.values())))
+        lines.append(f"  mean: ours {mean:.2f}, paper {PAPER[key][4]:.2f}, difference {mean - PAPER[key][4]:+.2f}")
+    return lines
+
+
 # ============ the evaluation ============
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
-        print(format_table(args.table))
-        return
+        return print(format_table(args.table, args.table_metric))
     if args.curves:
         args.out = args.out or "curves.png"
         check_paths(args, outputs=[("--out", False)], inputs=["--curves"])
@@ -180,9 +270,9 @@ def main(argv=None):
     args = finish_args(args, needs_data=False, outputs=[("--json", False), ("--episode-log", False), ("--vis", True),
                                                         ("--out", True)])
     device = torch.device(args.device)
-    model, dtype = load_model(ckpt, device), amp_dtype(args)
+    model, dtype = load_model(ckpt, device), AMP_DTYPES[args.amp]
     if args.support or args.query:
-        return segment_own_images(args, ckpt, model, dtype)
+        return own_images(args, ckpt, model, dtype)
     other = args.compare and metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in MUST_MATCH[:3]})
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
     print(f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
@@ -201,8 +291,7 @@ def main(argv=None):
     if args.vis and is_main():
         models = {f"prediction: {label}": model}
         if other:
-            name = f"prediction: {other['args'].get('pretrain_label', 'compare')} (compare)"
-            models[name] = load_model(other, device)
+            models[f"prediction: {other['args']['pretrain_label']} (compare)"] = load_model(other, device)
         write_vis(args, data, models, device)
     return result
 

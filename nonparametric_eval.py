@@ -9,8 +9,8 @@ that is best on base-class episodes of the val images: a choice made without loo
 
 Inputs: --pretrained imagenet | none | pretrain_bcpt.py's <out>/last.pt (same dataset and fold).
 Outputs: per seed and mean +- std mIoU / FB-IoU; --json FILE (evaluate.py's fields plus "threshold", "sweep":
-{threshold: mIoU}, "base_threshold", "miou_base_threshold" (+ "_std") and "base_sweep"); --table FILE...
-prints a Table 2-style table of the --table-metric.
+{threshold: mIoU}, "base_threshold", "miou_base_threshold" (+ "_std") and "base_sweep"), which
+`python evaluate.py --table FILE...` prints as Table 2 (--table-metric: at which threshold).
 
 Full run (PASCAL-5i fold 0, ResNet-50 pre-trained by BCPT):
     python nonparametric_eval.py --dataset pascal --data-root ROOT --fold 0 --pretrained runs/bcpt-f0/last.pt
@@ -24,16 +24,10 @@ import sys
 import numpy as np
 import torch
 
-from common import (KitError, at_query_size, build_backbone, frozen_features, open_data, resize,
-                    shot_prior, weights_made_for)
-from plumbing import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, amp_dtype, autocast_call,
-                      dataset_of, evaluate_seeds, finish_args, format_table, is_main, pretrain_label, run,
-                      seed_everything, typed, write_results)
-from prepare_data import own_episodes, write_user_prediction
-
-
-TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",
-                 "best-sweep": lambda r: max(r["sweep"].values())}  # what --table shows
+from common import KitError, build_backbone, frozen_features, open_data, resize, shot_prior, weights_made_for
+from plumbing import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, AMP_DTYPES, dataset_of,
+                      evaluate_seeds, finish_args, pretrain_label, run, seed_everything, typed, write_results)
+from prepare_data import segment_own_images
 
 
 def parse_args(argv):
@@ -62,8 +56,6 @@ def parser(ds):
              "3.2 gives no value: our choice)", type=UNIT)
     add_flag(g, ds, "--sweep", [round(0.1 * i, 1) for i in range(1, 10)], "thresholds also scored from the same "
              "priors; the one best on base-class episodes is reported too", type=UNIT, nargs="+")
-    g.add_argument("--table-metric", default="threshold", choices=list(TABLE_METRICS), help="with --table: mIoU at "
-                   "--threshold, at the base-chosen threshold, or the best of the sweep (default %(default)s)")
     return p
 
 
@@ -105,19 +97,6 @@ def above(scores, threshold):
     return (scores[0, 0] > threshold).long()
 
 
-def segment_own_images(args, backbone, dtype):
-    """Each --query segmented with the --support examples: the prior thresholded at --threshold; the prior itself
-    is written as a heat map."""
-    if not (args.support and args.query and args.out):
-        raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
-    if not is_main():  # under torchrun, rank 0 does it all
-        return
-    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size, args.test_geometry):
-        prior = autocast_call(torch.device(args.device), dtype, predict_prior, backbone, item)  # (1, 1, s, s)
-        heat = at_query_size(prior, query, args.test_geometry)[0].numpy()  # (H, W) in [0, 1]
-        write_user_prediction(args.out, name, query, (heat > args.threshold).astype(np.uint8), pairs, heat)
-
-
 def choose_threshold_on_base_classes(args, data, predict, rules, dtype):
     """The threshold a user could pick without the novel classes: the best mIoU on base-class episodes of the
     val images (classes seen in pre-training; novel objects there are background). -> (threshold, sweep)."""
@@ -128,9 +107,6 @@ def choose_threshold_on_base_classes(args, data, predict, rules, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.table:
-        print(format_table(args.table, TABLE_METRICS[args.table_metric]))
-        return
     seed_everything(args.seed)  # a random (--pretrained none) backbone depends on the seed
     device = torch.device(args.device)
     own = bool(args.support or args.query)  # the user's images: the fold does not matter
@@ -138,7 +114,8 @@ def main(argv=None):
                                                                                              {"fold": args.fold})})
     backbone = backbone.to(device).eval()
     if own:
-        return segment_own_images(args, backbone, amp_dtype(args))
+        heat = lambda prior: ((prior[0] > args.threshold).numpy().astype(np.uint8), prior[0].numpy())  # (H, W) each
+        return segment_own_images(args, functools.partial(predict_prior, backbone), AMP_DTYPES[args.amp], heat)
     label = args.label or pretrain_label(args.weights)
     thresholds = sorted(set(args.sweep) | {args.threshold})
     print(f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} pre-trained {label}, "
@@ -149,7 +126,7 @@ def main(argv=None):
 
     # ============ every threshold scored from the same prior, on novel-class episodes ============
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
-    predict, dtype = functools.partial(predict_prior, backbone, cache={}), amp_dtype(args)
+    predict, dtype = functools.partial(predict_prior, backbone, cache={}), AMP_DTYPES[args.amp]
     results = evaluate_seeds(args, data, predict, rules, dtype=dtype)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))

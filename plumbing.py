@@ -1,4 +1,4 @@
-"""plumbing.py: how the BCPT kit runs: flags, processes, precision, files, run folders, results tables, the training
+"""plumbing.py: how the BCPT kit runs: flags, processes, precision, files, run folders, results files, the training
 loop both training stages share, the entry point. The science is common.py, which never imports this file."""
 import argparse
 import atexit
@@ -176,8 +176,6 @@ def add_eval_args(parser):
     g.add_argument("--json", help="write the results to this file")
     g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, "
                    "bcpt K=6...)")
-    g.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from these results "
-                   "files, and beside it the paper's numbers where it reports the row")
     g.add_argument("--episode-log", metavar="FILE", help="one JSON line per episode (seed, index, query and support "
                    "ids, class, intersection and union), from which every reported number can be recomputed")
     g = parser.add_argument_group("your own images (no data root, fold or class needed)")
@@ -223,16 +221,6 @@ def check_paths(args, outputs=(), inputs=()):
         for path in getattr(args, flag[2:].replace("-", "_")) or []:
             if not os.path.isfile(path) or not os.access(path, os.R_OK):
                 raise KitError(f"{flag} {path}: no such readable file")
-
-
-def flags_to_argv(flags):
-    """The command line that gives back these flags (args.json "flags"): every flag spelled out."""
-    argv = []
-    for dest, value in flags.items():
-        if value is not None and value is not False:  # (0 == False: compare by identity)
-            values = [] if value is True else value if isinstance(value, list) else [value]
-            argv += ["--" + dest.replace("_", "-"), *map(str, values)]
-    return argv
 
 
 # ============ 2. Several processes (torchrun): one process per device, rank 0 prints and writes ============
@@ -305,18 +293,17 @@ def wrap_ddp(model, device, sync_bn=False):
     return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{option: False})
 
 
-def global_mean(loss, logits, target, n):
-    """loss(logits, target) as this process's share of its mean over the n labelled entries of the global batch (the
-    shares add up to the one-process loss; Trainer.optimise scales the gradient to match)."""
+def global_mean(loss, logits, target, n=None):
+    """loss(logits, target) as this process's share of its mean over the n labelled entries of the global batch (n:
+    the target's entries but 255), the shares adding up to the one-process loss (Trainer.optimise scales to match)."""
     if world() == 1:
         return loss(logits, target)
+    n = (target != IGNORE).sum() if n is None else n
     return loss(logits, target, reduction="sum") / all_reduce_sum(n.float()).clamp(min=1)
 
 
-def global_mean_ce(logits, target):
-    """Cross-entropy ignoring 255, as global_mean."""
-    ce = functools.partial(torch.nn.functional.cross_entropy, ignore_index=IGNORE)
-    return global_mean(ce, logits, target, (target != IGNORE).sum())
+global_mean_ce = functools.partial(global_mean, functools.partial(torch.nn.functional.cross_entropy,
+                                                                  ignore_index=IGNORE))  # cross-entropy ignoring 255
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -363,9 +350,7 @@ def precision_of(precision, device):
     return precision
 
 
-def amp_dtype(args):
-    """The autocast dtype of the run's resolved precision (args.amp), or None (float32, no autocast)."""
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of a resolved --precision
 
 
 def autocast_call(device, dtype, fn, *a):
@@ -506,7 +491,7 @@ def run_record(args, data=None):
             "pools": {split: len(ids) for split, (ids, _) in data.items()} if data else None}
 
 
-# ============ 6. Results files and tables, beside the paper's numbers ============
+# ============ 6. Results files, row labels, BAM's base learners ============
 BAM_BASE_MIOU = {  # BAM's base learners' base-class mIoU on the val images, folds 0-3 (PROTOCOL.md 11.2)
     ("pascal", "vgg16"): [67.76, 65.82, 65.51, 69.95], ("pascal", "resnet50"): [71.43, 69.17, 69.19, 73.72],
     ("coco", "vgg16"): [44.99, 43.04, 45.92, 45.05], ("coco", "resnet50"): [50.84, 49.41, 51.95, 50.89]}
@@ -517,31 +502,6 @@ def base_learner_check(args, miou):
     bam = BAM_BASE_MIOU.get((args.dataset, args.backbone.replace("50v2", "50")), [None] * 4)[args.fold]
     return f"base-class mIoU on the val images: {miou:.2f}" + (
         f" (BAM's base learner, {args.dataset} fold {args.fold}, {args.backbone}: {bam}, PROTOCOL.md 11.2)" * bool(bam))
-
-
-PAPER = {  # the BCPT paper's ASPP-PFENet rows, mIoU folds 0-3 and mean (PROTOCOL.md 11.1): (table, dataset,
-    # backbone, pre-training, shot)
-    (1, "pascal", "vgg16", "ImageNet", 1): [59.45, 66.65, 63.22, 54.77, 61.02],
-    (1, "pascal", "vgg16", "ImageNet", 5): [63.39, 70.11, 67.66, 62.51, 65.92],
-    (1, "pascal", "vgg16", "Standard", 1): [60.02, 68.67, 63.76, 55.00, 61.86],
-    (1, "pascal", "vgg16", "Standard", 5): [64.02, 71.51, 69.39, 63.55, 67.12],
-    (1, "pascal", "vgg16", "BCPT", 1): [60.77, 69.96, 64.28, 56.60, 62.90],
-    (1, "pascal", "vgg16", "BCPT", 5): [65.21, 72.68, 70.81, 64.81, 68.38],
-    (1, "pascal", "resnet50", "ImageNet", 1): [64.42, 70.81, 63.64, 57.98, 64.21],
-    (1, "pascal", "resnet50", "ImageNet", 5): [67.10, 72.31, 63.64, 63.19, 66.56],
-    (1, "pascal", "resnet50", "Standard", 1): [64.79, 71.46, 65.94, 59.51, 65.36],
-    (1, "pascal", "resnet50", "Standard", 5): [67.59, 73.21, 67.63, 65.97, 68.60],
-    (1, "pascal", "resnet50", "BCPT", 1): [68.73, 71.57, 65.69, 61.22, 66.87],
-    (1, "pascal", "resnet50", "BCPT", 5): [73.20, 74.25, 69.38, 67.50, 71.21],
-    (1, "coco", "resnet50", "ImageNet", 1): [37.11, 47.47, 43.20, 41.28, 42.27],
-    (1, "coco", "resnet50", "ImageNet", 5): [43.25, 52.94, 48.58, 48.01, 48.20],
-    (1, "coco", "resnet50", "Standard", 1): [37.57, 48.21, 44.13, 42.68, 43.15],
-    (1, "coco", "resnet50", "Standard", 5): [44.89, 52.85, 50.30, 48.44, 49.12],
-    (1, "coco", "resnet50", "BCPT", 1): [37.50, 51.15, 44.38, 42.33, 43.84],
-    (1, "coco", "resnet50", "BCPT", 5): [45.47, 53.98, 50.94, 49.01, 49.85],
-    (2, "pascal", "resnet50", "ImageNet", 1): [27.04, 38.29, 36.40, 33.88, 33.90],
-    (2, "pascal", "resnet50", "Standard", 1): [28.65, 40.43, 43.33, 36.85, 37.32],
-    (2, "pascal", "resnet50", "BCPT", 1): [38.52, 47.08, 46.01, 38.65, 42.57]}
 
 
 def pretrain_label(weights):
@@ -564,16 +524,6 @@ def pretrain_label(weights):
             + (f" alpha={alpha:g}" if alpha != 0.1 else "") + f" Eq4={scale}"  # the paper's alpha goes unnamed
             + (" Eq3=base" if a.get("eq3") == "base" else "") + tail)
 
-
-def paper_row(r):
-    """The PAPER key of a results file, or None: the paper's pre-training (ImageNet, Standard, BCPT K=6 alpha 0.1 with
-    guidance, either reading of Eqs. 3-4) on its backbone (ResNet-50: either stem) and test geometry."""
-    label, t = r["pretrained"], 2 if r.get("method") == "non-parametric prior" else 1
-    kind = ("ImageNet" if label == "imagenet" else "Standard" if re.fullmatch(
-        r"standard (psp|linear|\(BAM best.pth\))( best-val)?", label) else "BCPT" if re.fullmatch(
-        r"bcpt K=6 Eq4=\w+( Eq3=base)?( best-val)?", label) else None)
-    key = (t, r["dataset"], {"resnet50v2": "resnet50"}.get(r["backbone"], r["backbone"]), kind, r["shot"])
-    return key if key in PAPER and r.get("protocol", {}).get("test_geometry", "pfenet") == "pfenet" else None
 
 
 def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None):
@@ -623,68 +573,6 @@ def write_results(path, summary, args, data=None, **fields):
         print(f"wrote {path}")
 
 
-def format_table(paths, metric="miou"):
-    """Paper Table 1 / 2 layout: a row per (dataset, backbone, method, pre-training, test geometry), folds 0-3 and mean
-    per shot, a cell of several files (training seeds) as mean+-std; then the paper beside ours (table_vs_paper)."""
-    cells, shots, files = {}, set(), {}
-    for p in paths:
-        r = read_json(p, "--table")
-        try:
-            geometry = r.get("protocol", {}).get("test_geometry", "pfenet")
-            row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"] + f" @{geometry}" * (
-                geometry != "pfenet"))
-            value = metric(r) if callable(metric) else r[metric]
-        except (KeyError, TypeError, AttributeError) as e:
-            raise KitError(f"--table {p}: not a results file of this kit (no {e})") from None
-        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append((value, r.get("all_background")))
-        files.setdefault(row, []).append(r)
-        shots.add(r["shot"])
-
-    def cell(v):
-        flat = " (all background)" if any(c for _, c in v) and len(v) == 1 else f" ({sum(bool(c) for _, c in v)} of " \
-            f"{len(v)} all background)" * any(c for _, c in v)
-        return "-" if not v else f"{np.mean([x for x, _ in v]):.2f}" + (
-            f"+-{np.std([x for x, _ in v], ddof=1):.2f}" if len(v) > 1 else "") + flat
-    head = ["Dataset", "Backbone", "Method", "Pre-train"] + [f"{s}-shot {c}" for s in sorted(shots)
-                                                             for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row, got in sorted(cells.items()):
-        vals = []
-        for s in sorted(shots):
-            folds = [got.get((s, f), []) for f in range(4)]
-            means = [np.mean([x for x, _ in v]) for v in folds if v]
-            vals += [cell(v) for v in folds] + [f"{np.mean(means):.2f}" + "*" * (len(means) < 4) if means else "-"]
-        lines.append("| " + " | ".join(list(row) + vals) + " |")
-    lines.append("mIoU in %; * = mean over the folds present only.")
-    return "\n".join(lines + [line for rs in files.values() for line in table_vs_paper(rs, metric)])
-
-
-def table_vs_paper(results, metric):
-    """For a row the paper reports, per fold and mean: ours, the paper's, the difference, our seeds' spread (training
-    seeds if several files, else evaluation seeds) with the paper inside or not, and BAM test.py's best seed."""
-    key = paper_row(results[0])
-    if key is None or metric not in ("miou",):
-        return []
-    lines = [f"Beside the paper (Table {key[0]}, {key[1]} {key[2]} {key[3]} {key[4]}-shot):"]
-    ours = {}
-    for f in range(4):
-        rs = [r for r in results if r["fold"] == f]
-        if not rs:
-            continue
-        seeds = [r["miou"] for r in rs] if len(rs) > 1 else [s["miou"] for s in rs[0]["per_seed"]]
-        best = max(s["miou"] for r in rs for s in r["per_seed"])
-        ours[f] = mean = float(np.mean([r["miou"] for r in rs]))
-        paper, inside = PAPER[key][f], min(seeds) <= PAPER[key][f] <= max(seeds)
-        lines.append(f"  fold {f}: ours {mean:.2f} ({'training' if len(rs) > 1 else 'evaluation'} seeds "
-                     f"{min(seeds):.2f}-{max(seeds):.2f}), paper {paper:.2f}, difference {mean - paper:+.2f}: "
-                     f"{'inside' if inside else 'outside'} the spread of our seeds; best of the evaluation seeds "
-                     f"(BAM test.py's Best_mIoU) {best:.2f}")
-    if len(ours) == 4:
-        mean = float(np.mean(list(ours.values())))
-        lines.append(f"  mean: ours {mean:.2f}, paper {PAPER[key][4]:.2f}, difference {mean - PAPER[key][4]:+.2f}")
-    return lines
-
-
 # ============ 7. The training loop both training stages share ============
 class Stopped(KitError):
     """Ctrl-C: one line naming the last checkpoint and the command that resumes; exit code 130."""
@@ -698,7 +586,7 @@ class Trainer:
 
     def __init__(self, args, stage, model, opt, base_lrs, keys):
         self.args, self.stage, self.model, self.opt, self.base_lrs, self.keys = args, stage, model, opt, base_lrs, keys
-        self.device, self.dtype = torch.device(args.device), amp_dtype(args)
+        self.device, self.dtype = torch.device(args.device), AMP_DTYPES[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.path, self.best = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}
         self.log, self.skipped, self.saved = os.path.join(args.out, "log.jsonl"), False, 0

@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 
 from common import (CACHE_DIR, IGNORE, IMAGES, LISTS, MASKS, N_CLASSES, SYNTHETIC_ROOTS, KitError, base_classes,
-                    check_image_file, class_pixel_counts, image_pools, novel_classes, read_list, read_mask,
-                    test_transform)
-from plumbing import POSITIVE, SIZE, KitParser, add_data_args, dataset_of, run, typed
+                    at_query_size, check_image_file, class_pixel_counts, image_pools, novel_classes, read_list,
+                    read_mask, test_transform)
+from plumbing import POSITIVE, SIZE, KitParser, add_data_args, autocast_call, dataset_of, is_main, run, typed
 
 # ============ 1. The synthetic benchmarks: seeded worlds in the VOC layout, drawn with numpy alone ============
 # Every pixel is float64 numpy arithmetic on a seeded numpy Generator (colours through the standard library's
@@ -847,6 +847,20 @@ def write_user_prediction(out, name, query, pred, pairs, heat=None):
         cv2.imwrite(os.path.join(out, f"{name}_prior.png"), cv2.applyColorMap((255 * heat).astype(np.uint8),
                                                                              cv2.COLORMAP_JET))
     print(f"wrote {os.path.join(out, name)}_mask.png and _overlay.png" + " and _prior.png" * (heat is not None))
+
+
+def segment_own_images(args, predict, dtype, decide):
+    """Each --query segmented with the --support examples (evaluate.py, nonparametric_eval.py), by rank 0:
+    predict(item) -> scores on the test canvas, autocast in `dtype`; decide(scores at the query's size) -> (mask, heat
+    map or None)."""
+    if not (args.support and args.query and args.out):
+        raise KitError("your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR")
+    if not is_main():  # under torchrun, rank 0 does it all
+        return
+    for name, item, query, pairs in own_episodes(args.support, args.query, args.test_size, args.test_geometry):
+        scores = autocast_call(torch.device(args.device), dtype, predict, item)  # (1, C, s, s)
+        mask, heat = decide(at_query_size(scores, query, args.test_geometry))  # (H, W) each
+        write_user_prediction(args.out, name, query, mask, pairs, heat)
 
 
 # ============ 4. verify, and the command line ============

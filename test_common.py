@@ -1324,8 +1324,10 @@ def test_collapsed_model_is_flagged_not_averaged_in_silently(tmp_path, capsys):
                per_seed=[{"miou": 1.0}], protocol={})
     for name, (miou, flat) in {"a": (1.0, True), "b": (30.0, False)}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**row, "miou": miou, "all_background": flat}))
-    assert "1.00 (all background)" in plumbing.format_table([str(tmp_path / "a.json")])
-    assert "15.50+-20.51 (1 of 2 all background)" in plumbing.format_table([str(tmp_path / f"{n}.json") for n in "ab"])
+    import evaluate
+    assert "1.00 (all background)" in evaluate.format_table([str(tmp_path / "a.json")])
+    assert "1.00 (all background)" in evaluate.format_table([str(tmp_path / "a.json")], "base-threshold")  # its mIoU
+    assert "15.50+-20.51 (1 of 2 all background)" in evaluate.format_table([str(tmp_path / f"{n}.json") for n in "ab"])
 
 
 def _paper_rows_of_protocol():
@@ -1338,11 +1340,12 @@ def _paper_rows_of_protocol():
 
 
 def test_paper_numbers_match_protocol_and_the_papers_text():
-    """plumbing.PAPER is PROTOCOL.md 11.1, whose means are the means of its folds, and whose differences are the
+    """evaluate.PAPER is PROTOCOL.md 11.1, whose means are the means of its folds, and whose differences are the
     ones the paper's text states (Sec. 3.2: "BCPT surpasses Standard by 1.51% and 2.61%" on PASCAL ResNet-50,
     "0.69% and 0.73%" on COCO; Table 2: "outperforms Standard and ImageNet by 5.25% and 8.67%")."""
     paper = _paper_rows_of_protocol()
-    assert paper == plumbing.PAPER and len(paper) == 21
+    import evaluate
+    assert paper == evaluate.PAPER and len(paper) == 21
     off = {k: sum(v[:4]) / 4 for k, v in paper.items() if abs(sum(v[:4]) / 4 - v[4]) > 0.006}
     assert off == pytest.approx({(1, "pascal", "resnet50", "Standard", 1): 65.425, (1, "pascal", "resnet50", "BCPT", 1):
                                  66.8025, (1, "pascal", "resnet50", "BCPT", 5): 71.0825})  # the paper's Mean as printed
@@ -1356,14 +1359,14 @@ def test_paper_numbers_match_protocol_and_the_papers_text():
 def test_table_prints_the_papers_number_beside_ours(tmp_path, capsys):
     """Three training seeds of the non-parametric BCPT row on PASCAL fold 0 (made-up numbers): the paper's 38.52,
     the difference, the spread of the seeds and BAM test.py's best-of-evaluation-seeds figure."""
-    import nonparametric_eval
+    import evaluate
     files = []
     for k, miou in enumerate([37.0, 38.0, 40.0]):
         r = dict(dataset="pascal", backbone="resnet50v2", method="non-parametric prior", pretrained="bcpt K=6 Eq4=sum",
                  shot=1, fold=0, miou=miou, per_seed=[{"miou": miou - 1}, {"miou": miou + 1}], protocol={})
         files.append(str(tmp_path / f"s{k}.json"))
         open(files[-1], "w").write(json.dumps(r))
-    nonparametric_eval.main(["--table", *files])
+    evaluate.main(["--table", *files])
     out = capsys.readouterr().out
     assert "Beside the paper (Table 2, pascal resnet50 BCPT 1-shot):" in out
     assert ("fold 0: ours 38.33 (training seeds 37.00-40.00), paper 38.52, difference -0.19: inside the spread of "
@@ -1393,6 +1396,7 @@ def test_results_md_miniature_runs_end_to_end(tmp_path):
 
 
 def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrained, tmp_path, capsys):
+    import evaluate
     import nonparametric_eval
     files = []
     for name, weights in [("none", "none"), *pretrained.items()]:
@@ -1406,7 +1410,7 @@ def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrain
     fold1 = tmp_path / "none-f1.json"
     nonparametric_eval.main(np_args(synthetic_root, "none", fold1, "--fold", "1"))
     capsys.readouterr()
-    nonparametric_eval.main(["--table", *files, str(fold1)])
+    evaluate.main(["--table", *files, str(fold1)])
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| synthetic")]
     assert len(rows) == 3 and {r.split("|")[4].strip() for r in rows} == {"none", "standard linear", "bcpt K=6 Eq4=sum"}
@@ -1418,6 +1422,7 @@ def test_nonparametric_json_each_method_sweep_and_table(synthetic_root, pretrain
 
 
 def test_base_threshold_reads_no_novel_episode(synthetic_root, pretrained, tmp_path, monkeypatch):
+    import evaluate
     import nonparametric_eval
     seen, get = [], common.EpisodeDataset.__getitem__
 
@@ -1435,8 +1440,7 @@ def test_base_threshold_reads_no_novel_episode(synthetic_root, pretrained, tmp_p
     assert j["base_threshold"] == float(max(j["base_sweep"], key=j["base_sweep"].get))  # chosen on base only
     assert j["miou_base_threshold"] == j["sweep"][f"{j['base_threshold']:g}"] and "miou_base_threshold_std" in j
     for metric, want in (("base-threshold", j["miou_base_threshold"]), ("best-sweep", max(j["sweep"].values()))):
-        capsys = nonparametric_eval.format_table([str(path)], nonparametric_eval.TABLE_METRICS[metric])
-        assert f"| {want:.2f} |" in capsys
+        assert f"| {want:.2f} |" in evaluate.format_table([str(path)], metric)
 
 # ---------- every stage: bad input, a user's data, exact resume ----------
 def test_cli_error_is_one_line(tmp_path):
@@ -1894,6 +1898,16 @@ def test_own_images_bad_input_names_the_file(own_episode, metatrained, tmp_path)
         evaluate.main(base + ["--support", sup])
 
 
+def flags_to_argv(flags):
+    """The command line that gives back these flags (args.json "flags"): every flag spelled out."""
+    argv = []
+    for dest, value in flags.items():
+        if value is not None and value is not False:  # (0 == False: compare by identity)
+            values = [] if value is True else value if isinstance(value, list) else [value]
+            argv += ["--" + dest.replace("_", "-"), *map(str, values)]
+    return argv
+
+
 def test_args_json_round_trip_and_log_without_duplicates(synthetic_root, tmp_path):
     import pretrain_bcpt
     run_ = lambda *x: pretrain_bcpt.main(pretrain_args(synthetic_root, tmp_path, *x))
@@ -1902,7 +1916,7 @@ def test_args_json_round_trip_and_log_without_duplicates(synthetic_root, tmp_pat
     steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
     assert steps == [1, 2, 3, 4]  # the resumed run logged no step twice
     j = json.loads((tmp_path / "args.json").read_text())
-    again = pretrain_bcpt.parse_args(plumbing.flags_to_argv(j["flags"]))
+    again = pretrain_bcpt.parse_args(flags_to_argv(j["flags"]))
     assert again.flags == j["flags"] and j["flags"]["resume"] and j["derived"]["total_iters"] == 50
     assert {"utc", "host", "torch", "torchvision", "cuda", "cudnn", "device", "world_size", "git_commit",
             "git_dirty", "data_root", "pools"} <= set(j["run"]) and j["run"]["pools"] == {"train": 200, "val": 200}

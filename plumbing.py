@@ -306,37 +306,26 @@ global_mean_ce = functools.partial(global_mean, functools.partial(torch.nn.funct
                                                                   ignore_index=IGNORE))  # cross-entropy ignoring 255
 
 
-class StreamSampler(torch.utils.data.Sampler):
-    """Iteration t takes items t*B .. (t+1)*B - 1 of an endless stream of per-epoch permutations seeded by (seed,
-    epoch), so a resumed run sees the batches a straight one would; rank r of W takes its B / W of each batch."""
-
-    def __init__(self, n, batch, seed, start_iter, total_iters, rank=0, world=1):
-        self.n, self.batch, self.seed, self.start, self.total = n, batch, seed, start_iter, total_iters
-        self.local = batch // world
-        self.first = rank * self.local  # this rank's offset in each global batch
-
-    def __len__(self):
-        return (self.total - self.start) * self.local
-
-    def __iter__(self):
-        epoch, perm = -1, None
-        for pos in range(self.start * self.batch, self.total * self.batch):
-            if not self.first <= pos % self.batch < self.first + self.local:
-                continue  # another rank's share of this global batch
-            if pos // self.n != epoch:
-                epoch = pos // self.n
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            yield epoch * self.n + int(perm[pos % self.n])  # the dataset uses idx % n and seeds by idx
+def stream_batches(n, batch, seed, start_iter, total_iters, rank=0, world=1):
+    """The index lists of iterations start_iter .. total_iters - 1: iteration t takes items t*B .. (t+1)*B - 1 of an
+    endless stream of per-epoch permutations seeded by (seed, epoch), so a resumed run sees the batches a straight one
+    would; rank r of W takes its B / W of each global batch."""
+    perm = functools.lru_cache(2)(lambda epoch: torch.randperm(n, generator=torch.Generator().manual_seed(
+        seed * 100003 + epoch)))
+    local = batch // world
+    for t in range(start_iter, total_iters):
+        first = t * batch + rank * local  # this rank's share of global batch t
+        yield [pos // n * n + int(perm(pos // n)[pos % n]) for pos in range(first, first + local)]  # (dataset: idx % n)
 
 
 def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device):
     """The batches of iterations start_iter .. total_iters - 1 (this rank's share of each, under torchrun)."""
     if batch % world():
         raise KitError(f"--batch {batch} is the global batch: it must split evenly over the {world()} processes")
-    sampler = StreamSampler(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
+    batches = stream_batches(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
     cuda = device.type == "cuda"
-    return torch.utils.data.DataLoader(dataset, batch_size=batch // world(), sampler=sampler, num_workers=workers,
-                                       pin_memory=cuda, persistent_workers=cuda and workers > 0)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=cuda,
+                                       persistent_workers=cuda and workers > 0)
 
 
 # ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32) ============

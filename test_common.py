@@ -1963,9 +1963,9 @@ def torchrun(*argv, cwd=HERE):
                            *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
-def test_stream_sampler_shards_each_global_batch():
-    one = list(plumbing.StreamSampler(10, 4, 3, 1, 6))
-    ranks = [list(plumbing.StreamSampler(10, 4, 3, 1, 6, r, 2)) for r in (0, 1)]
+def test_stream_batches_shard_each_global_batch():
+    one = sum(plumbing.stream_batches(10, 4, 3, 1, 6), [])
+    ranks = [sum(plumbing.stream_batches(10, 4, 3, 1, 6, r, 2), []) for r in (0, 1)]
     for t in range(5):  # global batch t: rank 0 has its first half, rank 1 its second
         assert one[4 * t:4 * t + 4] == ranks[0][2 * t:2 * t + 2] + ranks[1][2 * t:2 * t + 2]
 

@@ -23,8 +23,8 @@ import torch
 
 from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, build_backbone, load_checkpoint,
                     open_data, predict_meta, to_bgr_image)
-from plumbing import (POSITIVE, KitParser, add_common_args, add_eval_args, AMP_DTYPES, check_paths,
-                      dataset_of, evaluate_seeds, finish_args, is_main, parse_json_line, pretrain_label, read_json, run,
+from plumbing import (AMP_DTYPES, POSITIVE, KitParser, add_common_args, add_eval_args, check_paths, dataset_of,
+                      evaluate_seeds, finish_args, is_main, parse_json_line, pretrain_label, read_json, run,
                       write_results)
 from prepare_data import segment_own_images
 
@@ -36,7 +36,7 @@ MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if ty
 def parse_args(argv):
     p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), dataset_of(argv), "evaluate"))
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
-    p.add_argument("--shot", type=POSITIVE, help="supports per episode; must match the checkpoint (default: its)")
+    p.add_argument("--shot", type=POSITIVE, help="supports per episode (default: the checkpoint's; another is refused)")
     p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "
                                      "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)")
     p.add_argument("--vis", help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here")

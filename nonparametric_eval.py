@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common import KitError, build_backbone, frozen_features, open_data, resize, shot_prior, weights_made_for
-from plumbing import (POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, AMP_DTYPES, dataset_of,
+from plumbing import (AMP_DTYPES, POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, dataset_of,
                       evaluate_seeds, finish_args, pretrain_label, run, seed_everything, typed, write_results)
 from prepare_data import segment_own_images
 
@@ -114,8 +114,8 @@ def main(argv=None):
                                                                                              {"fold": args.fold})})
     backbone = backbone.to(device).eval()
     if own:
-        heat = lambda prior: ((prior[0] > args.threshold).numpy().astype(np.uint8), prior[0].numpy())  # (H, W) each
-        return segment_own_images(args, functools.partial(predict_prior, backbone), AMP_DTYPES[args.amp], heat)
+        decide = lambda prior: ((prior[0] > args.threshold).numpy().astype(np.uint8), prior[0].numpy())  # (H, W) each
+        return segment_own_images(args, functools.partial(predict_prior, backbone), AMP_DTYPES[args.amp], decide)
     label = args.label or pretrain_label(args.weights)
     thresholds = sorted(set(args.sweep) | {args.threshold})
     print(f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} pre-trained {label}, "

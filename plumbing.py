@@ -563,11 +563,6 @@ def write_results(path, summary, args, data=None, **fields):
 
 
 # ============ 7. The training loop both training stages share ============
-class Stopped(KitError):
-    """Ctrl-C: one line naming the last checkpoint and the command that resumes; exit code 130."""
-    code = 130
-
-
 class Trainer:
     """All around a stage's step(batch) -> (loss, metrics), which calls optimise(loss) with its process's share of the
     global batch's loss: run folder, --resume, batch stream, poly lr, autocast, gradient scaling, the NaN stop every
@@ -643,8 +638,8 @@ class Trainer:
                 script = {"pretrain": "pretrain_bcpt.py", "metatrain": "metatrain.py"}[self.stage]
                 last = (f"the last checkpoint is {self.path} (iteration {self.saved})" if self.saved else
                         f"no checkpoint was written yet (the first comes at iteration {args.save_every})")
-                raise Stopped(f"interrupted: {last}; continue with: python {script} "
-                              + shlex.join(argv + ["--resume"] * (not args.resume))) from None
+                raise KeyboardInterrupt(f"interrupted: {last}; continue with: python {script} "
+                                        + shlex.join(argv + ["--resume"] * (not args.resume))) from None
             print(f"saved {self.path}")
 
     def loop(self, batches, stop, step, validate, val_every, log_extra):
@@ -737,13 +732,13 @@ class Trainer:
 # ============ 8. The entry point ============
 def run(main):
     """Entry point of every script: a KitError (also one raised in a DataLoader worker) becomes one line on stderr
-    and exit code 2 (130 for Ctrl-C), not a traceback wall."""
+    and exit code 2; Ctrl-C one line (Trainer.fit's names the last checkpoint and the command that resumes) and 130."""
     try:
         main(sys.argv[1:])
     except KitError as e:
         msg = str(e).strip().splitlines()[-1].replace("common.KitError: ", "")
-        print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {msg}", file=sys.stderr)
-        sys.exit(getattr(e, "code", 2))
-    except KeyboardInterrupt:
-        print("stopped: interrupted; nothing of this run was saved", file=sys.stderr)
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"stopped: {str(e) or 'interrupted; nothing of this run was saved'}", file=sys.stderr)
         sys.exit(130)

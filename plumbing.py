@@ -400,9 +400,6 @@ def set_rng_state(state):
 
 
 # ============ 5. Run folders, locks and run records ============
-RUN_FILES = ("last.pt", "best.pt", "args.json", "log.jsonl")  # what a run writes in its folder
-
-
 def check_run_folder(args, stage, keys):
     """Before anything is written: a folder holding a checkpoint is continued only by the same stage, with --resume
     and the same `keys` flags; another stage's folder is refused. -> the checkpoint to resume from, or None."""
@@ -445,8 +442,8 @@ def run_folder(out):
         f.seek(0)
         if previous := f.read().strip():
             print(f"note: {f.name} was left by {previous}, which is no longer running; taking it over")
-        for name in os.listdir(out):  # a killed run's half-written files, named by write_atomic; nothing else
-            if re.fullmatch("(" + "|".join(map(re.escape, RUN_FILES)) + r")\.tmp\d+", name):
+        for name in os.listdir(out):  # a killed run's half-written files (write_atomic's names); nothing else
+            if re.fullmatch(r"(last\.pt|best\.pt|args\.json|log\.jsonl)\.tmp\d+", name):
                 os.remove(os.path.join(out, name))
         f.truncate(0)  # (appends go to the end of the file)
         f.write(f"process {os.getpid()} on {socket.gethostname()}")
@@ -512,7 +509,6 @@ def pretrain_label(weights):
     return ("bcpt" + (" no-guidance" if a.get("no_guidance") else "") + f" K={a['K']}"
             + (f" alpha={alpha:g}" if alpha != 0.1 else "") + f" Eq4={scale}"  # the paper's alpha goes unnamed
             + (" Eq3=base" if a.get("eq3") == "base" else "") + tail)
-
 
 
 def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None):

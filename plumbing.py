@@ -615,17 +615,16 @@ class Trainer:
                     obj.load_state_dict(ckpt[part])
                 self.best, self.saved = ckpt.get("best", self.best), ckpt["iter"]
                 print(f"resumed from {self.path} at iteration {ckpt['iter']}")
-            elif args.resume:
-                print(f"--resume: no {self.path} yet, starting from iteration 0")
-            with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG,
-                batches = iter(stream_loader(dataset, args.batch, args.seed, self.saved, stop, args.workers,
-                                             self.device))
-            if ckpt:  # ... so that after a resume every RNG is where a straight run has it (each rank's own)
-                ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
+                ranks = ckpt.get("rng_ranks", [ckpt["rng"]])  # every RNG where a straight run has it, each rank's own
                 if len(ranks) != world():
                     print(f"note: {self.path} was written by {len(ranks)} processes, this run has {world()}: every "
                           "rank continues from rank 0's RNG state, so the run is not an exact continuation")
                 set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
+            elif args.resume:
+                print(f"--resume: no {self.path} yet, starting from iteration 0")
+            with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG
+                batches = iter(stream_loader(dataset, args.batch, args.seed, self.saved, stop, args.workers,
+                                             self.device))
             self.start_log()
             self.model.train()
             try:

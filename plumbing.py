@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import timeit
 
 import cv2
 import numpy as np
@@ -344,8 +345,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # au
 
 def autocast_call(device, dtype, fn, *a):
     """fn(*a) under autocast in `dtype` (nothing for None) on `device`."""
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        return fn(*a)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)(fn)(*a)
 
 
 # ============ 4. Files: atomic writes, checkpoints, RNG state ============
@@ -696,21 +696,17 @@ class Trainer:
         """Time --benchmark steps after a warm-up: batch wait (data) against step (network), peak memory, host time in
         the functions `inner` (cProfile), one sample's load time and so the workers needed. Prints two lines; -> ms."""
         n, batch, cuda = self.args.benchmark, self.args.batch, self.device.type == "cuda"
-        t0 = time.perf_counter()
-        for i in range(8):
-            dataset[i]
-        sample_ms = 1000 * (time.perf_counter() - t0) / 8
+        sample_ms = 1000 * timeit.timeit(lambda: [dataset[i] for i in range(8)], number=1) / 8
         batches = iter(stream_loader(dataset, batch, self.args.seed, 0, n + 1, self.args.workers, self.device))
         self.model.train()
+        call = functools.partial(autocast_call, self.device, self.dtype, step)
         spent, prof = np.zeros(2), cProfile.Profile()
         for k in range(n + 1):  # step 0 warms up and is not counted
             t0 = time.perf_counter()
             item = next(batches)
             t1 = time.perf_counter()
-            prof.enable() if k else None
-            autocast_call(self.device, self.dtype, step, item)
+            prof.runcall(call, item) if k else call(item)
             torch.cuda.synchronize() if cuda else None
-            prof.disable()
             spent += np.array([t1 - t0, time.perf_counter() - t1]) * (k > 0)
         data, net = 1000 * spent / n
         inside = 1000 * sum(s[3] for f, s in pstats.Stats(prof).stats.items() if f[2] in inner) / n

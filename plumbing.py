@@ -289,8 +289,7 @@ def wrap_ddp(model, device, sync_bn=False):
     if sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = torch.nn.parallel.DistributedDataParallel  # torch >= 2.14 names the option forward_sync_buffers
-    option = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
-        "broadcast_buffers"
+    option = next(o for o in ("forward_sync_buffers", "broadcast_buffers") if o in inspect.signature(ddp).parameters)
     return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{option: False})
 
 
@@ -519,7 +518,7 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, class
         print(f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so mIoU is noisy "
               "between seeds; use --episodes 10000 to compare methods (PROTOCOL.md 8.2, 8.4)")
     timed = functools.partial(autocast_call, torch.device(args.device), dtype, predict)
-    runs, t0, t_model = [], time.perf_counter(), 0.0
+    runs, t0, spent = [], time.perf_counter(), 0.0
     for seed in seeds:
         meters, lines, t = run_episodes(args, data, seed, episodes, timed, decide, classes, (rank(), world()))
         runs.append({k: m.reduce(all_reduce_sum) for k, m in meters.items()})
@@ -528,12 +527,11 @@ def evaluate_seeds(args, data, predict, decide, episodes=None, seeds=None, class
             if is_main():
                 with open(args.episode_log, "a") as f:
                     f.writelines(f"{x}\n" for x in lines)
-        t_model += t
+        spent += t
         print(f"seed {seed}: " + "; ".join(f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}"
                                            for k, m in runs[-1].items()))
     total = time.perf_counter() - t0
-    print(f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * t_model / total:.0f}% of the time in the "
-          "model")
+    print(f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * spent / total:.0f}% of the time in the model")
     out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
     for name, r in out.items():
         print(f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- {r['fb_iou_std']:.2f} "

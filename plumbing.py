@@ -159,9 +159,8 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     add_flag(g, dataset, "--save-every", 200, "iterations between checkpoints", type=POSITIVE)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt (a fresh start "
                    "if none yet); a folder holding a checkpoint is never started again without it")
-    g.add_argument("--select", default="last", choices=["last", "best-val"], help="last: the final model (honest); "
-                   "best-val: also keep best.pt, the best validation on the val images, as BAM and PFENet do "
-                   "(PROTOCOL.md 8.1) (default %(default)s)")
+    add_flag(g, dataset, "--select", "last", "last: the final model (honest); best-val: also keep best.pt, the best "
+             "validation on the val images, as BAM and PFENet do (PROTOCOL.md 8.1)", choices=["last", "best-val"])
     g.add_argument("--benchmark", type=NON_NEGATIVE, default=0, help="time N steps (data / network, peak memory) "
                    "and exit")
     return parser

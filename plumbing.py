@@ -250,17 +250,15 @@ def setup_device(flag):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise KitError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s) that torch can "
                        "use; pass --device cpu" + " or cuda:0" * (torch.cuda.device_count() > 0))
-    if not launched:
-        return str(device)
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device.type == "cuda" else "cpu"
-    if device != "cpu":
+    if launched and device.type == "cuda":
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
-    if world() == 1:
-        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    if launched and world() == 1:
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl")
         atexit.register(dist.destroy_process_group)  # else gloo's threads may abort the process as it exits
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")
-    return device
+    return str(device)
 
 
 def all_reduce_sum(t):

@@ -320,9 +320,9 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
     if batch % world():
         raise KitError(f"--batch {batch} is the global batch: it must split evenly over the {world()} processes")
     batches = stream_batches(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda"  # the workers' base seed comes from the loader's own generator, not the global RNG
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=cuda,
-                                       persistent_workers=cuda and workers > 0)
+                                       persistent_workers=cuda and workers > 0, generator=torch.Generator())
 
 
 # ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32) ============
@@ -617,9 +617,7 @@ class Trainer:
                 set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
             elif args.resume:
                 print(f"--resume: no {self.path} yet, starting from iteration 0")
-            with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not move the global RNG
-                batches = iter(stream_loader(dataset, args.batch, args.seed, self.saved, stop, args.workers,
-                                             self.device))
+            batches = iter(stream_loader(dataset, args.batch, args.seed, self.saved, stop, args.workers, self.device))
             self.start_log()
             self.model.train()
             try:

@@ -187,14 +187,14 @@ def add_eval_args(parser):
     return parser
 
 
-def finish_args(args, out_name=None, needs_data=True, outputs=(), inputs=()):
-    """Cross-flag checks, derived values, device and precision; out_name: the default run folder; outputs, inputs:
-    as check_paths, checked before the work. The flags as parsed are kept in args.flags (args.json)."""
+def finish_args(args, out_name=None, needs_data=True, outputs=()):
+    """Cross-flag checks, derived values, device and precision; out_name: the default run folder; outputs: as
+    check_paths, checked before the work. The flags as parsed are kept in args.flags (args.json)."""
     if args.data_root is None and needs_data:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
     if out_name and args.out is None:
         args.out = os.path.join("runs", out_name)
-    check_paths(args, outputs, inputs)
+    check_paths(args, outputs)
     args.flags = dict(vars(args))
     args.device = setup_device(args.device)
     args.amp = precision_of(args.precision, torch.device(args.device))

@@ -407,9 +407,8 @@ def check_run_folder(args, stage, keys):
     if not os.path.isfile(path):
         return None
     ckpt = load_checkpoint(path)
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
     what = (f"a {ckpt.get('stage')} run at iteration {ckpt.get('iter')} of {ckpt.get('args', {}).get('total_iters')} "
-            f"({path}, {when})")
+            f"({path}, {time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(path)))})")
     if ckpt.get("stage") != stage:
         raise KitError(f"--out {args.out} holds {what}, not a {stage} run: {fresh}")
     if not args.resume:

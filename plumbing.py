@@ -310,8 +310,7 @@ def stream_batches(n, batch, seed, start_iter, total_iters, rank=0, world=1):
     perm = functools.lru_cache(2)(lambda epoch: torch.randperm(n, generator=torch.Generator().manual_seed(
         seed * 100003 + epoch)))
     local = batch // world
-    for t in range(start_iter, total_iters):
-        first = t * batch + rank * local  # this rank's share of global batch t
+    for first in range(start_iter * batch + rank * local, total_iters * batch, batch):  # its share of batch t
         yield [pos // n * n + int(perm(pos // n)[pos % n]) for pos in range(first, first + local)]  # (dataset: idx % n)
 
 

@@ -115,8 +115,7 @@ def add_data_args(parser, dataset, stage):
 
 
 def add_common_args(parser, dataset, stage):
-    """Data, model and run flags; --seed but for evaluate (whose data and model flags default to the checkpoint's),
-    --out for the training stages."""
+    """Data, model and run flags; --seed but for evaluate (data and model: the checkpoint's), --out for training."""
     add_data_args(parser, dataset, stage)
     g = parser.add_argument_group("model" + "; default: the checkpoint's" * (stage == "evaluate"))
     dataset = None if stage == "evaluate" else dataset

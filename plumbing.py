@@ -160,8 +160,7 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
                    "if none yet); a folder holding a checkpoint is never started again without it")
     add_flag(g, dataset, "--select", "last", "last: the final model (honest); best-val: also keep best.pt, the best "
              "validation on the val images, as BAM and PFENet do (PROTOCOL.md 8.1)", choices=["last", "best-val"])
-    g.add_argument("--benchmark", type=NON_NEGATIVE, default=0, help="time N steps (data / network, peak memory) "
-                   "and exit")
+    add_flag(g, dataset, "--benchmark", 0, "time N steps (data / network, peak memory) and exit", type=NON_NEGATIVE)
     return parser
 
 

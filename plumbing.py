@@ -566,14 +566,13 @@ class Trainer:
         """The optimiser step (fp16: scaled; the gradient summed over the processes) when the loss is finite on every
         process, which all agree on so none hangs. -> whether a step was taken."""
         self.skipped = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))])).item() > 0
-        if self.skipped:
-            return False
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=False):
-            self.scaler.scale(loss * world()).backward()  # DDP averages the ranks' gradients: this makes it a sum
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return True
+        if not self.skipped:
+            self.opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=False):
+                self.scaler.scale(loss * world()).backward()  # DDP averages the ranks' gradients: this makes it a sum
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        return not self.skipped
 
     def save(self, t, path=None, **extra):
         """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait for it."""

@@ -578,11 +578,10 @@ class Trainer:
         """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait for it."""
         states = gathered(rng_state())
         if is_main():
-            write_atomic(path or self.path, torch.save, {
-                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "iter": t,
-                "scaler": self.scaler.state_dict(), "rng": states[0], "args": dict(vars(self.args)),
-                "stage": self.stage, "best": self.best, "select": "last",
-                **({"rng_ranks": states} if world() > 1 else {}), **extra})
+            write_atomic(path or self.path, torch.save, {"model": self.model.state_dict(),
+                         "optimizer": self.opt.state_dict(), "iter": t, "scaler": self.scaler.state_dict(),
+                         "rng": states[0], "args": dict(vars(self.args)), "stage": self.stage, "best": self.best,
+                         "select": "last", **({"rng_ranks": states} if world() > 1 else {}), **extra})
         if world() > 1:
             dist.barrier()
         return path or self.path
@@ -597,9 +596,8 @@ class Trainer:
                 ckpt = check_run_folder(args, self.stage, self.keys)
             if is_main():
                 derived = {k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"}
-                write_atomic(os.path.join(args.out, "args.json"), save_text, {
-                    "stage": self.stage, "argv": argv, "flags": args.flags, "derived": derived,
-                    "run": run_record(args, data)})
+                write_atomic(os.path.join(args.out, "args.json"), save_text, {"stage": self.stage, "argv": argv,
+                             "flags": args.flags, "derived": derived, "run": run_record(args, data)})
             if ckpt:
                 for part, obj in (("model", self.model), ("optimizer", self.opt), ("scaler", self.scaler)):
                     obj.load_state_dict(ckpt[part])

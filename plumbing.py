@@ -16,7 +16,6 @@ import random
 import re
 import resource
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -438,8 +437,7 @@ def run_folder(out):
             if re.fullmatch(r"(last\.pt|best\.pt|args\.json|log\.jsonl)\.tmp\d+", name):
                 os.remove(os.path.join(out, name))
         f.truncate(0)  # (appends go to the end of the file)
-        f.write(f"process {os.getpid()} on {socket.gethostname()}")
-        f.flush()
+        print(f"process {os.getpid()} on {platform.node()}", file=f, end="", flush=True)
     try:
         yield out
     finally:
@@ -458,7 +456,7 @@ def run_record(args, data=None):
     except OSError:  # no git on this machine
         commit, dirty = None, None
     device = torch.device(args.device)
-    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
+    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "opencv": cv2.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,

@@ -160,7 +160,6 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     add_flag(g, dataset, "--select", "last", "last: the final model (honest); best-val: also keep best.pt, the best "
              "validation on the val images, as BAM and PFENet do (PROTOCOL.md 8.1)", choices=["last", "best-val"])
     add_flag(g, dataset, "--benchmark", 0, "time N steps (data / network, peak memory) and exit", type=NON_NEGATIVE)
-    return parser
 
 
 def add_eval_args(parser):

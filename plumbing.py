@@ -583,7 +583,7 @@ class Trainer:
             dist.barrier()
         return path or self.path
 
-    def fit(self, dataset, step, stop, argv, data, validate=None, val_every=None, log_extra=None):
+    def fit(self, dataset, step, stop, argv, data, validate=None, val_every=None, log_extra=dict):
         """Iterations 0 (or the checkpoint's) .. stop - 1 of step(batch); every log line adds log_extra()'s fields;
         validate() -> (mIoU, {other scores}) every val_every iterations and at the end under --select best-val."""
         args, argv = self.args, sys.argv[1:] if argv is None else list(argv)
@@ -634,8 +634,7 @@ class Trainer:
                                f"{self.save(t)}; lower --lr (now {args.lr}) and rerun with --resume")
             loss = all_reduce_sum(loss.detach().float().reshape(1)).item()
             if (t + 1) % args.log_every == 0 or t + 1 == stop:
-                self.progress(t + 1, stop, loss=loss, lr=self.opt.param_groups[0]["lr"], **metrics,
-                              **(log_extra() if log_extra else {}))
+                self.progress(t + 1, stop, loss=loss, lr=self.opt.param_groups[0]["lr"], **metrics, **log_extra())
             if validate and args.select == "best-val" and ((t + 1) % val_every == 0 or t + 1 == args.total_iters):
                 self.keep_best(t + 1, *validate())
             if (t + 1) % args.save_every == 0 or t + 1 == stop:

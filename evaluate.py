@@ -23,9 +23,8 @@ import torch
 
 from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, build_backbone, load_checkpoint,
                     open_data, predict_meta, to_bgr_image)
-from plumbing import (AMP_DTYPES, POSITIVE, KitParser, add_common_args, add_eval_args, check_paths, dataset_of,
-                      evaluate_seeds, finish_args, is_main, parse_json_line, pretrain_label, read_json, run,
-                      write_results)
+from plumbing import (AMP_DTYPES, POSITIVE, KitParser, add_common_args, add_eval_args, check_paths, evaluate_seeds,
+                      finish_args, is_main, parse_json_line, pretrain_label, read_json, run, write_results)
 from prepare_data import segment_own_images
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
@@ -34,7 +33,7 @@ MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if ty
 
 
 def parse_args(argv):
-    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), dataset_of(argv), "evaluate"))
+    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), None, "evaluate"))  # no defaults
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
     p.add_argument("--shot", type=POSITIVE, help="supports per episode (default: the checkpoint's; another is refused)")
     p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "

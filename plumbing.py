@@ -87,9 +87,8 @@ def add_flag(group, dataset, flags, default, help, **kw):
 
 
 def add_data_args(parser, dataset, stage):
-    """The data flags of a stage: pretrain, metatrain, evaluate (no defaults), nonparametric or verify."""
-    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + "; default: the checkpoint's" * (stage == "evaluate"))
-    dataset = None if stage == "evaluate" else dataset
+    """The data flags of a stage: pretrain, metatrain, evaluate, nonparametric or verify; dataset None: no defaults."""
+    g = parser.add_argument_group("data (PROTOCOL.md 1-3)" + "; default: the checkpoint's" * (dataset is None))
     add_flag(g, dataset, "--dataset", "synthetic", "pascal, coco, or a built-in synthetic benchmark world",
              choices=list(N_CLASSES))
     add_flag(g, dataset, "--data-root", dict(pascal=None, coco=None, **SYNTHETIC_ROOTS),
@@ -114,10 +113,9 @@ def add_data_args(parser, dataset, stage):
 
 
 def add_common_args(parser, dataset, stage):
-    """Data, model and run flags; --seed but for evaluate (data and model: the checkpoint's), --out for training."""
+    """Data, model, run flags (dataset None: no data or model defaults); --seed but for evaluate, --out for training."""
     add_data_args(parser, dataset, stage)
-    g = parser.add_argument_group("model" + "; default: the checkpoint's" * (stage == "evaluate"))
-    dataset = None if stage == "evaluate" else dataset
+    g = parser.add_argument_group("model" + "; default: the checkpoint's" * (dataset is None))
     add_flag(g, dataset, "--backbone", dict(pascal="resnet50", coco="resnet50", synthetic="resnet18"),
              "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. 3.1); resnet18 "
              "for CPU runs", choices=BACKBONES)

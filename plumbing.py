@@ -78,9 +78,8 @@ def add_flag(group, dataset, flags, default, help, **kw):
     elif isinstance(default, dict):
         key = dataset if dataset in default else "synthetic"  # the synthetic worlds share unless told
         others = "; ".join(f"{d} {'required' if v is None else v}" for d, v in default.items() if d != key)
-        help += (f" (required for --dataset {dataset}; {others})" if default[key] is None else
-                 f" (default %(default)s for --dataset {dataset}; {others})")
         default = default[key]
+        help += f" ({'required' if default is None else 'default %(default)s'} for --dataset {dataset}; {others})"
     elif default is not None:
         help += " (default %(default)s)"
     group.add_argument(*flags.split(), default=default, help=help, **kw)

@@ -706,8 +706,7 @@ def run(main):
     try:
         main(sys.argv[1:])
     except KitError as e:
-        msg = str(e).strip().splitlines()[-1].replace("common.KitError: ", "")
-        print(f"error: {msg}", file=sys.stderr)
+        print("error: " + str(e).strip().splitlines()[-1].replace("common.KitError: ", ""), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"stopped: {str(e) or 'interrupted; nothing of this run was saved'}", file=sys.stderr)

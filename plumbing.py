@@ -380,8 +380,7 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, np.uint32), pos, has_gauss, cached))
+    np.random.set_state(state["numpy"])  # numpy takes the key as the list it was saved as
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -25,7 +25,7 @@ from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, build_bac
                     open_data, predict_meta, to_bgr_image)
 from plumbing import (AMP_DTYPES, POSITIVE, KitParser, add_common_args, add_eval_args, check_paths, evaluate_seeds,
                       finish_args, is_main, parse_json_line, pretrain_label, read_json, run, write_results)
-from prepare_data import segment_own_images
+from prepare_data import add_own_image_args, segment_own_images
 
 FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
                    "test_geometry", "train_pool", "coco_split")  # each taken from the checkpoint unless typed
@@ -33,7 +33,8 @@ MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if ty
 
 
 def parse_args(argv):
-    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), None, "evaluate"))  # no defaults
+    p = add_common_args(KitParser(description=__doc__.split("\n")[0]), None, "evaluate")  # no data or model defaults
+    p = add_own_image_args(add_eval_args(p))
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
     p.add_argument("--shot", type=POSITIVE, help="supports per episode (default: the checkpoint's; another is refused)")
     p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "

@@ -27,7 +27,7 @@ import torch
 from common import KitError, build_backbone, frozen_features, open_data, resize, shot_prior, weights_made_for
 from plumbing import (AMP_DTYPES, POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, dataset_of,
                       evaluate_seeds, finish_args, pretrain_label, run, seed_everything, typed, write_results)
-from prepare_data import segment_own_images
+from prepare_data import add_own_image_args, segment_own_images
 
 
 def parse_args(argv):
@@ -49,7 +49,8 @@ def parse_args(argv):
 
 
 def parser(ds):
-    p = add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "nonparametric"))
+    p = add_own_image_args(add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), ds,
+                                                          "nonparametric")))
     g = p.add_argument_group("non-parametric test (paper Sec. 3.2, Table 2)")
     add_flag(g, ds, "--shot", 1, "supports per episode (Table 2 is 1-shot)", type=POSITIVE)
     add_flag(g, ds, "--threshold", 0.5, "prior > threshold is foreground, the same for every backbone (paper Sec. "

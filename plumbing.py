@@ -112,7 +112,7 @@ def add_data_args(parser, dataset, stage):
 
 
 def add_common_args(parser, dataset, stage):
-    """Data, model, run flags (dataset None: no data or model defaults); --seed but for evaluate, --out for training."""
+    """Data, model and run flags (dataset None: no data or model defaults); --seed but for evaluate."""
     add_data_args(parser, dataset, stage)
     g = parser.add_argument_group("model" + "; default: the checkpoint's" * (dataset is None))
     add_flag(g, dataset, "--backbone", dict(pascal="resnet50", coco="resnet50", synthetic="resnet18"),
@@ -131,8 +131,6 @@ def add_common_args(parser, dataset, stage):
     if stage != "evaluate":
         g.add_argument("--seed", type=int, default=321, help="all randomness of the run: initialisation, "
                        "augmentation, training episodes (PFENet/BAM's value) (default %(default)s)")
-    if stage in ("pretrain", "metatrain"):
-        g.add_argument("--out", help="run folder: last.pt, log.jsonl (default runs/<stage>-<dataset>-fold<F>...)")
     return parser
 
 
@@ -149,6 +147,7 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     add_flag(g, dataset, "--power", 0.9, "power of the poly lr schedule, per iteration (PROTOCOL.md 7.1)",
              type=bounded(float, 0.0))
     g = parser.add_argument_group("run control")
+    g.add_argument("--out", help="run folder: last.pt, log.jsonl (default runs/<stage>-<dataset>-fold<F>...)")
     g.add_argument("--max-iters", type=POSITIVE, help="stop after this many iterations; the lr schedule is unchanged")
     add_flag(g, dataset, "--log-every", 20, "iterations between progress lines", type=POSITIVE)
     add_flag(g, dataset, "--save-every", 200, "iterations between checkpoints", type=POSITIVE)
@@ -160,23 +159,16 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
 
 
 def add_eval_args(parser):
-    """The flags of both tests (evaluate.py, nonparametric_eval.py): episodes, seeds, outputs, your own images."""
+    """The flags of both tests (evaluate.py, nonparametric_eval.py): episodes, seeds, outputs."""
     g = parser.add_argument_group("episodic evaluation (PROTOCOL.md 5, 8)")
     g.add_argument("--episodes", type=POSITIVE, default=1000, help="episodes per seed, as BAM and HSNet; use >= "
                    "10000 on COCO (PROTOCOL.md 8.2-8.4) (default %(default)s)")
     g.add_argument("--seeds", type=int, nargs="+", default=[510, 365, 382, 322, 988], help="one evaluation per seed, "
                    "reported as mean +- std (BAM test.py's seeds) (default %(default)s)")
     g.add_argument("--json", help="write the results to this file")
-    g.add_argument("--label", help="row name in --table (default: the pre-training: imagenet, none, standard, "
-                   "bcpt K=6...)")
+    g.add_argument("--label", help="row name in --table (default: the pre-training's, e.g. none or bcpt K=6 Eq4=sum)")
     g.add_argument("--episode-log", metavar="FILE", help="one JSON line per episode (seed, index, query and support "
                    "ids, class, intersection and union), from which every reported number can be recomputed")
-    g = parser.add_argument_group("your own images (no data root, fold or class needed)")
-    g.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"), help="a support image and its "
-                   "mask (0/1, 0/255, palette, RGB or transparent PNG; README 'Your own images'); repeat for shots")
-    g.add_argument("--query", nargs="+", metavar="IMAGE", help="images to segment with the --support examples")
-    g.add_argument("--out", help="folder for NAME_mask.png and NAME_overlay.png of each --query (with "
-                   "evaluate.py --curves: the PNG to write)")
     return parser
 
 
@@ -199,8 +191,7 @@ def finish_args(args, out_name=None, needs_data=True, outputs=()):
 def check_paths(args, outputs=(), inputs=()):
     """outputs: (flag, is a folder) of every path the run will write; inputs: the flags naming files it reads."""
     for flag, folder in outputs:
-        path = getattr(args, flag[2:].replace("-", "_"))
-        if path is None:
+        if (path := getattr(args, flag[2:].replace("-", "_"))) is None:
             continue
         if os.path.exists(path) and os.path.isdir(path) != folder:
             raise KitError(f"{flag} {path} is a {'file' if folder else 'folder'}: pass the "
@@ -312,15 +303,14 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
     if batch % world():
         raise KitError(f"--batch {batch} is the global batch: it must split evenly over the {world()} processes")
     batches = stream_batches(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
-    cuda = device.type == "cuda"  # the workers' base seed comes from the loader's own generator, not the global RNG
+    cuda, own = device.type == "cuda", torch.Generator().manual_seed(seed)  # the workers' base seed: not the global RNG
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=cuda,
-                                       persistent_workers=cuda and workers > 0, generator=torch.Generator())
+                                       persistent_workers=cuda and workers > 0, generator=own)
 
 
 # ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32) ============
 def precision_of(precision, device):
-    """--precision resolved: auto is bf16 (float32's range) on a GPU that has it, else fp32; fp16 (range 6.5e4, with
-    a gradient scaler) only when asked, and only on CUDA."""
+    """--precision resolved: auto is bf16 (float32's range, fp16's is 6.5e4) on a GPU that has it, else fp32."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
@@ -463,14 +453,12 @@ def run_record(args, data=None):
 
 
 # ============ 6. Results files, row labels, BAM's base learners ============
-BAM_BASE_MIOU = {  # BAM's base learners' base-class mIoU on the val images, folds 0-3 (PROTOCOL.md 11.2)
-    ("pascal", "vgg16"): [67.76, 65.82, 65.51, 69.95], ("pascal", "resnet50"): [71.43, 69.17, 69.19, 73.72],
-    ("coco", "vgg16"): [44.99, 43.04, 45.92, 45.05], ("coco", "resnet50"): [50.84, 49.41, 51.95, 50.89]}
-
-
 def base_learner_check(args, miou):
     """The final base-class mIoU on the val images, beside BAM's base learner's for that fold where it exists."""
-    bam = BAM_BASE_MIOU.get((args.dataset, args.backbone.replace("50v2", "50")), [None] * 4)[args.fold]
+    bam = {  # BAM's base learners' base-class mIoU on the val images, folds 0-3 (PROTOCOL.md 11.2)
+        ("pascal", "vgg16"): [67.76, 65.82, 65.51, 69.95], ("pascal", "resnet50"): [71.43, 69.17, 69.19, 73.72],
+        ("coco", "vgg16"): [44.99, 43.04, 45.92, 45.05], ("coco", "resnet50"): [50.84, 49.41, 51.95, 50.89],
+    }.get((args.dataset, args.backbone.replace("50v2", "50")), [None] * 4)[args.fold]
     return f"base-class mIoU on the val images: {miou:.2f}" + (
         f" (BAM's base learner, {args.dataset} fold {args.fold}, {args.backbone}: {bam}, PROTOCOL.md 11.2)" * bool(bam))
 

@@ -849,6 +849,17 @@ def write_user_prediction(out, name, query, pred, pairs, heat=None):
     print(f"wrote {os.path.join(out, name)}_mask.png and _overlay.png" + " and _prior.png" * (heat is not None))
 
 
+def add_own_image_args(parser):
+    """The flags of segment_own_images, in both tests."""
+    g = parser.add_argument_group("your own images (no data root, fold or class needed)")
+    g.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"), help="a support image and its "
+                   "mask (0/1, 0/255, palette, RGB or transparent PNG; README 'Your own images'); repeat for shots")
+    g.add_argument("--query", nargs="+", metavar="IMAGE", help="images to segment with the --support examples")
+    g.add_argument("--out", help="folder for NAME_mask.png and NAME_overlay.png of each --query (with "
+                   "evaluate.py --curves: the PNG to write)")
+    return parser
+
+
 def segment_own_images(args, predict, dtype, decide):
     """Each --query segmented with the --support examples (evaluate.py, nonparametric_eval.py), by rank 0:
     predict(item) -> scores on the test canvas, autocast in `dtype`; decide(scores at the query's size) -> (mask, heat

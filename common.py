@@ -1,19 +1,21 @@
 """common.py: the science of the BCPT kit, in the paper's order. No flags, processes, locks or run records here:
-those are plumbing.py's, and nothing in this file imports it.
+those are plumbing.py's, and this file imports no other file of the kit (every other one imports it).
 
 Sections:
   1. BCPT: online clustering of the merged background, Eqs. 1-7 (paper Sec. 2)
   2. The ASPP-PFENet few-shot model and PFENet's prior mask (paper Sec. 3.1; PROTOCOL.md 9)
-  3. Metrics: class IoU, mIoU, FB-IoU (PROTOCOL.md 6)
-  4. Data on disk: folds, the VOC layout, pools, the cached per-class index (PROTOCOL.md 1-3)
+  3. Metrics: class IoU, mIoU, FB-IoU (PROTOCOL.md 6); evaluation.py runs the episodes they score
+  4. Data on disk: folds, the VOC layout, the markers of the roots the kit wrote, pools, the cached per-class
+     index (PROTOCOL.md 1-3)
   5. Transforms: training augmentation and test geometry (PROTOCOL.md 4, 5)
   6. Datasets: few-shot episodes
   7. Backbones and weight files (PROTOCOL.md 9)
-  8. Episodic evaluation (PROTOCOL.md 5, 6, 8)
+  8. Checkpoint files: written atomically, loaded safely
 
 Shape legend used in comments: B batch, S shots, C channels or classes, D embedding dim, K cluster centres,
 H, W spatial size, N pixels. Embeddings are columns, as in the paper: I (D, N), P (D, K), W (D, C).
 """
+
 import functools
 import hashlib
 import json
@@ -40,11 +42,16 @@ class KitError(Exception):
 def fp32(fn):
     """Run fn in float32 with autocast off: the numerically sensitive steps (the losses of Eqs. 2-4, the centre
     updates of Eqs. 1 and 7, k-means, the prior mask's cosines) stay in full precision under mixed precision."""
+
     @functools.wraps(fn)
     def in_fp32(*args, **kwargs):
         device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
         with torch.autocast(device, enabled=False):
-            return fn(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args], **kwargs)
+            return fn(
+                *[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args],
+                **kwargs,
+            )
+
     return in_fp32
 
 
@@ -52,7 +59,10 @@ def fp32(fn):
 def split_pixels(emb, y):
     """Sec. 2.2: embeddings (B, D, h, w) and labels (B, h, w) -> I_base (D, N_base) with its labels y_base
     (N_base,) in 1..n_base, and I_bg (D, N_bg) of the merged background; 255 pixels are dropped."""
-    rows, y = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float(), y.reshape(-1)  # (N, D), (N,)
+    rows, y = (
+        emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float(),
+        y.reshape(-1),
+    )  # (N, D), (N,)
     is_base = (y > 0) & (y != IGNORE)
     return rows[is_base].t(), y[is_base], rows[y == 0].t()  # (D, N_base), (N_base,), (D, N_bg)
 
@@ -88,7 +98,9 @@ def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centr
     counts: (N_base, N_bg) of the whole batch when it is split over processes (default: these pixels').
     -> (L_total, {"l_base": Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
     # Eq. 3: a base pixel against the base vectors (and the K background centres)
-    logits = I_base.t() @ W if eq3 == "base" else torch.cat([I_base.t() @ W, I_base.t() @ P], 1)  # (N_base, C+K)
+    logits = (
+        I_base.t() @ W if eq3 == "base" else torch.cat([I_base.t() @ W, I_base.t() @ P], 1)
+    )  # (N_base, C+K)
     l_base = F.cross_entropy(logits, y_base - 1, reduction="sum")
     # Eq. 2: a background pixel against the K centres, its own assigned centre as the target
     l_bm = F.cross_entropy(I_bg.t() @ P, assign, reduction="sum")  # logits (N_bg, K)
@@ -98,7 +110,10 @@ def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centr
         loss = (l_base + alpha * l_bm) / max(n_base + n_bg, 1)
     else:  # per pixel: a base pixel weighs 1 / N_base, a background pixel alpha / N_bg
         loss = l_base / max(n_base, 1) + alpha * l_bm / max(n_bg, 1)
-    return loss, {"l_base": l_base.item() / max(I_base.shape[1], 1), "l_bm": l_bm.item() / max(I_bg.shape[1], 1)}
+    return loss, {
+        "l_base": l_base.item() / max(I_base.shape[1], 1),
+        "l_bm": l_bm.item() / max(I_bg.shape[1], 1),
+    }
 
 
 @fp32
@@ -172,7 +187,9 @@ def frozen_features(backbone, images, masks=None):
     with torch.no_grad():
         f2 = backbone.layer2(backbone.layer1(backbone.layer0(images)))
         f3 = backbone.layer3(f2)
-        mid = torch.cat([f3, resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2], 1)
+        mid = torch.cat(
+            [f3, resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2], 1
+        )
         if masks is None:
             return mid, backbone.layer4(f3)
         m3 = resize(masks, f3.shape[-2:])  # soft mask at the feature size (PROTOCOL.md 9.4)
@@ -183,9 +200,16 @@ def frozen_features(backbone, images, masks=None):
 def shot_prior(q_high, s_high, s_mask, shots, weights=None):
     """K-shot prior: the mean over shots of prior_mask, or their weighted sum with weights (B, S).
     q_high (B, C, H, W), s_high (B*S, C, h, w), s_mask (B*S, 1, h, w) -> (B, 1, H, W)."""
-    s_high, s_mask = s_high.unflatten(0, (-1, shots)), s_mask.unflatten(0, (-1, shots))  # (B, S, ...)
-    priors = torch.stack([prior_mask(q_high, s_high[:, k], s_mask[:, k]) for k in range(shots)])  # (S, B, 1, H, W)
-    return priors.mean(0) if weights is None else (weights.t()[:, :, None, None, None] * priors).sum(0)
+    s_high, s_mask = (
+        s_high.unflatten(0, (-1, shots)),
+        s_mask.unflatten(0, (-1, shots)),
+    )  # (B, S, ...)
+    priors = torch.stack(
+        [prior_mask(q_high, s_high[:, k], s_mask[:, k]) for k in range(shots)]
+    )  # (S, B, 1, H, W)
+    return (
+        priors.mean(0) if weights is None else (weights.t()[:, :, None, None, None] * priors).sum(0)
+    )
 
 
 @fp32
@@ -205,14 +229,20 @@ class ShotWeights(nn.Module):
 
     def __init__(self, shots):
         super().__init__()
-        self.rw = nn.Sequential(nn.Conv2d(shots, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(2, shots, 1))
+        self.rw = nn.Sequential(
+            nn.Conv2d(shots, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(2, shots, 1)
+        )
 
     def forward(self, q_low, s_low):
         """q_low (B, C, h, w), s_low (B, S, C, h, w) -> weights (B, S), each row summing to 1."""
-        diff = gram(q_low)[:, None] - gram(s_low.flatten(0, 1)).unflatten(0, s_low.shape[:2])  # (B, S, C, C)
+        diff = gram(q_low)[:, None] - gram(s_low.flatten(0, 1)).unflatten(
+            0, s_low.shape[:2]
+        )  # (B, S, C, C)
         est = diff.flatten(2).norm(dim=2) / q_low.shape[1]  # (B, S)
         sorted_est, order = est.sort(1)
-        w = self.rw(sorted_est[:, :, None, None])[:, :, 0, 0].gather(1, order.argsort(1))  # (B, S), shot order
+        w = self.rw(sorted_est[:, :, None, None])[:, :, 0, 0].gather(
+            1, order.argsort(1)
+        )  # (B, S), shot order
         return w.softmax(1)
 
 
@@ -222,15 +252,24 @@ class ASPP(nn.Module):
 
     def __init__(self, c=256):
         super().__init__()
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))
-        self.branches = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))] + [
-            nn.Sequential(nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.ReLU(inplace=True)) for d in (6, 12, 18)])
+        self.pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True)
+        )
+        self.branches = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))]
+            + [
+                nn.Sequential(nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.ReLU(inplace=True))
+                for d in (6, 12, 18)
+            ]
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x):
-        g = self.pool(x).expand(-1, -1, *x.shape[-2:])  # (B, C, H, W): the pooled vector broadcast back
+        g = self.pool(x).expand(
+            -1, -1, *x.shape[-2:]
+        )  # (B, C, H, W): the pooled vector broadcast back
         return torch.cat([g] + [b(x) for b in self.branches], 1)  # (B, 5C, H, W)
 
 
@@ -241,13 +280,29 @@ class PSPHead(nn.Module):
 
     def __init__(self, d, classes, bins=(1, 2, 3, 6)):
         super().__init__()
-        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(d, d // 4, 1, bias=False),
-                                                nn.BatchNorm2d(d // 4), nn.ReLU(inplace=True)) for b in bins])
-        self.cls = nn.Sequential(nn.Conv2d(2 * d, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
-                                 nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(512, classes, 1))
+        self.ppm = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.AdaptiveAvgPool2d(b),
+                    nn.Conv2d(d, d // 4, 1, bias=False),
+                    nn.BatchNorm2d(d // 4),
+                    nn.ReLU(inplace=True),
+                )
+                for b in bins
+            ]
+        )
+        self.cls = nn.Sequential(
+            nn.Conv2d(2 * d, 512, 3, padding=1, bias=False),
+            nn.BatchNorm2d(512),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(512, classes, 1),
+        )
 
     def forward(self, x):
-        return self.cls(torch.cat([x] + [resize(f(x), x.shape[-2:]) for f in self.ppm], 1))  # (B, 2D, h, w) in
+        return self.cls(
+            torch.cat([x] + [resize(f(x), x.shape[-2:]) for f in self.ppm], 1)
+        )  # (B, 2D, h, w) in
 
 
 def _conv_relu(c_in, c_out, k):
@@ -265,7 +320,9 @@ class AsppPFENet(nn.Module):
         mid = backbone.channels[2] + backbone.channels[3]
         self.down_query = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
         self.down_supp = nn.Sequential(*_conv_relu(mid, 256, 1), nn.Dropout2d(0.5))
-        self.init_merge = nn.Sequential(*_conv_relu(256 * 2 + 1, 256, 1))  # [query, prototype, prior]
+        self.init_merge = nn.Sequential(
+            *_conv_relu(256 * 2 + 1, 256, 1)
+        )  # [query, prototype, prior]
         self.aspp = ASPP(256)
         self.res1 = nn.Sequential(*_conv_relu(256 * 5, 256, 1))
         self.res2 = nn.Sequential(*_conv_relu(256, 256, 3), *_conv_relu(256, 256, 3))
@@ -290,10 +347,14 @@ class AsppPFENet(nn.Module):
             c3 = self.backbone.channels[3]
             w = self.shot_weights(q_mid[:, c3:], s_mid[:, c3:].unflatten(0, (-1, shots)))
         q = self.down_query(q_mid)  # (B, 256, h, w)
-        protos = masked_average_pooling(self.down_supp(s_mid), m_mid).unflatten(0, (-1, shots))  # (B, S, 256)
+        protos = masked_average_pooling(self.down_supp(s_mid), m_mid).unflatten(
+            0, (-1, shots)
+        )  # (B, S, 256)
         proto = protos.mean(1) if w is None else (w[:, :, None] * protos).sum(1)  # (B, 256)
         prior = resize(shot_prior(q_high, s_high, m_high, shots, w), q.shape[-2:])  # (B, 1, h, w)
-        x = self.init_merge(torch.cat([q, proto[:, :, None, None].expand_as(q), prior], 1))  # (B, 513, h, w) in
+        x = self.init_merge(
+            torch.cat([q, proto[:, :, None, None].expand_as(q), prior], 1)
+        )  # (B, 513, h, w) in
         x = self.res1(self.aspp(x))  # (B, 1280, h, w) -> (B, 256, h, w)
         x = self.res2(x) + x
         return resize(self.cls(x), query.shape[-2:])  # (B, 2, H, W)
@@ -306,8 +367,12 @@ class FewShotIoU:
 
     def __init__(self, classes):
         self.classes = list(classes)
-        self.per_class = torch.zeros(len(self.classes), 2, dtype=torch.float64)  # foreground [I, U] per class
-        self.fb = torch.zeros(3, 2, dtype=torch.float64)  # [I, U, episodes] x [background, foreground answered]
+        self.per_class = torch.zeros(
+            len(self.classes), 2, dtype=torch.float64
+        )  # foreground [I, U] per class
+        self.fb = torch.zeros(
+            3, 2, dtype=torch.float64
+        )  # [I, U, episodes] x [background, foreground answered]
 
     def update(self, pred, target, cls):
         """pred (H, W) in {0, 1}; target (H, W) in {0, 1, 255}; 255 pixels count nowhere."""
@@ -316,7 +381,11 @@ class FewShotIoU:
         if p.numel() and (p.max() > 1 or t.max() > 1):
             raise ValueError("FewShotIoU.update expects pred in {0, 1} and target in {0, 1, 255}")
         inter = torch.bincount(t[p == t], minlength=2).double()
-        union = torch.bincount(p, minlength=2).double() + torch.bincount(t, minlength=2).double() - inter
+        union = (
+            torch.bincount(p, minlength=2).double()
+            + torch.bincount(t, minlength=2).double()
+            - inter
+        )
         self.fb += torch.stack([inter, union, torch.tensor([1.0, float(p.any())])])
         self.per_class[self.classes.index(cls)] += torch.stack([inter[1], union[1]])
         return inter, union  # [background, foreground] of this episode
@@ -331,7 +400,9 @@ class FewShotIoU:
         return {c: float(100 * i / (u + 1e-10)) for c, (i, u) in zip(self.classes, self.per_class)}
 
     def miou(self):
-        return sum(self.class_iou().values()) / len(self.classes)  # a class with no episode counts 0
+        return sum(self.class_iou().values()) / len(
+            self.classes
+        )  # a class with no episode counts 0
 
     def fb_iou(self):
         return float(100 * (self.fb[0] / (self.fb[1] + 1e-10)).mean())
@@ -342,8 +413,13 @@ class FewShotIoU:
 
 # ============ 4. Data on disk: folds, the VOC layout, pools, per-class index (PROTOCOL.md 1-3) ============
 N_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20, "synthetic2": 20}
-SYNTHETIC_ROOTS = {"synthetic": "data/synthetic", "synthetic2": "data/synthetic2"}  # the two built-in worlds
-STANDIN_ROOTS = {w: root + "-standin" for w, root in SYNTHETIC_ROOTS.items()}  # their ImageNet stand-ins
+SYNTHETIC_ROOTS = {
+    "synthetic": "data/synthetic",
+    "synthetic2": "data/synthetic2",
+}  # the two built-in worlds
+STANDIN_ROOTS = {
+    w: root + "-standin" for w, root in SYNTHETIC_ROOTS.items()
+}  # their ImageNet stand-ins
 
 
 def novel_classes(dataset, fold, coco_split="interleaved"):
@@ -364,10 +440,64 @@ def base_classes(dataset, fold, coco_split="interleaved"):
     return [c for c in range(1, N_CLASSES[dataset] + 1) if c not in novel]
 
 
-IMAGES, MASKS, LISTS = "JPEGImages", "SegmentationClassAug", os.path.join("ImageSets", "Segmentation")
+IMAGES, MASKS, LISTS = (
+    "JPEGImages",
+    "SegmentationClassAug",
+    os.path.join("ImageSets", "Segmentation"),
+)
 CACHE_DIR = ".fss_cache"  # the per-class index cache inside a data root
-LAYOUT_FIX = ("a data root holds JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png and "
-              "ImageSets/Segmentation/val.txt; build one with python prepare_data.py pascal|coco")
+LAYOUT_FIX = (
+    "a data root holds JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png and "
+    "ImageSets/Segmentation/val.txt; build one with python prepare_data.py pascal|coco"
+)
+SYNTHETIC_MARKER = (
+    ".complete"  # written into a finished synthetic world: its parameters and checksum (JSON)
+)
+PREPARED_MARKER = ".prepared.json"  # written by the pascal / coco commands into their --out
+
+
+def world_marker(root):
+    """The marker of a finished world at root (world, kind, n_train, n_val, size, seed, checksum), or None. A
+    marker from before the second world names none: it is the first; one from before the stand-in, a benchmark."""
+    try:
+        with open(os.path.join(root, SYNTHETIC_MARKER)) as f:
+            params = json.load(f)
+        if isinstance(params, dict) and {"n_train", "n_val", "size", "seed"} <= set(params):
+            return {"world": "synthetic", "kind": "benchmark", "checksum": None, **params}
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def root_made_by(root):
+    """The data a kit command wrote into root, from its marker: 'pascal', 'coco', 'synthetic' or 'synthetic2';
+    None for a root without one."""
+    try:
+        with open(os.path.join(root, PREPARED_MARKER)) as f:
+            return json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return (world_marker(root) or {}).get("world")
+
+
+def claim_root(root, flag, kind):
+    """The kit writes a data root only if it does not exist, is empty, or carries the kit's own marker of
+    the same kind ('synthetic', 'synthetic2', 'pascal' or 'coco'); anything else is refused untouched."""
+    if not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root)):
+        return
+    made = root_made_by(root)
+    if made == kind:
+        return
+    names = set(os.listdir(root)) if os.path.isdir(root) else set()
+    if made:
+        hint = f"it holds a {made} root made by this kit: did you mean --dataset {made}?"
+    elif {IMAGES, MASKS} & names:
+        hint = "it looks like a prepared VOC/COCO root: did you mean --dataset pascal or --dataset coco?"
+    else:
+        hint = "point it at a new or empty folder"
+    raise KitError(
+        f"{flag} {root} is not empty and was not made by this kit for {kind} data, so nothing "
+        f"is written there: {hint}"
+    )
 
 
 def read_list(path):
@@ -378,7 +508,12 @@ def read_list(path):
 def image_pools(root, train_pool="aug", need_train=True):
     """(train ids, val ids). 'aug': every mask not in val.txt; 'oslsm': train.txt + train_noval.txt (5953 on VOC).
     Without need_train, no training list is read (train ids None)."""
-    for sub in (root, os.path.join(root, IMAGES), os.path.join(root, MASKS), os.path.join(root, LISTS, "val.txt")):
+    for sub in (
+        root,
+        os.path.join(root, IMAGES),
+        os.path.join(root, MASKS),
+        os.path.join(root, LISTS, "val.txt"),
+    ):
         if not os.path.exists(sub):
             raise KitError(f"--data-root: {sub} does not exist ({LAYOUT_FIX})")
     val = sorted(set(read_list(os.path.join(root, LISTS, "val.txt"))))
@@ -391,8 +526,10 @@ def image_pools(root, train_pool="aug", need_train=True):
         lists = [os.path.join(root, LISTS, name) for name in ("train.txt", "train_noval.txt")]
         missing = [p for p in lists if not os.path.exists(p)]
         if missing:
-            raise KitError(f"--train-pool oslsm (the PASCAL default) needs {' and '.join(missing)}: make them "
-                           "with python prepare_data.py pascal --train-noval train_noval.txt, or pass --train-pool aug")
+            raise KitError(
+                f"--train-pool oslsm (the PASCAL default) needs {' and '.join(missing)}: make them "
+                "with python prepare_data.py pascal --train-noval train_noval.txt, or pass --train-pool aug"
+            )
         train = set(read_list(lists[0])) | set(read_list(lists[1]))
     return sorted(train - val_set), val
 
@@ -402,14 +539,20 @@ def read_mask(root, img_id, n_classes):
     path = os.path.join(root, MASKS, img_id + ".png")
     label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if label is None:
-        raise KitError(f"cannot read mask {path}: missing or corrupt; restore it or drop {img_id} from the lists")
+        raise KitError(
+            f"cannot read mask {path}: missing or corrupt; restore it or drop {img_id} from the lists"
+        )
     if label.ndim != 2 or label.dtype != np.uint8:
-        raise KitError(f"mask {path} is not a single-channel 8-bit index PNG (palette or RGB?); "
-                       "convert it with python prepare_data.py pascal")
+        raise KitError(
+            f"mask {path} is not a single-channel 8-bit index PNG (palette or RGB?); "
+            "convert it with python prepare_data.py pascal"
+        )
     bad = (label > n_classes) & (label != IGNORE)
     if bad.any():
-        raise KitError(f"mask {path} has value {int(label[bad][0])} outside 0..{n_classes} and 255: "
-                       f"wrong --dataset, or a corrupt mask")
+        raise KitError(
+            f"mask {path} has value {int(label[bad][0])} outside 0..{n_classes} and 255: "
+            f"wrong --dataset, or a corrupt mask"
+        )
     return label
 
 
@@ -418,11 +561,15 @@ def read_pair(root, img_id, n_classes):
     path = os.path.join(root, IMAGES, img_id + ".jpg")
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise KitError(f"cannot read image {path}: missing or corrupt; re-extract it or drop {img_id} from the lists")
+        raise KitError(
+            f"cannot read image {path}: missing or corrupt; re-extract it or drop {img_id} from the lists"
+        )
     label = read_mask(root, img_id, n_classes)
     if label.shape != img.shape[:2]:
-        raise KitError(f"image {path} is {img.shape[1]}x{img.shape[0]} but its mask is "
-                       f"{label.shape[1]}x{label.shape[0]}: regenerate the mask")
+        raise KitError(
+            f"image {path} is {img.shape[1]}x{img.shape[0]} but its mask is "
+            f"{label.shape[1]}x{label.shape[0]}: regenerate the mask"
+        )
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32), label
 
 
@@ -436,7 +583,9 @@ def check_image_file(root, img_id, shape):
         with Image.open(path) as im:
             (w, h), fmt = im.size, im.format
             if (h, w) != tuple(shape):
-                raise KitError(f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate the mask")
+                raise KitError(
+                    f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate the mask"
+                )
             with open(path, "rb") as f:
                 f.seek(max(os.path.getsize(path) - 64, 0))
                 if fmt == "JPEG" and not f.read().rstrip(b"\0").endswith(b"\xff\xd9"):
@@ -444,12 +593,16 @@ def check_image_file(root, img_id, shape):
     except KitError:
         raise
     except Exception as e:
-        raise KitError(f"cannot read image {path} ({type(e).__name__}: {e}): missing, truncated or corrupt; {fix}") \
-            from None
+        raise KitError(
+            f"cannot read image {path} ({type(e).__name__}: {e}): missing, truncated or corrupt; {fix}"
+        ) from None
 
 
 def _cache_path(root, key):
-    for folder in (os.path.join(root, CACHE_DIR), os.path.join(os.path.expanduser("~"), ".cache", "bcpt")):
+    for folder in (
+        os.path.join(root, CACHE_DIR),
+        os.path.join(os.path.expanduser("~"), ".cache", "bcpt"),
+    ):
         try:
             os.makedirs(folder, exist_ok=True)
             if os.access(folder, os.W_OK):
@@ -483,35 +636,23 @@ def class_pixel_counts(root, ids, n_classes, workers=2):
         return np.load(path)
     t0 = time.time()
     with ThreadPoolExecutor(max(1, workers)) as pool:  # cv2.imread releases the GIL
-        counts = (np.stack(list(pool.map(lambda i: _scan(root, i, n_classes), ids))) if ids
-                  else np.zeros((0, n_classes + 1), np.int64))
+        counts = (
+            np.stack(list(pool.map(lambda i: _scan(root, i, n_classes), ids)))
+            if ids
+            else np.zeros((0, n_classes + 1), np.int64)
+        )
     tmp = f"{path}.tmp{os.getpid()}.npy"
     np.save(tmp, counts)
     os.replace(tmp, path)
-    print(f"index: scanned {len(ids)} images and masks in {time.time() - t0:.1f}s, cached at {path}")
+    print(
+        f"index: scanned {len(ids)} images and masks in {time.time() - t0:.1f}s, cached at {path}"
+    )
     return counts
 
 
 def class_index(ids, counts, classes, min_pixels):
     """{c: [ids whose mask has >= min_pixels pixels of c]}: the support pools (PROTOCOL.md 3.1)."""
     return {c: [ids[j] for j in np.flatnonzero(counts[:, c] >= min_pixels)] for c in classes}
-
-
-def open_data(args, splits=("train", "val"), kind="benchmark"):
-    """{split: (ids, per-class pixel counts)} of the splits a stage reads (no other list is opened); draws a
-    synthetic world (kind benchmark or standin) on first use, and records its checksum in args.world_checksum."""
-    if args.dataset in SYNTHETIC_ROOTS:
-        from prepare_data import ensure_synthetic  # data-stage tooling, imported only when needed
-        made = ensure_synthetic(args.data_root, args.dataset, kind) or {}
-        args.world_checksum = made.get("checksum")
-        print(f"world: {args.dataset} {made.get('kind', 'from your images')} at {args.data_root}, checksum "
-              f"{args.world_checksum}")
-    pools = dict(zip(("train", "val"), image_pools(args.data_root, args.train_pool, "train" in splits)))
-    n = N_CLASSES[args.dataset]
-    data = {k: (pools[k], class_pixel_counts(args.data_root, pools[k], n, args.workers)) for k in splits}
-    print(f"data: {args.data_root} " + ", ".join(f"{k} {len(ids)} images" for k, (ids, _) in data.items())
-          + f" (train pool {args.train_pool}); fold {args.fold} novel {args.novel}")
-    return data
 
 
 # ============ 5. Transforms: training augmentation (PROTOCOL.md 4) and test geometry (PROTOCOL.md 5) ============
@@ -521,7 +662,9 @@ STD = np.array([0.229, 0.224, 0.225]) * 255
 
 def to_tensor(img, label):
     """(H, W, 3) float RGB 0..255, (H, W) uint8 -> normalised (3, H, W) float32, (H, W) int64."""
-    x = torch.from_numpy(np.ascontiguousarray(((img - MEAN) / STD).transpose(2, 0, 1), dtype=np.float32))
+    x = torch.from_numpy(
+        np.ascontiguousarray(((img - MEAN) / STD).transpose(2, 0, 1), dtype=np.float32)
+    )
     return x, torch.from_numpy(np.ascontiguousarray(label)).long()
 
 
@@ -551,23 +694,29 @@ def train_transform(img, label, rng, crop, scale, rotate=10.0, keep_fg=False):
     ph, pw = max(crop - h, 0), max(crop - w, 0)  # 5. pad to the crop, then a random crop
     if ph or pw:
         pad = (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
-        img = cv2.copyMakeBorder(np.ascontiguousarray(img), *pad, cv2.BORDER_CONSTANT, value=MEAN.tolist())
-        label = cv2.copyMakeBorder(np.ascontiguousarray(label), *pad, cv2.BORDER_CONSTANT, value=IGNORE)
+        img = cv2.copyMakeBorder(
+            np.ascontiguousarray(img), *pad, cv2.BORDER_CONSTANT, value=MEAN.tolist()
+        )
+        label = cv2.copyMakeBorder(
+            np.ascontiguousarray(label), *pad, cv2.BORDER_CONSTANT, value=IGNORE
+        )
     h, w = label.shape
     fg = (label == 1).sum()
     for _ in range(32):
         y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
-        if not keep_fg or (label[y:y + crop, x:x + crop] == 1).sum() >= 0.85 * fg:
+        if not keep_fg or (label[y : y + crop, x : x + crop] == 1).sum() >= 0.85 * fg:
             break
-    return to_tensor(img[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop])
+    return to_tensor(img[y : y + crop, x : x + crop], label[y : y + crop, x : x + crop])
 
 
 def test_transform(img, label, size, geometry="pfenet"):
     """pfenet (PROTOCOL.md 5.1): keep aspect, longer side to `size`, both sides floored to a multiple of 8, top-left
     on a size x size canvas (image 0 in raw pixel space, label 255). hsnet (PROTOCOL.md 5.3): both sides to size."""
     if geometry == "hsnet":
-        return to_tensor(cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR),
-                         cv2.resize(label, (size, size), interpolation=cv2.INTER_NEAREST))
+        return to_tensor(
+            cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(label, (size, size), interpolation=cv2.INTER_NEAREST),
+        )
     h, w = label.shape
     r = size / max(h, w)
     nh, nw = max(8, int(h * r) // 8 * 8), max(8, int(w * r) // 8 * 8)
@@ -613,7 +762,9 @@ class BaseClassDataset(torch.utils.data.Dataset):
         img, label = read_pair(self.root, self.ids[idx % len(self.ids)], self.n_classes)
         if self.test_size:
             return test_transform(img, self.lut[label], self.test_size)
-        return train_transform(img, self.lut[label], np.random.default_rng([self.seed, idx]), self.crop, self.scale)
+        return train_transform(
+            img, self.lut[label], np.random.default_rng([self.seed, idx]), self.crop, self.scale
+        )
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
@@ -621,8 +772,23 @@ class EpisodeDataset(torch.utils.data.Dataset):
     query = data_list[idx % n], class and supports from default_rng([seed, idx]), PFENet augmentation. Evaluation:
     `episodes` drawn up front from default_rng(seed) walking data_list in order, test geometry; any worker count."""
 
-    def __init__(self, root, ids, counts, dataset, classes, shot, min_pixels, seed, crop=None, scale=None,
-                 test_size=None, episodes=None, drop_classes=(), geometry="pfenet"):
+    def __init__(
+        self,
+        root,
+        ids,
+        counts,
+        dataset,
+        classes,
+        shot,
+        min_pixels,
+        seed,
+        crop=None,
+        scale=None,
+        test_size=None,
+        episodes=None,
+        drop_classes=(),
+        geometry="pfenet",
+    ):
         self.root, self.shot, self.seed, self.geometry = root, shot, seed, geometry
         self.crop, self.scale, self.test_size = crop, scale, test_size
         self.n_classes, self.classes = N_CLASSES[dataset], list(classes)
@@ -632,11 +798,15 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.pools = class_index(ids, counts, self.classes, min_pixels)
         for c, pool in self.pools.items():
             if len(pool) < shot + 1:
-                raise KitError(f"class {c} has {len(pool)} images with >= {min_pixels} pixels; "
-                               f"a {shot}-shot episode needs {shot + 1}: lower --shot or --min-pixels")
+                raise KitError(
+                    f"class {c} has {len(pool)} images with >= {min_pixels} pixels; "
+                    f"a {shot}-shot episode needs {shot + 1}: lower --shot or --min-pixels"
+                )
         kept = (counts[:, self.classes] >= min_pixels).any(1)
         self.data_list = [i for i, k in zip(ids, kept) if k]
-        self.present = {i: [c for c in self.classes if counts[j, c] > 0] for j, i in enumerate(ids) if kept[j]}
+        self.present = {
+            i: [c for c in self.classes if counts[j, c] > 0] for j, i in enumerate(ids) if kept[j]
+        }
         rng = np.random.default_rng(seed)
         self.episodes = [self.draw(k, rng) for k in range(episodes)] if episodes else None
 
@@ -658,12 +828,23 @@ class EpisodeDataset(torch.utils.data.Dataset):
         if self.episodes:
             xs = [test_transform(img, label, self.test_size, self.geometry) for img, label in pairs]
         else:
-            xs = [train_transform(img, label, rng, self.crop, self.scale, keep_fg=True) for img, label in pairs]
-        item = {"query": xs[0][0], "query_mask": xs[0][1],                   # (3, H, W), (H, W)
-                "support": torch.stack([x[0] for x in xs[1:]]),               # (S, 3, H, W)
-                "support_mask": torch.stack([x[1] for x in xs[1:]]), "cls": cls}  # (S, H, W)
-        if self.episodes:  # scored against the original-size label (PROTOCOL.md 5.2), or HSNet's resized one
-            item["raw_label"] = xs[0][1] if self.geometry == "hsnet" else torch.from_numpy(pairs[0][1]).long()
+            xs = [
+                train_transform(img, label, rng, self.crop, self.scale, keep_fg=True)
+                for img, label in pairs
+            ]
+        item = {
+            "query": xs[0][0],
+            "query_mask": xs[0][1],  # (3, H, W), (H, W)
+            "support": torch.stack([x[0] for x in xs[1:]]),  # (S, 3, H, W)
+            "support_mask": torch.stack([x[1] for x in xs[1:]]),
+            "cls": cls,
+        }  # (S, H, W)
+        if (
+            self.episodes
+        ):  # scored against the original-size label (PROTOCOL.md 5.2), or HSNet's resized one
+            item["raw_label"] = (
+                xs[0][1] if self.geometry == "hsnet" else torch.from_numpy(pairs[0][1]).long()
+            )
             item.update(query_id=query, support_ids=" ".join(supports))
         return item
 
@@ -703,8 +884,11 @@ def _torchvision_net(name):
     resnet50v2 PSPNet/PFENet/BAM's deep stem (three 3x3 convs 3->64 s2, 64->64, 64->128, each BN + ReLU;
     layer1 then starts from 128 channels; the bottlenecks are torchvision's, with the same keys)."""
     if name != "resnet50v2":
-        return {"resnet50": torchvision.models.resnet50, "resnet18": torchvision.models.resnet18,
-                "vgg16": torchvision.models.vgg16_bn}[name](weights=None)
+        return {
+            "resnet50": torchvision.models.resnet50,
+            "resnet18": torchvision.models.resnet18,
+            "vgg16": torchvision.models.vgg16_bn,
+        }[name](weights=None)
     net = torchvision.models.resnet50(weights=None)
     for k, (c_in, c_out, stride) in enumerate([(3, 64, 2), (64, 64, 1), (64, 128, 1)], 1):
         setattr(net, f"conv{k}", nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False))
@@ -719,16 +903,22 @@ def _torchvision_net(name):
 
 def _imagenet_state(name):
     if name == "resnet50v2":
-        raise KitError("--backbone resnet50v2 has no torchvision ImageNet weights: pass --weights "
-                       "initmodel/resnet50_v2.pth (PFENet/BAM's file, PROTOCOL.md 9.1)")
-    weights = {"resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-               "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-               "vgg16": torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1}[name]
+        raise KitError(
+            "--backbone resnet50v2 has no torchvision ImageNet weights: pass --weights "
+            "initmodel/resnet50_v2.pth (PFENet/BAM's file, PROTOCOL.md 9.1)"
+        )
+    weights = {
+        "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+        "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+        "vgg16": torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1,
+    }[name]
     try:
         return weights.get_state_dict(progress=True)
     except Exception as e:  # no network, proxy, ...
-        raise KitError(f"--weights imagenet: could not download torchvision's {weights} ({type(e).__name__}); "
-                       f"download {weights.url} elsewhere and pass --weights PATH, or use --weights none") from None
+        raise KitError(
+            f"--weights imagenet: could not download torchvision's {weights} ({type(e).__name__}); "
+            f"download {weights.url} elsewhere and pass --weights PATH, or use --weights none"
+        ) from None
 
 
 def backbone_kind(state):
@@ -736,7 +926,9 @@ def backbone_kind(state):
     resnet18 (7x7 stem; bottleneck or basic blocks) or vgg16; for unsplit (torchvision-style) or split
     (layer0..layer4) keys alike. None if unknown."""
     stem = state.get("conv1.weight", state.get("layer0.0.weight"))
-    if "features.0.weight" in state or ("layer0.0.weight" in state and "layer1.0.conv1.weight" not in state):
+    if "features.0.weight" in state or (
+        "layer0.0.weight" in state and "layer1.0.conv1.weight" not in state
+    ):
         return "vgg16"
     if stem is None:
         return None
@@ -749,8 +941,10 @@ def _load_strict(module, state, source, name):
     """load_state_dict(strict=True); a file of another backbone, or with a missing or unexpected key, is refused."""
     kind = backbone_kind(state)
     if kind not in (None, name):
-        raise KitError(f"{source} holds a {kind} backbone but this run has --backbone {name}: pass --backbone "
-                       f"{kind}, or weights of a {name}")
+        raise KitError(
+            f"{source} holds a {kind} backbone but this run has --backbone {name}: pass --backbone "
+            f"{kind}, or weights of a {name}"
+        )
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -758,26 +952,26 @@ def _load_strict(module, state, source, name):
         raise KitError(f"{source} does not match the backbone: {' '.join(first)[:300]}") from None
 
 
-def _split_state(ckpt, source):
+def split_state(ckpt, source):
     """The layer0..layer4 part of a kit pre-training checkpoint (backbone.*) or of BAM's base learner best.pth
     ({'state_dict': {'module.layer0...', 'module.encoder...', 'module.ppm...', 'module.cls...'}}), else None."""
     if "model" in ckpt and "args" in ckpt:  # pretrain_bcpt.py's last.pt / best.pt
-        return {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+        return {
+            k[len("backbone.") :]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")
+        }
     flat = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
     if not any(k.startswith("layer0.") for k in flat):
         return None
-    state = {k: v for k, v in flat.items() if k.split(".")[0] in ("layer0", "layer1", "layer2", "layer3", "layer4")}
-    print(f"{source}: took layer0-layer4 ({len(state)} tensors) of BAM's base learner; left out "
-          f"{len(flat) - len(state)} (its encoder.* copies, ppm.*, cls.*)")
+    state = {
+        k: v
+        for k, v in flat.items()
+        if k.split(".")[0] in ("layer0", "layer1", "layer2", "layer3", "layer4")
+    }
+    print(
+        f"{source}: took layer0-layer4 ({len(state)} tensors) of BAM's base learner; left out "
+        f"{len(flat) - len(state)} (its encoder.* copies, ppm.*, cls.*)"
+    )
     return state
-
-
-def weights_made_for(path):
-    """(dataset, backbone) of a weight file: a kit checkpoint's flags, else the backbone of its keys (dataset None)."""
-    ckpt = load_checkpoint(path)
-    flags = ckpt.get("args", {})
-    return (flags.get("dataset"), flags["backbone"]) if "backbone" in flags else (
-        None, backbone_kind(_split_state(ckpt, path) or ckpt))
 
 
 def build_backbone(name, weights="none", expect=None, dilate=True):
@@ -793,29 +987,74 @@ def build_backbone(name, weights="none", expect=None, dilate=True):
         net.load_state_dict(_imagenet_state(name))
     elif weights not in (None, "none"):
         ckpt = load_checkpoint(weights, {**(expect or {}), "backbone": name})
-        split = _split_state(ckpt, weights)
-        if split is None:  # a plain state dict of the unsplit network; PFENet/BAM's ImageNet fc is dropped
-            _load_strict(net, {k: v for k, v in ckpt.items() if not k.startswith("fc.") or name != "resnet50v2"},
-                         weights, name)
+        split = split_state(ckpt, weights)
+        if (
+            split is None
+        ):  # a plain state dict of the unsplit network; PFENet/BAM's ImageNet fc is dropped
+            _load_strict(
+                net,
+                {k: v for k, v in ckpt.items() if not k.startswith("fc.") or name != "resnet50v2"},
+                weights,
+                name,
+            )
     if name == "vgg16":
         f = net.features
         for m in f:
             if isinstance(m, nn.MaxPool2d):
                 m.ceil_mode = True
-        cuts = [(0, 7), (7, 14), (14, 24), (24, 34), (34, 43)]  # each layer re-indexed from 0, as BAM's
+        cuts = [
+            (0, 7),
+            (7, 14),
+            (14, 24),
+            (24, 34),
+            (34, 43),
+        ]  # each layer re-indexed from 0, as BAM's
         layers, channels = [nn.Sequential(*f[a:b]) for a, b in cuts], [64, 128, 256, 512, 512]
     else:
         stem = [net.conv1, net.bn1, nn.ReLU(inplace=True)]
-        if name == "resnet50v2":  # BAM's layer0 order: conv1 bn1 relu1 conv2 bn2 relu2 conv3 bn3 relu3 maxpool
-            stem += [net.conv2, net.bn2, nn.ReLU(inplace=True), net.conv3, net.bn3, nn.ReLU(inplace=True)]
-        layers = [nn.Sequential(*stem, net.maxpool), net.layer1, net.layer2,
-                  *((_dilate(net.layer3, 2), _dilate(net.layer4, 4)) if dilate else (net.layer3, net.layer4))]
-        channels = {"resnet18": [64, 64, 128, 256, 512], "resnet50": [64, 256, 512, 1024, 2048],
-                    "resnet50v2": [128, 256, 512, 1024, 2048]}[name]
+        if (
+            name == "resnet50v2"
+        ):  # BAM's layer0 order: conv1 bn1 relu1 conv2 bn2 relu2 conv3 bn3 relu3 maxpool
+            stem += [
+                net.conv2,
+                net.bn2,
+                nn.ReLU(inplace=True),
+                net.conv3,
+                net.bn3,
+                nn.ReLU(inplace=True),
+            ]
+        layers = [
+            nn.Sequential(*stem, net.maxpool),
+            net.layer1,
+            net.layer2,
+            *(
+                (_dilate(net.layer3, 2), _dilate(net.layer4, 4))
+                if dilate
+                else (net.layer3, net.layer4)
+            ),
+        ]
+        channels = {
+            "resnet18": [64, 64, 128, 256, 512],
+            "resnet50": [64, 256, 512, 1024, 2048],
+            "resnet50v2": [128, 256, 512, 1024, 2048],
+        }[name]
     backbone = Backbone(name, layers, channels)
     if split is not None:
         _load_strict(backbone, split, weights, name)
     return backbone
+
+
+# ============ 8. Checkpoint files: written atomically, loaded safely ============
+def write_atomic(path, save, obj):
+    """save(obj, PATH.tmpPID), then one rename: no reader sees a half-written file; the only kind the kit deletes."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save(obj, f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+def save_checkpoint(path, checkpoint):
+    """A checkpoint (a dict of tensors, numbers, strings and lists) written atomically with torch.save."""
+    write_atomic(path, torch.save, checkpoint)
 
 
 def load_checkpoint(path, expect=None):
@@ -825,76 +1064,18 @@ def load_checkpoint(path, expect=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise KitError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}): "
-                       "is it a state dict or a file written by this kit?") from None
+        raise KitError(
+            f"checkpoint {path} cannot be loaded safely ({type(e).__name__}): "
+            "is it a state dict or a file written by this kit?"
+        ) from None
     saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
     for key, want in (expect or {}).items():
-        if saved.get(key) is not None and saved[key] != want:  # fold None: the fold-free ImageNet stand-in
+        if (
+            saved.get(key) is not None and saved[key] != want
+        ):  # fold None: the fold-free ImageNet stand-in
             flag = "--" + key.replace("_", "-")
-            raise KitError(f"checkpoint {path} was made with {flag} {saved[key]} but this run has {flag} {want}: "
-                           "pass the matching checkpoint or flag")
+            raise KitError(
+                f"checkpoint {path} was made with {flag} {saved[key]} but this run has {flag} {want}: "
+                "pass the matching checkpoint or flag"
+            )
     return ckpt
-
-
-# ============ 8. Episodic evaluation (PROTOCOL.md 5, 6, 8) ============
-def at_query_size(scores, query, geometry="pfenet"):
-    """Scores (1, C, s, s) on the test canvas -> (C, H, W) at the query's size, as the benchmark scores them
-    (logits_at_label_size to max(H, W), then the query's top-left part; hsnet: resized to (H, W))."""
-    h, w = query.shape[:2]
-    if geometry == "hsnet":
-        return resize(scores.float().cpu(), (h, w))[0]
-    return logits_at_label_size(scores.float().cpu(), torch.zeros(h, w, dtype=torch.long))[0][0, :, :h, :w]
-
-
-def predict_meta(model, item):
-    """Scores (1, 2, s, s) of a meta-trained model on one evaluation episode."""
-    device = next(model.parameters()).device
-    return model(item["query"].to(device), item["support"].to(device), item["support_mask"].to(device))
-
-
-def argmax_mask(scores):
-    """Prediction (L, L) in {0, 1} from scores (1, 2, L, L)."""
-    return scores.argmax(1)[0]
-
-
-def run_episodes(args, data, seed, episodes, predict, decide, classes, shard=(0, 1)):
-    """One seed: `episodes` fixed episodes of `classes` on the val images (batch 1, test geometry, scored at the
-    original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the test canvas; decide:
-    {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}}; shard (r, n): only every n-th
-    episode from the r-th (one process's share). -> ({name: FewShotIoU}, one JSON line per episode (its ids, class
-    and [background, foreground] intersection and union per name), seconds in predict)."""
-    ids, counts = data["val"]
-    ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, classes, args.shot, args.min_pixels, seed,
-                        test_size=args.test_size, episodes=episodes, geometry=args.test_geometry)
-    mine = torch.utils.data.Subset(ds, range(shard[0], len(ds), shard[1]))
-    loader = torch.utils.data.DataLoader(mine, batch_size=1, shuffle=False, num_workers=args.workers)
-    meters, lines, t_model = {name: FewShotIoU(classes) for name in decide}, [], 0.0
-    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
-    for index, item in zip(mine.indices, loader):
-        t0 = time.perf_counter()
-        scores = predict(item)
-        sync()
-        t_model += time.perf_counter() - t0
-        scores, target = logits_at_label_size(scores.float().cpu(), item["raw_label"][0])
-        iou = {str(name): meters[name].update(rule(scores), target, int(item["cls"])) for name, rule in decide.items()}
-        lines.append(json.dumps({"phase": "novel" if list(classes) == list(args.novel) else "base", "seed": seed,
-                                 "index": index, "query": item["query_id"][0], "class": int(item["cls"]),
-                                 "supports": item["support_ids"][0].split(),
-                                 "iou": {k: [*map(float, i), *map(float, u)] for k, (i, u) in iou.items()}}))
-    return meters, lines, t_model
-
-
-ALL_BACKGROUND = 0.05  # a model that answers some foreground in fewer episodes than this has collapsed
-
-
-def summarize(meters, seeds):
-    """Mean +- sample std (ddof 1; 0 for one seed) over seeds of mIoU and FB-IoU; per-class IoU averaged; whether
-    the answers were all background (fewer than ALL_BACKGROUND of the episodes with any foreground)."""
-    per_seed = [{"seed": s, "miou": m.miou(), "fb_iou": m.fb_iou(), "class_iou": m.class_iou(),
-                 "foreground_answers": m.foreground_answers()} for s, m in zip(seeds, meters)]
-    std = lambda key: float(np.std([r[key] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
-    classes = per_seed[0]["class_iou"]
-    return {"miou": float(np.mean([r["miou"] for r in per_seed])), "miou_std": std("miou"),
-            "fb_iou": float(np.mean([r["fb_iou"] for r in per_seed])), "fb_iou_std": std("fb_iou"),
-            "class_iou": {c: float(np.mean([r["class_iou"][c] for r in per_seed])) for c in classes},
-            "all_background": all(r["foreground_answers"] < ALL_BACKGROUND for r in per_seed), "per_seed": per_seed}

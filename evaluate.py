@@ -13,6 +13,7 @@ Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
 CPU smoke run on the built-in synthetic benchmark:
     python evaluate.py --checkpoint runs/metatrain-synthetic-fold0-1shot/last.pt --episodes 100 --seeds 510
 """
+
 import functools
 import os
 import re
@@ -21,32 +22,101 @@ import cv2
 import numpy as np
 import torch
 
-from common import (AsppPFENet, EpisodeDataset, KitError, argmax_mask, build_backbone, load_checkpoint,
-                    open_data, predict_meta, to_bgr_image)
-from plumbing import (AMP_DTYPES, POSITIVE, KitParser, add_common_args, add_eval_args, check_paths, evaluate_seeds,
-                      finish_args, is_main, parse_json_line, pretrain_label, read_json, run, write_results)
-from prepare_data import add_own_image_args, segment_own_images
+from common import (
+    AsppPFENet,
+    EpisodeDataset,
+    KitError,
+    build_backbone,
+    load_checkpoint,
+    to_bgr_image,
+)
+from evaluation import (
+    TABLE_METRICS,
+    argmax_mask,
+    evaluate_seeds,
+    format_table,
+    predict_meta,
+    pretrain_label,
+    write_results,
+)
+from own_images import add_own_image_args, segment_own_images
+from plumbing import (
+    AMP_DTYPES,
+    POSITIVE,
+    KitParser,
+    add_common_args,
+    add_eval_args,
+    check_paths,
+    finish_args,
+    is_main,
+    open_data,
+    parse_json_line,
+    run,
+)
 
-FROM_CHECKPOINT = ("dataset", "fold", "shot", "backbone", "weights", "data_root", "min_pixels", "test_size",
-                   "test_geometry", "train_pool", "coco_split")  # each taken from the checkpoint unless typed
+FROM_CHECKPOINT = (
+    "dataset",
+    "fold",
+    "shot",
+    "backbone",
+    "weights",
+    "data_root",
+    "min_pixels",
+    "test_size",
+    "test_geometry",
+    "train_pool",
+    "coco_split",
+)  # each taken from the checkpoint unless typed
 MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if typed and different
 
 
 def parse_args(argv):
-    p = add_common_args(KitParser(description=__doc__.split("\n")[0]), None, "evaluate")  # no data or model defaults
+    p = add_common_args(
+        KitParser(description=__doc__.split("\n")[0]), None, "evaluate"
+    )  # no data or model defaults
     p = add_own_image_args(add_eval_args(p))
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
-    p.add_argument("--shot", type=POSITIVE, help="supports per episode (default: the checkpoint's; another is refused)")
-    p.add_argument("--compare", help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "
-                                     "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)")
-    p.add_argument("--vis", help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here")
-    p.add_argument("--vis-count", type=POSITIVE, default=8, help="episodes drawn by --vis (default %(default)s)")
-    p.add_argument("--table", nargs="+", metavar="JSON", help="only print a paper-style table from results files of "
-                   "this script and nonparametric_eval.py (Tables 1 and 2), with the paper's numbers beside its rows")
-    p.add_argument("--table-metric", default="threshold", choices=list(TABLE_METRICS), help="a non-parametric file's "
-                   "cell: mIoU at its --threshold, the base-chosen one or the best of its sweep (default %(default)s)")
-    p.add_argument("--curves", nargs="+", metavar="LOG", help="only draw training curves from these log.jsonl files "
-                   "into --out (a PNG; default curves.png): loss, lr, training mIoU, cluster shares, validation mIoU")
+    p.add_argument(
+        "--shot",
+        type=POSITIVE,
+        help="supports per episode (default: the checkpoint's; another is refused)",
+    )
+    p.add_argument(
+        "--compare",
+        help="a second metatrain.py checkpoint (same dataset, fold, shot) drawn next to "
+        "--checkpoint's predictions in --vis (e.g. Standard vs BCPT, Fig. 2)",
+    )
+    p.add_argument(
+        "--vis",
+        help="write Fig. 2-style PNGs of the first --vis-count episodes of the first seed here",
+    )
+    p.add_argument(
+        "--vis-count",
+        type=POSITIVE,
+        default=8,
+        help="episodes drawn by --vis (default %(default)s)",
+    )
+    p.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="only print a paper-style table from results files of "
+        "this script and nonparametric_eval.py (Tables 1 and 2), with the paper's numbers beside its rows",
+    )
+    p.add_argument(
+        "--table-metric",
+        default="threshold",
+        choices=list(TABLE_METRICS),
+        help="a non-parametric file's "
+        "cell: mIoU at its --threshold, the base-chosen one or the best of its sweep (default %(default)s)",
+    )
+    p.add_argument(
+        "--curves",
+        nargs="+",
+        metavar="LOG",
+        help="only draw training curves from these log.jsonl files "
+        "into --out (a PNG; default curves.png): loss, lr, training mIoU, cluster shares, validation mIoU",
+    )
     return p.parse_args(argv)
 
 
@@ -55,15 +125,19 @@ def metatrain_checkpoint(path, expect):
     ckpt = load_checkpoint(path, expect)
     if not isinstance(ckpt, dict) or ckpt.get("stage") != "metatrain":
         stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
-        raise KitError(f"{path} is not a metatrain.py checkpoint (stage {stage!r}): pass metatrain's "
-                       "<out>/last.pt; backbones alone are scored by nonparametric_eval.py")
+        raise KitError(
+            f"{path} is not a metatrain.py checkpoint (stage {stage!r}): pass metatrain's "
+            "<out>/last.pt; backbones alone are scored by nonparametric_eval.py"
+        )
     return ckpt
 
 
 def load_model(ckpt, device):
     """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole model)."""
     a = ckpt["args"]
-    model = AsppPFENet(build_backbone(a["backbone"], "none"), a["shot"], a.get("shot_fusion", "mean"))
+    model = AsppPFENet(
+        build_backbone(a["backbone"], "none"), a["shot"], a.get("shot_fusion", "mean")
+    )
     model.load_state_dict(ckpt["model"], strict=True)
     return model.to(device).eval()
 
@@ -72,9 +146,16 @@ def load_model(ckpt, device):
 def panel(x, mask, colour, title):
     """x (3, s, s) normalised canvas, mask (s, s) -> BGR uint8 panel, mask==1 tinted, with a title bar."""
     img = to_bgr_image(x).astype(np.float64)  # (s, s, 3)
-    img = np.where((mask.numpy() == 1)[..., None], 0.45 * img + 0.55 * np.array(colour), img).astype(np.uint8)
-    img = cv2.resize(img, None, fx=max(1, 256 // img.shape[0]), fy=max(1, 256 // img.shape[0]),
-                     interpolation=cv2.INTER_NEAREST)  # small synthetic canvases drawn larger
+    img = np.where(
+        (mask.numpy() == 1)[..., None], 0.45 * img + 0.55 * np.array(colour), img
+    ).astype(np.uint8)
+    img = cv2.resize(
+        img,
+        None,
+        fx=max(1, 256 // img.shape[0]),
+        fy=max(1, 256 // img.shape[0]),
+        interpolation=cv2.INTER_NEAREST,
+    )  # small synthetic canvases drawn larger
     bar = np.full((22, img.shape[1], 3), 255, np.uint8)
     cv2.putText(bar, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([bar, img], 0)
@@ -83,18 +164,41 @@ def panel(x, mask, colour, title):
 @torch.no_grad()
 def write_vis(args, data, models, device):
     ids, counts = data["val"]  # the first episodes of the first seed: the same ones the scores use
-    ds = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.novel, args.shot, args.min_pixels,
-                        args.seeds[0], test_size=args.test_size, episodes=args.vis_count, geometry=args.test_geometry)
+    ds = EpisodeDataset(
+        args.data_root,
+        ids,
+        counts,
+        args.dataset,
+        args.novel,
+        args.shot,
+        args.min_pixels,
+        args.seeds[0],
+        test_size=args.test_size,
+        episodes=args.vis_count,
+        geometry=args.test_geometry,
+    )
     os.makedirs(args.vis, exist_ok=True)
     for k in range(len(ds)):
         it = ds[k]
-        row = [panel(it["support"][0], it["support_mask"][0], (0, 200, 255), f"support (class {it['cls']})"),
-               panel(it["query"], it["query_mask"], (0, 220, 0), "query + ground truth")]
+        row = [
+            panel(
+                it["support"][0],
+                it["support_mask"][0],
+                (0, 200, 255),
+                f"support (class {it['cls']})",
+            ),
+            panel(it["query"], it["query_mask"], (0, 220, 0), "query + ground truth"),
+        ]
         for name, model in models.items():
-            logits = model(it["query"][None].to(device), it["support"][None].to(device),
-                           it["support_mask"][None].to(device))  # (1, 2, s, s)
+            logits = model(
+                it["query"][None].to(device),
+                it["support"][None].to(device),
+                it["support_mask"][None].to(device),
+            )  # (1, 2, s, s)
             row.append(panel(it["query"], logits.argmax(1)[0].cpu(), (255, 80, 0), name))
-        cv2.imwrite(os.path.join(args.vis, f"episode{k:03d}_class{it['cls']}.png"), np.concatenate(row, 1))
+        cv2.imwrite(
+            os.path.join(args.vis, f"episode{k:03d}_class{it['cls']}.png"), np.concatenate(row, 1)
+        )
     print(f"wrote {len(ds)} pictures to {args.vis}")
 
 
@@ -104,15 +208,26 @@ def own_images(args, ckpt, model, dtype):
     """Each --query segmented with the --support examples, in the benchmark's test geometry and normalisation."""
     shots, trained = len(args.support or []), ckpt["args"]["shot"]
     if shots and shots != trained and ckpt["args"].get("shot_fusion") == "weighted":
-        raise KitError(f"{args.checkpoint} weighs exactly {trained} supports (--shot-fusion weighted): pass "
-                       f"{trained} --support pairs")
+        raise KitError(
+            f"{args.checkpoint} weighs exactly {trained} supports (--shot-fusion weighted): pass "
+            f"{trained} --support pairs"
+        )
     if shots and shots != trained:
-        print(f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)")
-    segment_own_images(args, functools.partial(predict_meta, model), dtype, lambda s: (s.argmax(0).numpy(), None))
+        print(
+            f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)"
+        )
+    segment_own_images(
+        args, functools.partial(predict_meta, model), dtype, lambda s: (s.argmax(0).numpy(), None)
+    )
 
 
-CURVES = [("loss", "training loss"), ("lr", "learning rate"), ("train_miou", "training mIoU (base-class episodes)"),
-          ("clusters", "share of the background pixels per cluster centre (BCPT)"), ("val_miou", "validation mIoU")]
+CURVES = [
+    ("loss", "training loss"),
+    ("lr", "learning rate"),
+    ("train_miou", "training mIoU (base-class episodes)"),
+    ("clusters", "share of the background pixels per cluster centre (BCPT)"),
+    ("val_miou", "validation mIoU"),
+]
 
 
 def draw_curves(paths, out):
@@ -120,29 +235,46 @@ def draw_curves(paths, out):
     matplotlib is an optional extra, imported only here. -> the panel titles."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise KitError("--curves draws with matplotlib, an optional extra: pip install matplotlib") from None
+        raise KitError(
+            "--curves draws with matplotlib, an optional extra: pip install matplotlib"
+        ) from None
     runs = {}
     for path in paths:
         with open(path) as f:
             records = [parse_json_line(line) for line in f]
         if None in records[:-1]:  # a last line may have been cut off by a kill
-            raise KitError(f"--curves {path}: line {records.index(None) + 1} is not JSON: pass a log.jsonl of this kit")
+            raise KitError(
+                f"--curves {path}: line {records.index(None) + 1} is not JSON: pass a log.jsonl of this kit"
+            )
         runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = [r for r in records if r]
-    panels = [(key, title) for key, title in CURVES if any(key in r for recs in runs.values() for r in recs)]
+    panels = [
+        (key, title)
+        for key, title in CURVES
+        if any(key in r for recs in runs.values() for r in recs)
+    ]
     if not panels:
         raise KitError(f"--curves: no loss, lr, mIoU or cluster records in {', '.join(paths)}")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False
+    )
     for ax, (key, title) in zip(axes[:, 0], panels):
         for k, (name, recs) in enumerate(runs.items()):
             pts = [(r["step"], r[key]) for r in recs if key in r]
             if pts:  # cluster shares are a list per record: one thin line per centre, in the run's colour
                 ys = np.array([y for _, y in pts], dtype=float).reshape(len(pts), -1)
                 for j in range(ys.shape[1]):
-                    ax.plot([x for x, _ in pts], ys[:, j], color=f"C{k}", lw=1 if ys.shape[1] > 1 else 1.5,
-                            marker="o" if key == "val_miou" else None, label=name if j == 0 else None)
+                    ax.plot(
+                        [x for x, _ in pts],
+                        ys[:, j],
+                        color=f"C{k}",
+                        lw=1 if ys.shape[1] > 1 else 1.5,
+                        marker="o" if key == "val_miou" else None,
+                        label=name if j == 0 else None,
+                    )
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("iteration")
@@ -152,102 +284,6 @@ def draw_curves(paths, out):
     plt.close(fig)
     print(f"wrote {out}: " + ", ".join(title for _, title in panels))
     return [title for _, title in panels]
-
-
-# ============ --table: results files of both tests in the paper's layout, beside the paper's numbers ============
-TABLE_METRICS = {"threshold": "miou", "base-threshold": "miou_base_threshold",  # a non-parametric file's cell
-                 "best-sweep": lambda r: max(r["sweep"].values())}
-PAPER_ROWS = """table dataset backbone pre-training, then mIoU: 1-shot folds 0-3 and mean, 5-shot the same
-1 pascal vgg16    ImageNet  59.45 66.65 63.22 54.77 61.02   63.39 70.11 67.66 62.51 65.92
-1 pascal vgg16    Standard  60.02 68.67 63.76 55.00 61.86   64.02 71.51 69.39 63.55 67.12
-1 pascal vgg16    BCPT      60.77 69.96 64.28 56.60 62.90   65.21 72.68 70.81 64.81 68.38
-1 pascal resnet50 ImageNet  64.42 70.81 63.64 57.98 64.21   67.10 72.31 63.64 63.19 66.56
-1 pascal resnet50 Standard  64.79 71.46 65.94 59.51 65.36   67.59 73.21 67.63 65.97 68.60
-1 pascal resnet50 BCPT      68.73 71.57 65.69 61.22 66.87   73.20 74.25 69.38 67.50 71.21
-1 coco   resnet50 ImageNet  37.11 47.47 43.20 41.28 42.27   43.25 52.94 48.58 48.01 48.20
-1 coco   resnet50 Standard  37.57 48.21 44.13 42.68 43.15   44.89 52.85 50.30 48.44 49.12
-1 coco   resnet50 BCPT      37.50 51.15 44.38 42.33 43.84   45.47 53.98 50.94 49.01 49.85
-2 pascal resnet50 ImageNet  27.04 38.29 36.40 33.88 33.90
-2 pascal resnet50 Standard  28.65 40.43 43.33 36.85 37.32
-2 pascal resnet50 BCPT      38.52 47.08 46.01 38.65 42.57"""  # the BCPT paper's ASPP-PFENet rows (PROTOCOL.md 11.1)
-PAPER = {(int(t), d, b, p, shot): [float(x) for x in v[5 * k:5 * k + 5]]  # {(table, ..., shot): [folds, mean]}
-         for t, d, b, p, *v in map(str.split, PAPER_ROWS.splitlines()[1:])
-         for k, shot in enumerate([1, 5][:len(v) // 5])}
-
-
-def paper_row(r):
-    """The PAPER key of a results file of either test, or None: the paper's pre-training (ImageNet, Standard, BCPT K=6
-    alpha 0.1 with guidance, either reading of Eqs. 3-4) on its backbone (ResNet-50: either stem) and test geometry."""
-    label, t = r["pretrained"], 2 if r.get("method") == "non-parametric prior" else 1
-    kind = ("ImageNet" if label == "imagenet" else "Standard" if re.fullmatch(
-        r"standard (psp|linear|\(BAM best.pth\))( best-val)?", label) else "BCPT" if re.fullmatch(
-        r"bcpt K=6 Eq4=\w+( Eq3=base)?( best-val)?", label) else None)
-    key = (t, r["dataset"], {"resnet50v2": "resnet50"}.get(r["backbone"], r["backbone"]), kind, r["shot"])
-    return key if key in PAPER and r.get("protocol", {}).get("test_geometry", "pfenet") == "pfenet" else None
-
-
-def format_table(paths, metric="threshold"):
-    """Paper Table 1 / 2 layout: a row per (dataset, backbone, method, pre-training, test geometry), folds 0-3 and mean
-    per shot, a cell of several files (training seeds) as mean+-std; then the paper beside ours (table_vs_paper).
-    metric: what a non-parametric file shows (TABLE_METRICS); a metatrain.py model's file shows its mIoU."""
-    cells, shots, files = {}, set(), {}
-    for p in paths:
-        r = read_json(p, "--table")
-        try:
-            geometry = r.get("protocol", {}).get("test_geometry", "pfenet")
-            row = (r["dataset"], r["backbone"], r.get("method", "?"), r["pretrained"] + f" @{geometry}" * (
-                geometry != "pfenet"))
-            pick = TABLE_METRICS[metric] if r.get("method") == "non-parametric prior" else "miou"
-            value = pick(r) if callable(pick) else r[pick]
-        except (KeyError, TypeError, AttributeError) as e:
-            raise KitError(f"--table {p}: not a results file of this kit (no {e})") from None
-        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append((value, r.get("all_background")))
-        files.setdefault(row, []).append(r)
-        shots.add(r["shot"])
-
-    def cell(v):
-        flat = " (all background)" if any(c for _, c in v) and len(v) == 1 else f" ({sum(bool(c) for _, c in v)} of " \
-            f"{len(v)} all background)" * any(c for _, c in v)
-        return "-" if not v else f"{np.mean([x for x, _ in v]):.2f}" + (
-            f"+-{np.std([x for x, _ in v], ddof=1):.2f}" if len(v) > 1 else "") + flat
-    head = ["Dataset", "Backbone", "Method", "Pre-train"] + [f"{s}-shot {c}" for s in sorted(shots)
-                                                             for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row, got in sorted(cells.items()):
-        vals = []
-        for s in sorted(shots):
-            folds = [got.get((s, f), []) for f in range(4)]
-            means = [np.mean([x for x, _ in v]) for v in folds if v]
-            vals += [cell(v) for v in folds] + [f"{np.mean(means):.2f}" + "*" * (len(means) < 4) if means else "-"]
-        lines.append("| " + " | ".join(list(row) + vals) + " |")
-    lines.append("mIoU in %; * = mean over the folds present only.")
-    return "\n".join(lines + [line for rs in files.values() for line in table_vs_paper(rs, metric)])
-
-
-def table_vs_paper(results, metric):
-    """For a row the paper reports, per fold and mean: ours, the paper's, the difference, our seeds' spread (training
-    seeds if several files, else evaluation seeds) with the paper inside or not, and BAM test.py's best seed."""
-    key = paper_row(results[0])
-    if key is None or (key[0] == 2 and metric != "threshold"):  # Table 2 at the paper's single threshold only
-        return []
-    lines = [f"Beside the paper (Table {key[0]}, {key[1]} {key[2]} {key[3]} {key[4]}-shot):"]
-    ours = {}
-    for f in range(4):
-        rs = [r for r in results if r["fold"] == f]
-        if not rs:
-            continue
-        seeds = [r["miou"] for r in rs] if len(rs) > 1 else [s["miou"] for s in rs[0]["per_seed"]]
-        best = max(s["miou"] for r in rs for s in r["per_seed"])
-        ours[f] = mean = float(np.mean([r["miou"] for r in rs]))
-        paper, inside = PAPER[key][f], min(seeds) <= PAPER[key][f] <= max(seeds)
-        lines.append(f"  fold {f}: ours {mean:.2f} ({'training' if len(rs) > 1 else 'evaluation'} seeds "
-                     f"{min(seeds):.2f}-{max(seeds):.2f}), paper {paper:.2f}, difference {mean - paper:+.2f}: "
-                     f"{'inside' if inside else 'outside'} the spread of our seeds; best of the evaluation seeds "
-                     f"(BAM test.py's Best_mIoU) {best:.2f}")
-    if len(ours) == 4:
-        mean = float(np.mean(list(ours.values())))
-        lines.append(f"  mean: ours {mean:.2f}, paper {PAPER[key][4]:.2f}, difference {mean - PAPER[key][4]:+.2f}")
-    return lines
 
 
 # ============ the evaluation ============
@@ -260,38 +296,66 @@ def main(argv=None):
         check_paths(args, outputs=[("--out", False)], inputs=["--curves"])
         return draw_curves(args.curves, args.out)
     if not args.checkpoint:
-        raise KitError("--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table")
+        raise KitError(
+            "--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table"
+        )
     if args.compare and not args.vis:
         raise KitError("--compare only adds a column to the pictures: add --vis DIR")
     typed = {k for k in FROM_CHECKPOINT if getattr(args, k) is not None}
-    ckpt = metatrain_checkpoint(args.checkpoint, {k: getattr(args, k) for k in MUST_MATCH if k in typed})
+    ckpt = metatrain_checkpoint(
+        args.checkpoint, {k: getattr(args, k) for k in MUST_MATCH if k in typed}
+    )
     for k in set(FROM_CHECKPOINT) - typed:
-        setattr(args, k, ckpt["args"].get(k, "pfenet"))  # checkpoints from before --test-geometry: pfenet
-    args = finish_args(args, needs_data=False, outputs=[("--json", False), ("--episode-log", False), ("--vis", True),
-                                                        ("--out", True)])
+        setattr(
+            args, k, ckpt["args"].get(k, "pfenet")
+        )  # checkpoints from before --test-geometry: pfenet
+    args = finish_args(
+        args,
+        needs_data=False,
+        outputs=[("--json", False), ("--episode-log", False), ("--vis", True), ("--out", True)],
+    )
     device = torch.device(args.device)
     model, dtype = load_model(ckpt, device), AMP_DTYPES[args.amp]
     if args.support or args.query:
         return own_images(args, ckpt, model, dtype)
-    other = args.compare and metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in MUST_MATCH[:3]})
+    other = args.compare and metatrain_checkpoint(
+        args.compare, {k: getattr(args, k) for k in MUST_MATCH[:3]}
+    )
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
-    print(f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
-          f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds "
-          f"{args.seeds}")
+    print(
+        f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
+        f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds "
+        f"{args.seeds}"
+    )
     data = open_data(args, ("val",))
     if args.episode_log:
         open(args.episode_log, "w").close()
     with torch.no_grad():
         predict = functools.partial(predict_meta, model)
-        result = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask}, dtype=dtype)["ASPP-PFENet"]
+        result = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask}, dtype=dtype)[
+            "ASPP-PFENet"
+        ]
     if args.json:
-        write_results(args.json, result, args, data, method="ASPP-PFENet", pretrained=label, weights=args.weights,
-                      select=ckpt["select"], checkpoint=args.checkpoint, iteration=ckpt["iter"], best_val=ckpt["best"],
-                      shot_fusion=ckpt["args"].get("shot_fusion", "mean"))
+        write_results(
+            args.json,
+            result,
+            args,
+            data,
+            method="ASPP-PFENet",
+            pretrained=label,
+            weights=args.weights,
+            select=ckpt["select"],
+            checkpoint=args.checkpoint,
+            iteration=ckpt["iter"],
+            best_val=ckpt["best"],
+            shot_fusion=ckpt["args"].get("shot_fusion", "mean"),
+        )
     if args.vis and is_main():
         models = {f"prediction: {label}": model}
         if other:
-            models[f"prediction: {other['args']['pretrain_label']} (compare)"] = load_model(other, device)
+            models[f"prediction: {other['args']['pretrain_label']} (compare)"] = load_model(
+                other, device
+            )
         write_vis(args, data, models, device)
     return result
 

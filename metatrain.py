@@ -12,18 +12,46 @@ Full run (one CUDA GPU; PASCAL-5i fold 0, 1-shot, on a BCPT backbone):
 CPU run on the built-in synthetic benchmark (a few minutes):
     python metatrain.py --shot 1 --pretrained none
 """
+
 import functools
 
 import torch
 
-from common import (AsppPFENet, EpisodeDataset, FewShotIoU, KitError, argmax_mask, build_backbone, open_data,
-                    predict_meta)
-from plumbing import (POSITIVE, KitParser, Trainer, add_common_args, add_flag, add_training_args, all_reduce_sum,
-                      dataset_of, evaluate_seeds, finish_args, global_mean_ce, pretrain_label, run, seed_everything,
-                      wrap_ddp)
+from common import AsppPFENet, EpisodeDataset, FewShotIoU, KitError, build_backbone
+from evaluation import argmax_mask, evaluate_seeds, predict_meta, pretrain_label
+from plumbing import (
+    POSITIVE,
+    KitParser,
+    Trainer,
+    add_common_args,
+    add_flag,
+    add_training_args,
+    all_reduce_sum,
+    dataset_of,
+    finish_args,
+    global_mean_ce,
+    open_data,
+    run,
+    seed_everything,
+    wrap_ddp,
+)
 
-RESUME_KEYS = ("dataset", "fold", "shot", "shot_fusion", "backbone", "weights", "epochs", "batch", "lr", "crop",
-               "scale", "seed", "novel_images", "select")
+RESUME_KEYS = (
+    "dataset",
+    "fold",
+    "shot",
+    "shot_fusion",
+    "backbone",
+    "weights",
+    "epochs",
+    "batch",
+    "lr",
+    "crop",
+    "scale",
+    "seed",
+    "novel_images",
+    "select",
+)
 
 
 def parse_args(argv):
@@ -31,31 +59,62 @@ def parse_args(argv):
     p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "metatrain")
     g = p.add_argument_group("meta-training (paper Sec. 3.1)")
     add_flag(g, ds, "--shot", 1, "supports per episode (1 or 5 in the paper)", type=POSITIVE)
-    g.add_argument("--shot-fusion", default="mean", choices=["mean", "weighted"], help="K-shot fusion of the "
-                   "supports' priors and prototypes: mean (PFENet) or weighted by BAM's layer-2 Gram-matrix "
-                   "scene differences (PROTOCOL.md 9.7) (default %(default)s)")
-    g.add_argument("--novel-images", default="drop", choices=["drop", "keep"],
-                   help="training images containing a novel class: drop (BAM) or keep as background (PFENet), "
-                        "PROTOCOL.md 2.4 (default %(default)s)")
-    g.add_argument("--val-every", type=POSITIVE, help="iterations between validations of --select best-val, on "
-                   "the val episodes that are later reported, as BAM/PFENet do (default: one epoch, as BAM)")
-    add_flag(g, ds, "--val-episodes", dict(pascal=1000, coco=1000, synthetic=200), "validation episodes, seed "
-             "--val-seed (BAM: 1000)", type=POSITIVE)
+    g.add_argument(
+        "--shot-fusion",
+        default="mean",
+        choices=["mean", "weighted"],
+        help="K-shot fusion of the "
+        "supports' priors and prototypes: mean (PFENet) or weighted by BAM's layer-2 Gram-matrix "
+        "scene differences (PROTOCOL.md 9.7) (default %(default)s)",
+    )
+    g.add_argument(
+        "--novel-images",
+        default="drop",
+        choices=["drop", "keep"],
+        help="training images containing a novel class: drop (BAM) or keep as background (PFENet), "
+        "PROTOCOL.md 2.4 (default %(default)s)",
+    )
+    g.add_argument(
+        "--val-every",
+        type=POSITIVE,
+        help="iterations between validations of --select best-val, on "
+        "the val episodes that are later reported, as BAM/PFENet do (default: one epoch, as BAM)",
+    )
+    add_flag(
+        g,
+        ds,
+        "--val-episodes",
+        dict(pascal=1000, coco=1000, synthetic=200),
+        "validation episodes, seed --val-seed (BAM: 1000)",
+        type=POSITIVE,
+    )
     add_flag(g, ds, "--val-seed", 321, "seed of the validation episodes (BAM)", type=int)
     # deviation: the synthetic worlds' 64-px images take crop 57 ((crop - 1) % 8 == 0, as PFENet asserts) and
     # 8 epochs (a few minutes on 2 CPU cores; at 4 random init ended all background on `synthetic`, RESULTS.md)
-    add_training_args(p, ds, "BAM's meta-training, PROTOCOL.md 7.4", epochs=dict(pascal=200, coco=50, synthetic=8),
-                      batch=8, lr=(0.05, "effective lr of every trainable module (BAM base_lr 0.005 x 10)"),
-                      crop=dict(pascal=473, coco=641, synthetic=57),
-                      scale=dict(pascal=[0.9, 1.1], coco=[0.8, 1.25], synthetic=[0.9, 1.1]))
+    add_training_args(
+        p,
+        ds,
+        "BAM's meta-training, PROTOCOL.md 7.4",
+        epochs=dict(pascal=200, coco=50, synthetic=8),
+        batch=8,
+        lr=(0.05, "effective lr of every trainable module (BAM base_lr 0.005 x 10)"),
+        crop=dict(pascal=473, coco=641, synthetic=57),
+        scale=dict(pascal=[0.9, 1.1], coco=[0.8, 1.25], synthetic=[0.9, 1.1]),
+    )
     args = p.parse_args(argv)
-    return finish_args(args, f"metatrain-{args.dataset}-fold{args.fold}-{args.shot}shot", outputs=[("--out", True)])
+    return finish_args(
+        args, f"metatrain-{args.dataset}-fold{args.fold}-{args.shot}shot", outputs=[("--out", True)]
+    )
 
 
 # ============ the meta learner on a frozen backbone, and its optimiser ============
 def build(args, device):
-    seed_everything(args.seed)  # a random (--weights none) backbone and the head init depend on the seed
-    backbone = build_backbone(args.backbone, args.weights, expect={"dataset": args.dataset, "fold": args.fold})
+    seed_everything(
+        args.seed
+    )  # a random (--weights none) backbone and the head init depend on the seed
+    backbone = build_backbone(
+        args.backbone, args.weights, expect={"dataset": args.dataset, "fold": args.fold}
+    )
     model = AsppPFENet(backbone, args.shot, args.shot_fusion)
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # the backbone is frozen
@@ -66,8 +125,14 @@ def build(args, device):
 def train_step(model, batch, device, optimise):
     """The meta learner's loss on a batch of episodes, then the SGD step (optimise: plumbing.Trainer's). model may
     be wrapped in DistributedDataParallel: the batch is then this process's share. -> (loss, logits (B, 2, H, W))."""
-    query, target = batch["query"].to(device), batch["query_mask"].to(device)  # (B, 3, H, W), (B, H, W)
-    support, s_mask = batch["support"].to(device), batch["support_mask"].to(device)  # (B, S, 3, H, W), (B, S, H, W)
+    query, target = (
+        batch["query"].to(device),
+        batch["query_mask"].to(device),
+    )  # (B, 3, H, W), (B, H, W)
+    support, s_mask = (
+        batch["support"].to(device),
+        batch["support_mask"].to(device),
+    )  # (B, S, 3, H, W), (B, S, H, W)
     logits = model(query, support, s_mask)  # (B, 2, H, W)
     loss = global_mean_ce(logits.float(), target)
     optimise(loss)
@@ -79,9 +144,18 @@ def validate(model, args, data, dtype):
     """mIoU and FB-IoU on --val-episodes val episodes of seed --val-seed: the peers' model selection (PROTOCOL.md
     8.1)."""
     model.eval()
-    with torch.random.fork_rng(devices=[]):  # loader seeding must not move the training RNG (resume exactness)
-        result = evaluate_seeds(args, data, functools.partial(predict_meta, model), {"val": argmax_mask},
-                                episodes=args.val_episodes, seeds=[args.val_seed], dtype=dtype)["val"]
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # loader seeding must not move the training RNG (resume exactness)
+        result = evaluate_seeds(
+            args,
+            data,
+            functools.partial(predict_meta, model),
+            {"val": argmax_mask},
+            episodes=args.val_episodes,
+            seeds=[args.val_seed],
+            dtype=dtype,
+        )["val"]
     model.train()
     return result["miou"], {"val_fb_iou": result["fb_iou"]}
 
@@ -93,28 +167,49 @@ def main(argv=None):
     data = open_data(args, ("train", "val") if args.select == "best-val" else ("train",))
     ids, counts = data["train"]
     drop = args.novel if args.novel_images == "drop" else ()
-    dataset = EpisodeDataset(args.data_root, ids, counts, args.dataset, args.base, args.shot, args.min_pixels,
-                             args.seed, crop=args.crop, scale=args.scale, drop_classes=drop)
+    dataset = EpisodeDataset(
+        args.data_root,
+        ids,
+        counts,
+        args.dataset,
+        args.base,
+        args.shot,
+        args.min_pixels,
+        args.seed,
+        crop=args.crop,
+        scale=args.scale,
+        drop_classes=drop,
+    )
     args.iters_per_epoch = len(dataset) // args.batch  # drop_last (PROTOCOL.md 7.2)
     if args.iters_per_epoch == 0:
-        raise KitError(f"--batch {args.batch} is larger than the {len(dataset)} training queries: lower --batch")
+        raise KitError(
+            f"--batch {args.batch} is larger than the {len(dataset)} training queries: lower --batch"
+        )
     args.total_iters = args.epochs * args.iters_per_epoch
     args.val_every = args.val_every or args.iters_per_epoch
     stop = min(args.total_iters, args.max_iters or args.total_iters)
     args.pretrain_label = pretrain_label(args.weights)
-    print(f"metatrain {args.shot}-shot fold {args.fold}: {len(dataset)} training queries ({args.novel_images} "
-          f"novel-containing images), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} "
-          f"iterations (running to {stop}), batch {args.batch}, lr {args.lr}, backbone {args.backbone} "
-          f"({args.pretrain_label}), {args.shot_fusion} shot fusion, select {args.select}, device {device}, "
-          f"out {args.out}")
+    print(
+        f"metatrain {args.shot}-shot fold {args.fold}: {len(dataset)} training queries ({args.novel_images} "
+        f"novel-containing images), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} "
+        f"iterations (running to {stop}), batch {args.batch}, lr {args.lr}, backbone {args.backbone} "
+        f"({args.pretrain_label}), {args.shot_fusion} shot fusion, select {args.select}, device {device}, "
+        f"out {args.out}"
+    )
     model, opt = build(args, device)
     trainer = Trainer(args, "metatrain", model, opt, [args.lr], RESUME_KEYS)
-    wrapped = wrap_ddp(model, device)  # several processes; the backbone is frozen in eval, the head has no BN
-    meter = [FewShotIoU(args.base)]  # running training mIoU over base classes, reset at each progress line
+    wrapped = wrap_ddp(
+        model, device
+    )  # several processes; the backbone is frozen in eval, the head has no BN
+    meter = [
+        FewShotIoU(args.base)
+    ]  # running training mIoU over base classes, reset at each progress line
 
     def step(batch):
         loss, logits = train_step(wrapped, batch, device, trainer.optimise)
-        for pred, target, cls in zip(logits.detach().argmax(1).cpu(), batch["query_mask"], batch["cls"].tolist()):
+        for pred, target, cls in zip(
+            logits.detach().argmax(1).cpu(), batch["query_mask"], batch["cls"].tolist()
+        ):
             meter[0].update(pred, target, cls)
         return loss, {}
 
@@ -123,12 +218,26 @@ def main(argv=None):
         return {"train_miou": miou}
 
     if args.benchmark:
-        return trainer.benchmark(dataset, step, f"metatrain {args.shot}-shot {args.backbone} crop {args.crop} batch "
-                                 f"{args.batch} {args.precision}")
-    trainer.fit(dataset, step, stop, argv, data, validate=lambda: validate(model, args, data, trainer.dtype),
-                val_every=args.val_every, log_extra=train_miou)
+        return trainer.benchmark(
+            dataset,
+            step,
+            f"metatrain {args.shot}-shot {args.backbone} crop {args.crop} batch "
+            f"{args.batch} {args.precision}",
+        )
+    trainer.fit(
+        dataset,
+        step,
+        stop,
+        argv,
+        data,
+        validate=lambda: validate(model, args, data, trainer.dtype),
+        val_every=args.val_every,
+        log_extra=train_miou,
+    )
     if args.select == "best-val":
-        print(f"best.pt from iteration {trainer.best['iter']} (val mIoU {trainer.best['miou']:.2f})")
+        print(
+            f"best.pt from iteration {trainer.best['iter']} (val mIoU {trainer.best['miou']:.2f})"
+        )
 
 
 if __name__ == "__main__":

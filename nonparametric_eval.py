@@ -24,10 +24,24 @@ import sys
 import numpy as np
 import torch
 
-from common import KitError, build_backbone, frozen_features, open_data, resize, shot_prior, weights_made_for
-from plumbing import (AMP_DTYPES, POSITIVE, UNIT, KitParser, add_common_args, add_eval_args, add_flag, dataset_of,
-                      evaluate_seeds, finish_args, pretrain_label, run, seed_everything, typed, write_results)
-from prepare_data import add_own_image_args, segment_own_images
+from common import KitError, build_backbone, frozen_features, resize, shot_prior
+from evaluation import evaluate_seeds, pretrain_label, write_results
+from own_images import add_own_image_args, segment_own_images, weights_made_for
+from plumbing import (
+    AMP_DTYPES,
+    POSITIVE,
+    UNIT,
+    KitParser,
+    add_common_args,
+    add_eval_args,
+    add_flag,
+    dataset_of,
+    finish_args,
+    open_data,
+    run,
+    seed_everything,
+    typed,
+)
 
 
 def parse_args(argv):
@@ -39,29 +53,54 @@ def parse_args(argv):
         made = dict(zip(("dataset", "backbone"), weights_made_for(args.weights)))
         for key, value in made.items():
             if value and typed(argv, "--" + key) and getattr(args, key) != value:
-                raise KitError(f"--{key} {getattr(args, key)}: {args.weights} was made for --{key} {value}; "
-                               f"leave --{key} out")
+                raise KitError(
+                    f"--{key} {getattr(args, key)}: {args.weights} was made for --{key} {value}; "
+                    f"leave --{key} out"
+                )
         if made["dataset"] and not typed(argv, "--dataset"):
             args = parser(made["dataset"]).parse_args(argv + ["--dataset", made["dataset"]])
         args.backbone = made["backbone"] or args.backbone
-    return finish_args(args, needs_data=not (args.support or args.query),
-                       outputs=[("--json", False), ("--episode-log", False), ("--out", True)])
+    return finish_args(
+        args,
+        needs_data=not (args.support or args.query),
+        outputs=[("--json", False), ("--episode-log", False), ("--out", True)],
+    )
 
 
 def parser(ds):
-    p = add_own_image_args(add_eval_args(add_common_args(KitParser(description=__doc__.split("\n")[0]), ds,
-                                                          "nonparametric")))
+    p = add_own_image_args(
+        add_eval_args(
+            add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "nonparametric")
+        )
+    )
     g = p.add_argument_group("non-parametric test (paper Sec. 3.2, Table 2)")
     add_flag(g, ds, "--shot", 1, "supports per episode (Table 2 is 1-shot)", type=POSITIVE)
-    add_flag(g, ds, "--threshold", 0.5, "prior > threshold is foreground, the same for every backbone (paper Sec. "
-             "3.2 gives no value: our choice)", type=UNIT)
-    add_flag(g, ds, "--sweep", [round(0.1 * i, 1) for i in range(1, 10)], "thresholds also scored from the same "
-             "priors; the one best on base-class episodes is reported too", type=UNIT, nargs="+")
+    add_flag(
+        g,
+        ds,
+        "--threshold",
+        0.5,
+        "prior > threshold is foreground, the same for every backbone (paper Sec. "
+        "3.2 gives no value: our choice)",
+        type=UNIT,
+    )
+    add_flag(
+        g,
+        ds,
+        "--sweep",
+        [round(0.1 * i, 1) for i in range(1, 10)],
+        "thresholds also scored from the same "
+        "priors; the one best on base-class episodes is reported too",
+        type=UNIT,
+        nargs="+",
+    )
     return p
 
 
 # ============ the prior of the last layer (PFENet), one backbone pass per image ============
-CACHE_BYTES = 2 << 30  # layer-4 features kept for reuse: ~130 kB an image on a 64-px synthetic canvas
+CACHE_BYTES = (
+    2 << 30
+)  # layer-4 features kept for reuse: ~130 kB an image on a 64-px synthetic canvas
 
 
 @torch.no_grad()
@@ -71,13 +110,29 @@ def predict_prior(backbone, item, cache=None):
     time; with `cache` (a dict) each image's layer 4 (a support's under its class mask) is computed once per run
     and reused by every later episode, seed and the base-class pass: the same numbers, fewer passes."""
     device = next(backbone.parameters()).device
-    ids, cls = [*item.get("query_id", [None]), *item.get("support_ids", [""])[0].split()], int(item.get("cls", -1))
-    q_high = remember(cache, (ids[0], None), lambda: frozen_features(backbone, item["query"].to(device))[1])
-    shots = [remember(cache, (ids[1 + k] if len(ids) > 1 else None, cls), lambda k=k: frozen_features(
-        backbone, item["support"][:, k].to(device), (item["support_mask"][:, k, None].to(device) == 1).float())[1::2])
-        for k in range(item["support"].shape[1])]  # (layer 4 (1, C, h, w), mask (1, 1, h, w)) per shot; 255 -> 0
+    ids, cls = (
+        [*item.get("query_id", [None]), *item.get("support_ids", [""])[0].split()],
+        int(item.get("cls", -1)),
+    )
+    q_high = remember(
+        cache, (ids[0], None), lambda: frozen_features(backbone, item["query"].to(device))[1]
+    )
+    shots = [
+        remember(
+            cache,
+            (ids[1 + k] if len(ids) > 1 else None, cls),
+            lambda k=k: frozen_features(
+                backbone,
+                item["support"][:, k].to(device),
+                (item["support_mask"][:, k, None].to(device) == 1).float(),
+            )[1::2],
+        )
+        for k in range(item["support"].shape[1])
+    ]  # (layer 4 (1, C, h, w), mask (1, 1, h, w)) per shot; 255 -> 0
     s_high, m_high = torch.cat([h for h, _ in shots]), torch.cat([m for _, m in shots])
-    return resize(shot_prior(q_high, s_high, m_high, len(shots)), item["query"].shape[-2:])  # (1, 1, s, s)
+    return resize(
+        shot_prior(q_high, s_high, m_high, len(shots)), item["query"].shape[-2:]
+    )  # (1, 1, s, s)
 
 
 def remember(cache, key, compute):
@@ -86,7 +141,9 @@ def remember(cache, key, compute):
         return compute()
     if key not in cache:
         value = compute()
-        size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
+        size = sum(
+            t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,))
+        )
         if cache.setdefault("bytes", 0) + size > CACHE_BYTES:
             return value
         cache[key], cache["bytes"] = value, cache["bytes"] + size
@@ -111,16 +168,26 @@ def main(argv=None):
     seed_everything(args.seed)  # a random (--pretrained none) backbone depends on the seed
     device = torch.device(args.device)
     own = bool(args.support or args.query)  # the user's images: the fold does not matter
-    backbone = build_backbone(args.backbone, args.weights, expect={"dataset": args.dataset, **({} if own else
-                                                                                             {"fold": args.fold})})
+    backbone = build_backbone(
+        args.backbone,
+        args.weights,
+        expect={"dataset": args.dataset, **({} if own else {"fold": args.fold})},
+    )
     backbone = backbone.to(device).eval()
     if own:
-        decide = lambda prior: ((prior[0] > args.threshold).numpy().astype(np.uint8), prior[0].numpy())  # (H, W) each
-        return segment_own_images(args, functools.partial(predict_prior, backbone), AMP_DTYPES[args.amp], decide)
+        decide = lambda prior: (
+            (prior[0] > args.threshold).numpy().astype(np.uint8),
+            prior[0].numpy(),
+        )  # (H, W) each
+        return segment_own_images(
+            args, functools.partial(predict_prior, backbone), AMP_DTYPES[args.amp], decide
+        )
     label = args.label or pretrain_label(args.weights)
     thresholds = sorted(set(args.sweep) | {args.threshold})
-    print(f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} pre-trained {label}, "
-          f"threshold {args.threshold}, sweep {thresholds}, {args.episodes} episodes x seeds {args.seeds}")
+    print(
+        f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} pre-trained {label}, "
+        f"threshold {args.threshold}, sweep {thresholds}, {args.episodes} episodes x seeds {args.seeds}"
+    )
     data = open_data(args, ("val",))
     if args.episode_log:
         open(args.episode_log, "w").close()
@@ -133,15 +200,28 @@ def main(argv=None):
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))
     # ============ the threshold chosen on base-class episodes only ============
     chosen, base_sweep = choose_threshold_on_base_classes(args, data, predict, rules, dtype)
-    print(f"threshold chosen on base-class episodes: {chosen:g} (base mIoU {base_sweep[chosen]:.2f}); novel mIoU "
-          f"there {results[chosen]['miou']:.2f} +- {results[chosen]['miou_std']:.2f}")
+    print(
+        f"threshold chosen on base-class episodes: {chosen:g} (base mIoU {base_sweep[chosen]:.2f}); novel mIoU "
+        f"there {results[chosen]['miou']:.2f} +- {results[chosen]['miou_std']:.2f}"
+    )
     result = results[args.threshold]
     if args.json:
-        write_results(args.json, result, args, data, method="non-parametric prior", pretrained=label,
-                      weights=args.weights, select="none (no meta-training)", threshold=args.threshold, sweep=sweep,
-                      base_threshold=chosen, miou_base_threshold=results[chosen]["miou"],
-                      miou_base_threshold_std=results[chosen]["miou_std"],
-                      base_sweep={f"{t:g}": v for t, v in base_sweep.items()})
+        write_results(
+            args.json,
+            result,
+            args,
+            data,
+            method="non-parametric prior",
+            pretrained=label,
+            weights=args.weights,
+            select="none (no meta-training)",
+            threshold=args.threshold,
+            sweep=sweep,
+            base_threshold=chosen,
+            miou_base_threshold=results[chosen]["miou"],
+            miou_base_threshold_std=results[chosen]["miou_std"],
+            base_sweep={f"{t:g}": v for t, v in base_sweep.items()},
+        )
     return result
 
 

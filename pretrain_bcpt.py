@@ -21,6 +21,7 @@ CPU run on the built-in synthetic benchmark, from the world's ImageNet stand-in 
     python pretrain_bcpt.py --method generic --out runs/standin
     python pretrain_bcpt.py --method bcpt --fold 0 --weights runs/standin/last.pt --vis-clusters 4
 """
+
 import math
 import os
 
@@ -30,69 +31,203 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IGNORE, N_CLASSES, STANDIN_ROOTS, BaseClassDataset, KitError, PSPHead, bcpt_loss, build_backbone,
-                    cluster_assign, cluster_sums, fp32, guidance_step, momentum_update, open_data, resize, split_pixels,
-                    to_bgr_image)
-from plumbing import (NON_NEGATIVE, POSITIVE_FLOAT, UNIT, KitParser, Trainer, add_common_args, base_learner_check,
-                      add_flag, add_training_args, all_reduce_sum, bounded, dataset_of, finish_args, global_mean,
-                      gathered, global_mean_ce, is_main, pretrain_label, rank, run, seed_everything, typed,
-                      world, wrap_ddp)
+from common import (
+    IGNORE,
+    N_CLASSES,
+    STANDIN_ROOTS,
+    BaseClassDataset,
+    KitError,
+    PSPHead,
+    bcpt_loss,
+    build_backbone,
+    cluster_assign,
+    cluster_sums,
+    fp32,
+    guidance_step,
+    momentum_update,
+    resize,
+    split_pixels,
+    to_bgr_image,
+)
+from evaluation import pretrain_label
+from plumbing import (
+    NON_NEGATIVE,
+    POSITIVE_FLOAT,
+    UNIT,
+    KitParser,
+    Trainer,
+    add_common_args,
+    add_flag,
+    add_training_args,
+    all_reduce_sum,
+    bounded,
+    dataset_of,
+    finish_args,
+    gathered,
+    global_mean,
+    global_mean_ce,
+    is_main,
+    open_data,
+    rank,
+    run,
+    seed_everything,
+    typed,
+    world,
+    wrap_ddp,
+)
+from reference_numbers import reference
 
-RESUME_KEYS = ("method", "head", "dataset", "fold", "backbone", "K", "mu", "alpha", "loss_scale", "eq3", "batch",
-               "crop", "epochs", "seed", "no_guidance", "select", "novel_images")
+RESUME_KEYS = (
+    "method",
+    "head",
+    "dataset",
+    "fold",
+    "backbone",
+    "K",
+    "mu",
+    "alpha",
+    "loss_scale",
+    "eq3",
+    "batch",
+    "crop",
+    "epochs",
+    "seed",
+    "no_guidance",
+    "select",
+    "novel_images",
+)
 
 
 def parse_args(argv):
     ds = dataset_of(argv)
     p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "pretrain")
     g = p.add_argument_group("pre-training method (paper Sec. 2)")
-    g.add_argument("--method", default="bcpt", choices=["standard", "bcpt", "generic"], help="standard: "
-                   "cross-entropy over background + base classes (the paper's 'Standard'); bcpt: Eqs. 1-7; generic: "
-                   "the ImageNet stand-in, a multi-label classifier of every class on another root (default "
-                   "%(default)s)")
-    add_flag(g, ds, "--head", dict(pascal="psp", coco="psp", synthetic="linear"), "head of --method standard: psp "
-             "= BAM's base learner (PSPNet, PROTOCOL.md 9.6), loss on logits upsampled to the crop; linear = W on "
-             "the last layer, loss at its resolution. BCPT always uses W on the last layer (Sec. 2.2)",
-             choices=["psp", "linear"])
-    add_flag(g, ds, "--K", 6, "number of background cluster centres K (Sec. 2.1, Table 4)", type=bounded(int, 2))
+    g.add_argument(
+        "--method",
+        default="bcpt",
+        choices=["standard", "bcpt", "generic"],
+        help="standard: "
+        "cross-entropy over background + base classes (the paper's 'Standard'); bcpt: Eqs. 1-7; generic: "
+        "the ImageNet stand-in, a multi-label classifier of every class on another root (default "
+        "%(default)s)",
+    )
+    add_flag(
+        g,
+        ds,
+        "--head",
+        dict(pascal="psp", coco="psp", synthetic="linear"),
+        "head of --method standard: psp "
+        "= BAM's base learner (PSPNet, PROTOCOL.md 9.6), loss on logits upsampled to the crop; linear = W on "
+        "the last layer, loss at its resolution. BCPT always uses W on the last layer (Sec. 2.2)",
+        choices=["psp", "linear"],
+    )
+    add_flag(
+        g,
+        ds,
+        "--K",
+        6,
+        "number of background cluster centres K (Sec. 2.1, Table 4)",
+        type=bounded(int, 2),
+    )
     # deviation: the synthetic run is ~250x shorter (200 vs ~50k iterations): the centres' 1 / (1 - mu) 10x shorter
-    add_flag(g, ds, "--mu", dict(pascal=0.999, coco=0.999, synthetic=0.99), "momentum mu of Eqs. 1 and 7 "
-             "(paper Sec. 2.1)", type=UNIT)
-    add_flag(g, ds, "--alpha", 0.1, "weight alpha of the background mining loss in Eq. 4 (paper Sec. 2.2)",
-             type=bounded(float, 0.0))
-    add_flag(g, ds, "--loss-scale", "sum", "Eq. 4's scale, left open by the paper: sum = both sums / (N_base + "
-             "N_bg); mean = each sum / its own pixel count", choices=["sum", "mean"])
-    add_flag(g, ds, "--eq3", "centres", "Eq. 3's softmax, left open by the paper: over the base vectors and the K "
-             "centres, or over the base vectors only", choices=["centres", "base"])
-    g.add_argument("--no-guidance", action="store_true", help="skip Eqs. 5-7: Table 3's row 'BMC' only")
-    g.add_argument("--novel-images", default="keep", choices=["keep", "drop"], help="training images with a novel "
-                   "pixel: keep them, novel objects in the merged background (BAM's base learner), or drop them "
-                   "all, the ablation of the paper's premise (default %(default)s)")
-    g.add_argument("--vis-clusters", type=NON_NEGATIVE, default=0, help="write N pictures of the background "
-                   "clusters at the end (Fig. 1b)")
+    add_flag(
+        g,
+        ds,
+        "--mu",
+        dict(pascal=0.999, coco=0.999, synthetic=0.99),
+        "momentum mu of Eqs. 1 and 7 (paper Sec. 2.1)",
+        type=UNIT,
+    )
+    add_flag(
+        g,
+        ds,
+        "--alpha",
+        0.1,
+        "weight alpha of the background mining loss in Eq. 4 (paper Sec. 2.2)",
+        type=bounded(float, 0.0),
+    )
+    add_flag(
+        g,
+        ds,
+        "--loss-scale",
+        "sum",
+        "Eq. 4's scale, left open by the paper: sum = both sums / (N_base + "
+        "N_bg); mean = each sum / its own pixel count",
+        choices=["sum", "mean"],
+    )
+    add_flag(
+        g,
+        ds,
+        "--eq3",
+        "centres",
+        "Eq. 3's softmax, left open by the paper: over the base vectors and the K "
+        "centres, or over the base vectors only",
+        choices=["centres", "base"],
+    )
+    g.add_argument(
+        "--no-guidance", action="store_true", help="skip Eqs. 5-7: Table 3's row 'BMC' only"
+    )
+    g.add_argument(
+        "--novel-images",
+        default="keep",
+        choices=["keep", "drop"],
+        help="training images with a novel "
+        "pixel: keep them, novel objects in the merged background (BAM's base learner), or drop them "
+        "all, the ablation of the paper's premise (default %(default)s)",
+    )
+    g.add_argument(
+        "--vis-clusters",
+        type=NON_NEGATIVE,
+        default=0,
+        help="write N pictures of the background clusters at the end (Fig. 1b)",
+    )
     # deviation: the synthetic worlds' 64-px images take a smaller crop and scale range, and a higher lr
-    add_training_args(p, ds, "BAM's base-learner pre-training, PROTOCOL.md 7.3",
-                      epochs=dict(pascal=100, coco=20, synthetic=2), batch=12,
-                      lr=(dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01), "base lr; the head gets 10x (BAM)"),
-                      crop=dict(pascal=417, coco=417, synthetic=64),
-                      scale=dict(pascal=[0.5, 2.0], coco=[0.5, 2.0], synthetic=[0.75, 1.5]))
-    add_flag(p, ds, "--backbone-lr-mult", dict(pascal=1.0, coco=10.0, synthetic=1.0), "the backbone's lr is --lr "
-             "times this: 1 = BAM's PASCAL base config (index_split 0), 10 = its COCO one (index_split -1: "
-             "everything at 10x, PROTOCOL.md 7.3)", type=POSITIVE_FLOAT)
+    add_training_args(
+        p,
+        ds,
+        "BAM's base-learner pre-training, PROTOCOL.md 7.3",
+        epochs=dict(pascal=100, coco=20, synthetic=2),
+        batch=12,
+        lr=(dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01), "base lr; the head gets 10x (BAM)"),
+        crop=dict(pascal=417, coco=417, synthetic=64),
+        scale=dict(pascal=[0.5, 2.0], coco=[0.5, 2.0], synthetic=[0.75, 1.5]),
+    )
+    add_flag(
+        p,
+        ds,
+        "--backbone-lr-mult",
+        dict(pascal=1.0, coco=10.0, synthetic=1.0),
+        "the backbone's lr is --lr "
+        "times this: 1 = BAM's PASCAL base config (index_split 0), 10 = its COCO one (index_split -1: "
+        "everything at 10x, PROTOCOL.md 7.3)",
+        type=POSITIVE_FLOAT,
+    )
     args = p.parse_args(argv)
     if args.method != "standard":
         if args.head == "psp" and typed(argv, "--head"):
-            raise KitError(f"--head psp is for --method standard: {args.method}'s loss is on the last layer")
+            raise KitError(
+                f"--head psp is for --method standard: {args.method}'s loss is on the last layer"
+            )
         args.head = "linear"
     if args.method == "generic":  # fold-free, every class a label, on the stand-in root
         bad = [flag for flag in ("--fold", "--select", "--novel-images") if typed(argv, flag)]
         if bad:
-            raise KitError(f"{bad[0]}: --method generic has no folds, no val images and no novel classes")
-        own = dict(data_root=STANDIN_ROOTS[args.dataset], epochs=30, lr=0.03) if args.dataset in STANDIN_ROOTS else {}
-        for key, value in dict(train_pool="aug", **own).items():  # from random weights 2 epochs teach it nothing
+            raise KitError(
+                f"{bad[0]}: --method generic has no folds, no val images and no novel classes"
+            )
+        own = (
+            dict(data_root=STANDIN_ROOTS[args.dataset], epochs=30, lr=0.03)
+            if args.dataset in STANDIN_ROOTS
+            else {}
+        )
+        for key, value in dict(
+            train_pool="aug", **own
+        ).items():  # from random weights 2 epochs teach it nothing
             if not typed(argv, "--" + key.replace("_", "-")):
                 setattr(args, key, value)
-    name = f"pretrain-{args.method}-{args.dataset}" + f"-fold{args.fold}" * (args.method != "generic")
+    name = f"pretrain-{args.method}-{args.dataset}" + f"-fold{args.fold}" * (
+        args.method != "generic"
+    )
     args = finish_args(args, name, outputs=[("--out", True)])
     if args.method == "generic":
         args.fold, args.base, args.novel = None, list(range(1, N_CLASSES[args.dataset] + 1)), []
@@ -114,7 +249,9 @@ class PretrainNet(nn.Module):
         else:
             self.W = nn.Conv2d(d, n_base + (method == "standard"), 1, bias=method == "generic")
         if method == "bcpt":
-            self.register_buffer("centers", F.normalize(torch.randn(d, K), dim=0))  # random init (Sec. 2.3)
+            self.register_buffer(
+                "centers", F.normalize(torch.randn(d, K), dim=0)
+            )  # random init (Sec. 2.3)
             self.register_buffer("guidance", torch.zeros(d, K - 1))
 
     def w(self):
@@ -135,7 +272,9 @@ class PretrainNet(nn.Module):
             return self.psp(emb)
         if self.method == "standard":
             return self.W(emb)
-        return torch.cat([torch.einsum("dk,bdhw->bkhw", self.centers, emb).amax(1, keepdim=True), self.W(emb)], 1)
+        return torch.cat(
+            [torch.einsum("dk,bdhw->bkhw", self.centers, emb).amax(1, keepdim=True), self.W(emb)], 1
+        )
 
 
 def downsample_labels(y, size):
@@ -155,16 +294,38 @@ def bcpt_step(net, x, y, args, optimise):
         m.guidance.copy_(G)
         m.centers.copy_(P)
     emb = net(x)  # 2. pixel embeddings (B, D, h, w)
-    I_base, y_base, I_bg = split_pixels(emb, downsample_labels(y, emb.shape[-2:]))  # (D, N_base), (N_base,), (D, N_bg)
+    I_base, y_base, I_bg = split_pixels(
+        emb, downsample_labels(y, emb.shape[-2:])
+    )  # (D, N_base), (N_base,), (D, N_bg)
     assign = cluster_assign(m.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
-    counts = all_reduce_sum(torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])]))  # N_base, N_bg of the batch
-    loss, out = bcpt_loss(I_base, y_base, I_bg, assign, m.w(), m.centers, args.alpha, args.loss_scale,  # 4. Eqs. 2-4
-                          args.eq3, counts)
-    shares = torch.bincount(assign, minlength=args.K).float() / max(len(assign), 1)  # a collapse: [1, 0, ...]
-    out["clusters"] = [round(s, 3) for s in shares.tolist()]  # each cluster's share of the background pixels
+    counts = all_reduce_sum(
+        torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])])
+    )  # N_base, N_bg of the batch
+    loss, out = bcpt_loss(
+        I_base,
+        y_base,
+        I_bg,
+        assign,
+        m.w(),
+        m.centers,
+        args.alpha,
+        args.loss_scale,  # 4. Eqs. 2-4
+        args.eq3,
+        counts,
+    )
+    shares = torch.bincount(assign, minlength=args.K).float() / max(
+        len(assign), 1
+    )  # a collapse: [1, 0, ...]
+    out["clusters"] = [
+        round(s, 3) for s in shares.tolist()
+    ]  # each cluster's share of the background pixels
     if optimise(loss):  # 5. backward and SGD step
-        P_hat, n = cluster_sums(I_bg.detach(), assign, args.K)  # (D, K), (K,): this process's pixels
-        m.centers.copy_(momentum_update(m.centers, all_reduce_sum(P_hat), all_reduce_sum(n), args.mu))  # 6. Eq. 1
+        P_hat, n = cluster_sums(
+            I_bg.detach(), assign, args.K
+        )  # (D, K), (K,): this process's pixels
+        m.centers.copy_(
+            momentum_update(m.centers, all_reduce_sum(P_hat), all_reduce_sum(n), args.mu)
+        )  # 6. Eq. 1
     return loss, out
 
 
@@ -185,23 +346,48 @@ def generic_step(net, x, y, args, optimise):
     cross-entropy of the linear layer on the globally pooled last layer; then the SGD step."""
     m, emb = getattr(net, "module", net), net(x)  # (B, D, h, w), h = H / 32 (undilated)
     n = len(args.base)  # every class; 0 background and 255 void are no label
-    present = torch.zeros(len(y), n + 2, device=y.device).scatter_(1, y.flatten(1).clamp(max=n + 1), 1)[:, 1:-1]
-    logits = m.linear(emb.mean((2, 3), keepdim=True))[:, :, 0, 0]  # (B, C), present (B, C) in {0, 1}
-    loss = global_mean(F.binary_cross_entropy_with_logits, logits, present, torch.tensor(present.numel()))
+    present = torch.zeros(len(y), n + 2, device=y.device).scatter_(
+        1, y.flatten(1).clamp(max=n + 1), 1
+    )[:, 1:-1]
+    logits = m.linear(emb.mean((2, 3), keepdim=True))[
+        :, :, 0, 0
+    ]  # (B, C), present (B, C) in {0, 1}
+    loss = global_mean(
+        F.binary_cross_entropy_with_logits, logits, present, torch.tensor(present.numel())
+    )
     optimise(loss)
-    return loss, {"top1": present.gather(1, logits.argmax(1, keepdim=True)).mean().item()}  # best class is present
+    return loss, {
+        "top1": present.gather(1, logits.argmax(1, keepdim=True)).mean().item()
+    }  # best class is present
 
 
 # ============ Training ============
 def build(args, device):
     """-> the network on `device` and SGD: the head at 10x --lr, the backbone at --backbone-lr-mult x --lr (BAM)."""
-    backbone = build_backbone(args.backbone, args.weights, {"dataset": args.dataset}, dilate=args.method != "generic")
+    backbone = build_backbone(
+        args.backbone, args.weights, {"dataset": args.dataset}, dilate=args.method != "generic"
+    )
     net = PretrainNet(backbone, len(args.base), args.method, args.K, args.head)
-    net = net.to(device).to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    net = net.to(device).to(
+        memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    )
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
-    groups = [{"params": net.backbone.parameters(), "lr": args.lr * args.backbone_lr_mult},
-              {"params": head, "lr": 10 * args.lr}]
+    groups = [
+        {"params": net.backbone.parameters(), "lr": args.lr * args.backbone_lr_mult},
+        {"params": head, "lr": 10 * args.lr},
+    ]
     return net, torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+
+
+def base_learner_check(args, miou):
+    """The final base-class mIoU on the val images, beside BAM's base learner's for that fold where it exists."""
+    backbone = args.backbone.replace("50v2", "50")  # either ResNet-50 stem
+    bam = reference("bam-base-learner", args.dataset, backbone, "standard")  # PROTOCOL.md 11.2
+    line = f"base-class mIoU on the val images: {miou:.2f}"
+    if bam:
+        theirs = bam["folds"][args.fold]
+        line += f" (BAM's base learner, {args.dataset} fold {args.fold}, {args.backbone}: {theirs}, PROTOCOL.md 11.2)"
+    return line
 
 
 @torch.no_grad()
@@ -210,10 +396,16 @@ def validate_base(net, val_set, args, device):
     padded label; IoU of each class summed over the images. -> (mIoU of the base classes, with background)."""
     net.eval()
     n, conf = len(args.base) + 1, torch.zeros((len(args.base) + 1) ** 2, dtype=torch.long)
-    shard = torch.utils.data.Subset(val_set, range(rank(), len(val_set), world()))  # every world-th image
+    shard = torch.utils.data.Subset(
+        val_set, range(rank(), len(val_set), world())
+    )  # every world-th image
     with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move the training RNG
-        for x, y in torch.utils.data.DataLoader(shard, batch_size=args.batch, num_workers=args.workers):
-            pred = resize(net.logits(net(x.to(device)).float()), x.shape[-2:]).argmax(1).cpu()  # (B, s, s)
+        for x, y in torch.utils.data.DataLoader(
+            shard, batch_size=args.batch, num_workers=args.workers
+        ):
+            pred = (
+                resize(net.logits(net(x.to(device)).float()), x.shape[-2:]).argmax(1).cpu()
+            )  # (B, s, s)
             valid = y != IGNORE
             conf += torch.bincount(y[valid] * n + pred[valid], minlength=n * n)
     conf = all_reduce_sum(conf).view(n, n).double()  # rows: truth, columns: prediction
@@ -227,41 +419,76 @@ def main(argv=None):
     seed_everything(args.seed)
     device = torch.device(args.device)
     generic = args.method == "generic"
-    data = open_data(args, ("train",) if generic else ("train", "val"), "standin" if generic else "benchmark")
+    data = open_data(
+        args, ("train",) if generic else ("train", "val"), "standin" if generic else "benchmark"
+    )
     ids, counts = data["train"]
     if args.novel_images == "drop":  # the ablation: no novel object left in the merged background
         ids = [i for i, c in zip(ids, counts[:, args.novel].sum(1)) if c == 0]
-    dataset = BaseClassDataset(args.data_root, ids, args.dataset, args.base, args.crop, args.scale, args.seed)
+    dataset = BaseClassDataset(
+        args.data_root, ids, args.dataset, args.base, args.crop, args.scale, args.seed
+    )
     args.init_label = pretrain_label(args.weights)
     args.iters_per_epoch = math.ceil(len(dataset) / args.batch)
     args.total_iters = args.epochs * args.iters_per_epoch
     stop = min(args.total_iters, args.max_iters or args.total_iters)
-    print(f"pretrain {args.method} ({args.head} head): classes {args.base}, {len(dataset)} images ({args.novel_images} "
-          f"novel-containing), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} iterations "
-          f"(running to {stop}), {args.backbone} from {args.init_label}, device {device}, out {args.out}")
+    print(
+        f"pretrain {args.method} ({args.head} head): classes {args.base}, {len(dataset)} images ({args.novel_images} "
+        f"novel-containing), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} iterations "
+        f"(running to {stop}), {args.backbone} from {args.init_label}, device {device}, out {args.out}"
+    )
     if args.vis_clusters and args.method != "bcpt":
-        print("--vis-clusters: standard pre-training has no background clusters; no pictures will be written")
+        print(
+            "--vis-clusters: standard pre-training has no background clusters; no pictures will be written"
+        )
     net, opt = build(args, device)
-    trainer = Trainer(args, "pretrain", net, opt, [args.lr * args.backbone_lr_mult, 10 * args.lr], RESUME_KEYS)
-    model = wrap_ddp(net, device, sync_bn=True)  # several processes: BN trains, so SyncBatchNorm on CUDA
+    trainer = Trainer(
+        args, "pretrain", net, opt, [args.lr * args.backbone_lr_mult, 10 * args.lr], RESUME_KEYS
+    )
+    model = wrap_ddp(
+        net, device, sync_bn=True
+    )  # several processes: BN trains, so SyncBatchNorm on CUDA
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    train_step = {"bcpt": bcpt_step, "standard": standard_step, "generic": generic_step}[args.method]
+    train_step = {"bcpt": bcpt_step, "standard": standard_step, "generic": generic_step}[
+        args.method
+    ]
 
     def step(batch):
         x, y = batch[0].to(device, memory_format=memory_format), batch[1].to(device)
         return train_step(model, x, y, args, trainer.optimise)
 
     if args.benchmark:
-        return trainer.benchmark(dataset, step, f"pretrain {args.method} {args.backbone} crop {args.crop} batch "
-                                 f"{args.batch} {args.precision}",
-                                 ("guidance_step", "cluster_assign", "momentum_update"))
-    val_set = not generic and BaseClassDataset(args.data_root, data["val"][0], args.dataset, args.base, None, None,
-                                               args.seed, test_size=args.crop)
-    trainer.fit(dataset, step, stop, argv, data, validate=lambda: validate_base(net, val_set, args, device),
-                val_every=args.iters_per_epoch)
+        return trainer.benchmark(
+            dataset,
+            step,
+            f"pretrain {args.method} {args.backbone} crop {args.crop} batch "
+            f"{args.batch} {args.precision}",
+            ("guidance_step", "cluster_assign", "momentum_update"),
+        )
+    val_set = not generic and BaseClassDataset(
+        args.data_root,
+        data["val"][0],
+        args.dataset,
+        args.base,
+        None,
+        None,
+        args.seed,
+        test_size=args.crop,
+    )
+    trainer.fit(
+        dataset,
+        step,
+        stop,
+        argv,
+        data,
+        validate=lambda: validate_base(net, val_set, args, device),
+        val_every=args.iters_per_epoch,
+    )
     if val_set:  # is the base learner trained right? (BAM's criterion, PROTOCOL.md 2.5)
         print(base_learner_check(args, validate_base(net, val_set, args, device)[0]))
-    if args.method == "bcpt" and world() > 1:  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
+    if (
+        args.method == "bcpt" and world() > 1
+    ):  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
         if any(not torch.equal(c, net.centers.cpu()) for c in gathered(net.centers.detach().cpu())):
             raise KitError("the cluster centres differ between the processes: please report this")
         print(f"centres bit-identical on the {world()} processes")
@@ -274,26 +501,44 @@ def visualise_clusters(net, dataset, args, device):
     """Fig. 1b: training crops with each background pixel coloured by its cluster centre, drawn at least
     256 px high, with a key naming each colour's centre and its share of the picture's background."""
     net.eval()
-    colours = cv2.applyColorMap(np.linspace(0, 255, args.K).astype(np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0]
+    colours = cv2.applyColorMap(
+        np.linspace(0, 255, args.K).astype(np.uint8)[:, None], cv2.COLORMAP_JET
+    )[:, 0]
     folder = os.path.join(args.out, "clusters")
     os.makedirs(folder, exist_ok=True)
     for i in range(args.vis_clusters):
         x, y = dataset[i]
         emb = net(x[None].to(device))[0].float()  # (D, h, w)
-        assign = cluster_assign(net.centers, emb.flatten(1)).reshape(emb.shape[1:]).cpu().numpy()  # (h, w)
-        assign = cv2.resize(assign.astype(np.uint8), x.shape[-1:] * 2, interpolation=cv2.INTER_NEAREST)  # (s, s)
+        assign = (
+            cluster_assign(net.centers, emb.flatten(1)).reshape(emb.shape[1:]).cpu().numpy()
+        )  # (h, w)
+        assign = cv2.resize(
+            assign.astype(np.uint8), x.shape[-1:] * 2, interpolation=cv2.INTER_NEAREST
+        )  # (s, s)
         img, bg = to_bgr_image(x), y.numpy() == 0  # (s, s, 3), (s, s)
         over = np.where(bg[..., None], 0.4 * img + 0.6 * colours[assign], img).astype(np.uint8)
         zoom = -(-256 // img.shape[0])  # ceil: at least 256 px high
-        pic = cv2.resize(np.concatenate([img, over], 1), None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
+        pic = cv2.resize(
+            np.concatenate([img, over], 1), None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST
+        )
         shares = np.bincount(assign[bg], minlength=args.K) / max(bg.sum(), 1)
         key = np.full((22 * args.K + 6, pic.shape[1], 3), 255, np.uint8)
         for k in range(args.K):
             cv2.rectangle(key, (6, 22 * k + 6), (24, 22 * k + 22), colours[k].tolist(), -1)
-            cv2.putText(key, f"centre {k}: {100 * shares[k]:.0f}% of the background", (32, 22 * k + 20),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(
+                key,
+                f"centre {k}: {100 * shares[k]:.0f}% of the background",
+                (32, 22 * k + 20),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.45,
+                (0, 0, 0),
+                1,
+                cv2.LINE_AA,
+            )
         cv2.imwrite(os.path.join(folder, f"{i:03d}.png"), np.concatenate([pic, key], 0))
-    print(f"wrote {args.vis_clusters} cluster maps to {folder} (left: crop; right: background by centre)")
+    print(
+        f"wrote {args.vis_clusters} cluster maps to {folder} (left: crop; right: background by centre)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""common.py: the science of the BCPT kit, in the paper's order. No flags, processes, locks or run records here:
-those are plumbing.py's, and this file imports no other file of the kit (every other one imports it).
+"""common.py: the science of the BCPT kit, in the paper's order. No flags, processes, locks or run
+records here: those are plumbing.py's, and this file imports no other file of the kit (every other
+one imports it).
 
 Sections:
   1. BCPT: online clustering of the merged background, Eqs. 1-7 (paper Sec. 2)
@@ -12,8 +13,9 @@ Sections:
   7. Backbones and weight files (PROTOCOL.md 9)
   8. Checkpoint files: written atomically, loaded safely
 
-Shape legend used in comments: B batch, S shots, C channels or classes, D embedding dim, K cluster centres,
-H, W spatial size, N pixels. Embeddings are columns, as in the paper: I (D, N), P (D, K), W (D, C).
+Shape legend used in comments: B batch, S shots, C channels or classes, D embedding dim, K cluster
+centres, H, W spatial size, N pixels. Embeddings are columns, as in the paper: I (D, N), P (D, K), W
+(D, C).
 """
 
 import functools
@@ -40,8 +42,9 @@ class KitError(Exception):
 
 
 def fp32(fn):
-    """Run fn in float32 with autocast off: the numerically sensitive steps (the losses of Eqs. 2-4, the centre
-    updates of Eqs. 1 and 7, k-means, the prior mask's cosines) stay in full precision under mixed precision."""
+    """Run fn in float32 with autocast off: the numerically sensitive steps (the losses of Eqs. 2-4,
+    the centre updates of Eqs. 1 and 7, k-means, the prior mask's cosines) stay in full precision
+    under mixed precision."""
 
     @functools.wraps(fn)
     def in_fp32(*args, **kwargs):
@@ -57,8 +60,9 @@ def fp32(fn):
 
 # ============ 1. BCPT: online clustering of the merged background (paper Sec. 2) ============
 def split_pixels(emb, y):
-    """Sec. 2.2: embeddings (B, D, h, w) and labels (B, h, w) -> I_base (D, N_base) with its labels y_base
-    (N_base,) in 1..n_base, and I_bg (D, N_bg) of the merged background; 255 pixels are dropped."""
+    """Sec. 2.2: embeddings (B, D, h, w) and labels (B, h, w) -> I_base (D, N_base) with its labels
+    y_base (N_base,) in 1..n_base, and I_bg (D, N_bg) of the merged background; 255 pixels are
+    dropped."""
     rows, y = (
         emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float(),
         y.reshape(-1),
@@ -68,35 +72,38 @@ def split_pixels(emb, y):
 
 
 def cluster_assign(P, I_bg):
-    """Sec. 2.1: S = P^T I_bg (K, N_bg); each pixel goes to its most similar centre (the one-hot columns of
-    the assignment matrix A), returned as centre ids (N_bg,)."""
+    """Sec. 2.1: S = P^T I_bg (K, N_bg); each pixel goes to its most similar centre (the one-hot
+    columns of the assignment matrix A), returned as centre ids (N_bg,)."""
     return (P.t() @ I_bg).argmax(0)
 
 
 @fp32
 def cluster_sums(I_bg, assign, K):
-    """Sec. 2.1: P_hat = I_bg A^T (D, K), the sum of the background embeddings given to each centre, and each
-    centre's pixel count (K,). Several processes: the caller sums both over the ranks (Eq. 1 sees the batch)."""
+    """Sec. 2.1: P_hat = I_bg A^T (D, K), the sum of the background embeddings given to each centre,
+    and each centre's pixel count (K,). Several processes: the caller sums both over the ranks (Eq.
+    1 sees the batch)."""
     A_t = F.one_hot(assign, K).to(I_bg.dtype)  # (N_bg, K) = A^T
     return I_bg @ A_t, A_t.sum(0)  # (D, K), (K,)
 
 
 @fp32
 def momentum_update(P, P_hat, counts, mu):
-    """Eq. (1): p <- mu p/|p| + (1 - mu) p_hat/|p_hat| for each centre; a centre with no pixel in the batch
-    (counts 0) keeps its value (Eq. 1 is undefined there). P, P_hat (D, K), counts (K,)."""
+    """Eq. (1): p <- mu p/|p| + (1 - mu) p_hat/|p_hat| for each centre; a centre with no pixel in
+    the batch (counts 0) keeps its value (Eq. 1 is undefined there). P, P_hat (D, K), counts
+    (K,)."""
     moved = mu * F.normalize(P, dim=0) + (1 - mu) * F.normalize(P_hat, dim=0)  # Eq. 1
     return torch.where(counts > 0, moved, P)
 
 
 @fp32
 def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centres", counts=None):
-    """Eqs. (2)-(4). I_base (D, N_base) labelled y_base in 1..C; I_bg (D, N_bg) assigned to centres `assign` (N_bg,);
-    base vectors W (D, C); centres P (D, K) (a buffer: no gradient). Two readings the paper leaves open (README,
-    readings): eq3, Eq. 3's softmax over the base vectors and the K centres ('centres') or the base vectors only
-    ('base'); scale, Eq. 4's sums per pixel: 'sum' divides both by N_base + N_bg, 'mean' each by its own pixels.
-    counts: (N_base, N_bg) of the whole batch when it is split over processes (default: these pixels').
-    -> (L_total, {"l_base": Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
+    """Eqs. (2)-(4). I_base (D, N_base) labelled y_base in 1..C; I_bg (D, N_bg) assigned to centres
+    `assign` (N_bg,); base vectors W (D, C); centres P (D, K) (a buffer: no gradient). Two readings
+    the paper leaves open (README, readings): eq3, Eq. 3's softmax over the base vectors and the K
+    centres ('centres') or the base vectors only ('base'); scale, Eq. 4's sums per pixel: 'sum'
+    divides both by N_base + N_bg, 'mean' each by its own pixels. counts: (N_base, N_bg) of the
+    whole batch when it is split over processes (default: these pixels'). -> (L_total, {"l_base":
+    Eq. 3 per base pixel, "l_bm": Eq. 2 per background pixel})."""
     # Eq. 3: a base pixel against the base vectors (and the K background centres)
     logits = (
         I_base.t() @ W if eq3 == "base" else torch.cat([I_base.t() @ W, I_base.t() @ P], 1)
@@ -118,8 +125,8 @@ def bcpt_loss(I_base, y_base, I_bg, assign, W, P, alpha, scale="sum", eq3="centr
 
 @fp32
 def kmeans(x, init, iters=10):
-    """Eq. (5): Lloyd's k-means on the columns of x (D, C), from init (D, k); an empty cluster keeps its
-    centre. Deterministic: no random restarts."""
+    """Eq. (5): Lloyd's k-means on the columns of x (D, C), from init (D, k); an empty cluster keeps
+    its centre. Deterministic: no random restarts."""
     g = init.clone()
     for _ in range(iters):
         assign = torch.cdist(x.t(), g.t()).argmin(1)  # (C,)
@@ -130,7 +137,8 @@ def kmeans(x, init, iters=10):
 
 
 def farthest_point_init(x, k):
-    """Deterministic k-means start: column 0, then repeatedly the column farthest from those chosen."""
+    """Deterministic k-means start: column 0, then repeatedly the column farthest from those
+    chosen."""
     chosen = [0]
     for _ in range(k - 1):
         chosen.append(int(torch.cdist(x.t(), x.t()[chosen]).min(1).values.argmax()))
@@ -139,32 +147,36 @@ def farthest_point_init(x, k):
 
 @fp32
 def guide_centers(P, G, mu):
-    """Eqs. (6)-(7). Eq. 6: M (K-1, K) maximising Tr(M^T G^T P) with one 1 per row, i.e. each guidance
-    vector goes to its most similar centre. Eq. 7: p <- mu p + (1 - mu) g_hat/|g_hat|, g_hat the sum of
-    the guidance vectors given to p; centres given none are unchanged. P (D, K), G (D, K-1)."""
+    """Eqs. (6)-(7). Eq. 6: M (K-1, K) maximising Tr(M^T G^T P) with one 1 per row, i.e. each
+    guidance vector goes to its most similar centre. Eq. 7: p <- mu p + (1 - mu) g_hat/|g_hat|,
+    g_hat the sum of the guidance vectors given to p; centres given none are unchanged. P (D, K), G
+    (D, K-1)."""
     M = F.one_hot((G.t() @ P).argmax(1), P.shape[1]).to(P.dtype)  # (K-1, K), Eq. 6
     g_hat = G @ M  # (D, K)
     return torch.where(M.sum(0) > 0, mu * P + (1 - mu) * F.normalize(g_hat, dim=0), P)  # Eq. 7
 
 
 def guidance_step(W, G, P, mu):
-    """Sec. 2.3, at the start of every iteration: Eq. 5 k-means over the base vectors W (D, C), warm-started
-    from the previous guidance G (D, K-1) (farthest points the first time), then Eqs. 6-7. -> (G, P)."""
+    """Sec. 2.3, at the start of every iteration: Eq. 5 k-means over the base vectors W (D, C),
+    warm-started from the previous guidance G (D, K-1) (farthest points the first time), then Eqs.
+    6-7. -> (G, P)."""
     G = kmeans(W, G if G.abs().sum() > 0 else farthest_point_init(W, G.shape[1]))  # Eq. 5
     return G, guide_centers(P, G, mu)  # Eqs. 6-7
 
 
 # ============ 2. The ASPP-PFENet few-shot model (paper Sec. 3.1; PROTOCOL.md 9) ============
 def masked_average_pooling(feat, mask):
-    """Prototype p = sum_hw F*M / (sum_hw M + 0.0005) (PFENet). feat (B, C, H, W), mask (B, 1, H, W) -> (B, C)."""
+    """Prototype p = sum_hw F*M / (sum_hw M + 0.0005) (PFENet). feat (B, C, H, W), mask (B, 1, H, W)
+    -> (B, C)."""
     return (feat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 5e-4)
 
 
 @fp32
 def prior_mask(query_feat, support_feat, support_mask):
-    """PFENet's training-free prior for ONE shot (the caller averages shots): for each query position the
-    max over support positions of cos(f_q, f_s * M), then min-max over the query's positions.
-    query_feat (B, C, H, W), support_feat (B, C, h, w), support_mask (B, 1, h, w) -> (B, 1, H, W) in [0, 1]."""
+    """PFENet's training-free prior for ONE shot (the caller averages shots): for each query
+    position the max over support positions of cos(f_q, f_s * M), then min-max over the query's
+    positions. query_feat (B, C, H, W), support_feat (B, C, h, w), support_mask (B, 1, h, w) -> (B,
+    1, H, W) in [0, 1]."""
     b, _, h, w = query_feat.shape
     q = query_feat.flatten(2)  # (B, C, Nq)
     s = (support_feat * support_mask).flatten(2)  # (B, C, Ns)
@@ -180,10 +192,10 @@ def resize(x, size):
 
 
 def frozen_features(backbone, images, masks=None):
-    """One no-grad pass of the frozen backbone. images (N, 3, H, W) -> mid (N, C2+C3, h, w): layer3 and
-    layer2 concatenated (VGG's layer2 resized to layer3), high = layer4 (N, C4, h', w'). With masks
-    (N, 1, H, W) in {0, 1} (a support), layer4 runs on layer3 * M as in PFENet, and the masks resized
-    to both sizes are returned too: (mid, high, mask_mid, mask_high)."""
+    """One no-grad pass of the frozen backbone. images (N, 3, H, W) -> mid (N, C2+C3, h, w): layer3
+    and layer2 concatenated (VGG's layer2 resized to layer3), high = layer4 (N, C4, h', w'). With
+    masks (N, 1, H, W) in {0, 1} (a support), layer4 runs on layer3 * M as in PFENet, and the masks
+    resized to both sizes are returned too: (mid, high, mask_mid, mask_high)."""
     with torch.no_grad():
         f2 = backbone.layer2(backbone.layer1(backbone.layer0(images)))
         f3 = backbone.layer3(f2)
@@ -214,18 +226,19 @@ def shot_prior(q_high, s_high, s_mask, shots, weights=None):
 
 @fp32
 def gram(feat):
-    """Normalised Gram matrix of the channels: (B, C, h, w) -> (B, C, C), entry (i, j) = <F_i, F_j> /
-    (|F_i| |F_j| + 1e-7), F_i channel i flattened over the positions (BAM, PROTOCOL.md 9.7). In float32: under fp16
-    a channel of RMS above ~4.3 on a 60 x 60 map overflows |F_i|^2 to inf."""
+    """Normalised Gram matrix of the channels: (B, C, h, w) -> (B, C, C), entry (i, j) = <F_i, F_j>
+    / (|F_i| |F_j| + 1e-7), F_i channel i flattened over the positions (BAM, PROTOCOL.md 9.7). In
+    float32: under fp16 a channel of RMS above ~4.3 on a 60 x 60 map overflows |F_i|^2 to inf."""
     f = feat.flatten(2)  # (B, C, N)
     n = f.norm(dim=2, keepdim=True)  # (B, C, 1)
     return torch.bmm(f, f.transpose(1, 2)) / (torch.bmm(n, n.transpose(1, 2)) + 1e-7)
 
 
 class ShotWeights(nn.Module):
-    """BAM's K-shot weighting (PROTOCOL.md 9.7): a support's scene difference est_k = |G_query - G_k|_F / C from
-    the layer-2 Gram matrices; the est sorted ascending pass 1x1 convs K -> 2 -> K (ReLU between); back in shot
-    order, a softmax over the shots weighs the supports' priors and prototypes."""
+    """BAM's K-shot weighting (PROTOCOL.md 9.7): a support's scene difference est_k = |G_query -
+    G_k|_F / C from the layer-2 Gram matrices; the est sorted ascending pass 1x1 convs K -> 2 -> K
+    (ReLU between); back in shot order, a softmax over the shots weighs the supports' priors and
+    prototypes."""
 
     def __init__(self, shots):
         super().__init__()
@@ -274,9 +287,9 @@ class ASPP(nn.Module):
 
 
 class PSPHead(nn.Module):
-    """BAM's base-learner head (PROTOCOL.md 9.6): pyramid pooling (bins 1, 2, 3, 6; each a 1x1 conv D -> D/4 + BN
-    + ReLU, upsampled and concatenated with the input), a 3x3 conv 2D -> 512 + BN + ReLU + Dropout2d(0.1), then a
-    1x1 conv to the classes. (B, D, h, w) -> (B, classes, h, w)."""
+    """BAM's base-learner head (PROTOCOL.md 9.6): pyramid pooling (bins 1, 2, 3, 6; each a 1x1 conv
+    D -> D/4 + BN + ReLU, upsampled and concatenated with the input), a 3x3 conv 2D -> 512 + BN +
+    ReLU + Dropout2d(0.1), then a 1x1 conv to the classes. (B, D, h, w) -> (B, classes, h, w)."""
 
     def __init__(self, d, classes, bins=(1, 2, 3, 6)):
         super().__init__()
@@ -310,9 +323,10 @@ def _conv_relu(c_in, c_out, k):
 
 
 class AsppPFENet(nn.Module):
-    """ASPP PFENet (paper Sec. 3.1): BAM's meta learner without the base-learner ensemble. The backbone is frozen
-    (no gradient, BN always in eval); everything else trains. fusion of the K supports' priors and prototypes:
-    'mean' (PFENet) or 'weighted' (BAM's ShotWeights, for a fixed shot count)."""
+    """ASPP PFENet (paper Sec. 3.1): BAM's meta learner without the base-learner ensemble. The
+    backbone is frozen (no gradient, BN always in eval); everything else trains. fusion of the K
+    supports' priors and prototypes: 'mean' (PFENet) or 'weighted' (BAM's ShotWeights, for a fixed
+    shot count)."""
 
     def __init__(self, backbone, shots=1, fusion="mean"):
         super().__init__()
@@ -362,8 +376,9 @@ class AsppPFENet(nn.Module):
 
 # ============ 3. Metrics (PROTOCOL.md 6) ============
 class FewShotIoU:
-    """Per-class foreground IoU summed over all episodes of a class, mIoU over the classes, FB-IoU; in percent; and
-    the share of episodes answered with some foreground (near 0: the all-background answer, a collapsed model)."""
+    """Per-class foreground IoU summed over all episodes of a class, mIoU over the classes, FB-IoU;
+    in percent; and the share of episodes answered with some foreground (near 0: the all-background
+    answer, a collapsed model)."""
 
     def __init__(self, classes):
         self.classes = list(classes)
@@ -391,8 +406,8 @@ class FewShotIoU:
         return inter, union  # [background, foreground] of this episode
 
     def reduce(self, total):
-        """Each count replaced by total(count): plumbing.all_reduce_sum sums them over the processes (exactly: they
-        are integers held in float64)."""
+        """Each count replaced by total(count): plumbing.all_reduce_sum sums them over the processes
+        (exactly: they are integers held in float64)."""
         self.per_class, self.fb = total(self.per_class), total(self.fb)
         return self
 
@@ -411,7 +426,8 @@ class FewShotIoU:
         return float(self.fb[2, 1] / max(self.fb[2, 0], 1))
 
 
-# ============ 4. Data on disk: folds, the VOC layout, pools, per-class index (PROTOCOL.md 1-3) ============
+# ============ 4. Data on disk: folds, the VOC layout, pools, per-class index (PROTOCOL.md 1-3)
+# ============
 N_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20, "synthetic2": 20}
 SYNTHETIC_ROOTS = {
     "synthetic": "data/synthetic",
@@ -423,7 +439,8 @@ STANDIN_ROOTS = {
 
 
 def novel_classes(dataset, fold, coco_split="interleaved"):
-    """Novel (test) class ids of a fold. PASCAL/synthetic: 5i+1..5i+5. COCO interleaved: (c-1) % 4 == i."""
+    """Novel (test) class ids of a fold. PASCAL/synthetic: 5i+1..5i+5. COCO interleaved: (c-1) % 4
+    == i."""
     if dataset not in N_CLASSES:
         raise KitError(f"--dataset {dataset!r}: choose one of {', '.join(N_CLASSES)}")
     if fold not in (0, 1, 2, 3):
@@ -457,8 +474,9 @@ PREPARED_MARKER = ".prepared.json"  # written by the pascal / coco commands into
 
 
 def world_marker(root):
-    """The marker of a finished world at root (world, kind, n_train, n_val, size, seed, checksum), or None. A
-    marker from before the second world names none: it is the first; one from before the stand-in, a benchmark."""
+    """The marker of a finished world at root (world, kind, n_train, n_val, size, seed, checksum),
+    or None. A marker from before the second world names none: it is the first; one from before the
+    stand-in, a benchmark."""
     try:
         with open(os.path.join(root, SYNTHETIC_MARKER)) as f:
             params = json.load(f)
@@ -470,8 +488,8 @@ def world_marker(root):
 
 
 def root_made_by(root):
-    """The data a kit command wrote into root, from its marker: 'pascal', 'coco', 'synthetic' or 'synthetic2';
-    None for a root without one."""
+    """The data a kit command wrote into root, from its marker: 'pascal', 'coco', 'synthetic' or
+    'synthetic2'; None for a root without one."""
     try:
         with open(os.path.join(root, PREPARED_MARKER)) as f:
             return json.load(f).get("dataset")
@@ -480,8 +498,9 @@ def root_made_by(root):
 
 
 def claim_root(root, flag, kind):
-    """The kit writes a data root only if it does not exist, is empty, or carries the kit's own marker of
-    the same kind ('synthetic', 'synthetic2', 'pascal' or 'coco'); anything else is refused untouched."""
+    """The kit writes a data root only if it does not exist, is empty, or carries the kit's own
+    marker of the same kind ('synthetic', 'synthetic2', 'pascal' or 'coco'); anything else is
+    refused untouched."""
     if not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root)):
         return
     made = root_made_by(root)
@@ -491,7 +510,10 @@ def claim_root(root, flag, kind):
     if made:
         hint = f"it holds a {made} root made by this kit: did you mean --dataset {made}?"
     elif {IMAGES, MASKS} & names:
-        hint = "it looks like a prepared VOC/COCO root: did you mean --dataset pascal or --dataset coco?"
+        hint = (
+            "it looks like a prepared VOC/COCO root: did you mean --dataset pascal or --dataset "
+            "coco?"
+        )
     else:
         hint = "point it at a new or empty folder"
     raise KitError(
@@ -506,8 +528,8 @@ def read_list(path):
 
 
 def image_pools(root, train_pool="aug", need_train=True):
-    """(train ids, val ids). 'aug': every mask not in val.txt; 'oslsm': train.txt + train_noval.txt (5953 on VOC).
-    Without need_train, no training list is read (train ids None)."""
+    """(train ids, val ids). 'aug': every mask not in val.txt; 'oslsm': train.txt + train_noval.txt
+    (5953 on VOC). Without need_train, no training list is read (train ids None)."""
     for sub in (
         root,
         os.path.join(root, IMAGES),
@@ -527,8 +549,9 @@ def image_pools(root, train_pool="aug", need_train=True):
         missing = [p for p in lists if not os.path.exists(p)]
         if missing:
             raise KitError(
-                f"--train-pool oslsm (the PASCAL default) needs {' and '.join(missing)}: make them "
-                "with python prepare_data.py pascal --train-noval train_noval.txt, or pass --train-pool aug"
+                f"--train-pool oslsm (the PASCAL default) needs {' and '.join(missing)}: make "
+                "them with python prepare_data.py pascal --train-noval train_noval.txt, or pass "
+                "--train-pool aug"
             )
         train = set(read_list(lists[0])) | set(read_list(lists[1]))
     return sorted(train - val_set), val
@@ -540,7 +563,8 @@ def read_mask(root, img_id, n_classes):
     label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if label is None:
         raise KitError(
-            f"cannot read mask {path}: missing or corrupt; restore it or drop {img_id} from the lists"
+            f"cannot read mask {path}: missing or corrupt; restore it or drop {img_id} from the "
+            "lists"
         )
     if label.ndim != 2 or label.dtype != np.uint8:
         raise KitError(
@@ -562,7 +586,8 @@ def read_pair(root, img_id, n_classes):
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise KitError(
-            f"cannot read image {path}: missing or corrupt; re-extract it or drop {img_id} from the lists"
+            f"cannot read image {path}: missing or corrupt; re-extract it or drop {img_id} from "
+            "the lists"
         )
     label = read_mask(root, img_id, n_classes)
     if label.shape != img.shape[:2]:
@@ -574,9 +599,9 @@ def read_pair(root, img_id, n_classes):
 
 
 def check_image_file(root, img_id, shape):
-    """Check one image against its mask's `shape` (H, W) without decoding it (at every index scan): the header's
-    size, and for a JPEG the end-of-image marker that a truncated download lacks (a file without it is decoded;
-    prepare_data.py verify decodes every file)."""
+    """Check one image against its mask's `shape` (H, W) without decoding it (at every index scan):
+    the header's size, and for a JPEG the end-of-image marker that a truncated download lacks (a
+    file without it is decoded; prepare_data.py verify decodes every file)."""
     path = os.path.join(root, IMAGES, img_id + ".jpg")
     fix = f"re-extract or re-download it, or drop {img_id} from the lists"
     try:
@@ -584,7 +609,8 @@ def check_image_file(root, img_id, shape):
             (w, h), fmt = im.size, im.format
             if (h, w) != tuple(shape):
                 raise KitError(
-                    f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate the mask"
+                    f"image {path} is {w}x{h} but its mask is {shape[1]}x{shape[0]}: regenerate "
+                    "the mask"
                 )
             with open(path, "rb") as f:
                 f.seek(max(os.path.getsize(path) - 64, 0))
@@ -594,7 +620,8 @@ def check_image_file(root, img_id, shape):
         raise
     except Exception as e:
         raise KitError(
-            f"cannot read image {path} ({type(e).__name__}: {e}): missing, truncated or corrupt; {fix}"
+            f"cannot read image {path} ({type(e).__name__}: {e}): missing, truncated or corrupt; "
+            f"{fix}"
         ) from None
 
 
@@ -613,15 +640,17 @@ def _cache_path(root, key):
 
 
 def _scan(root, img_id, n_classes):
-    """Index scan of one image: its mask's class pixel counts (n_classes + 1,), after check_image_file."""
+    """Index scan of one image: its mask's class pixel counts (n_classes + 1,), after
+    check_image_file."""
     label = read_mask(root, img_id, n_classes)
     check_image_file(root, img_id, label.shape)
     return np.bincount(label.ravel(), minlength=256)[: n_classes + 1]
 
 
 def class_pixel_counts(root, ids, n_classes, workers=2):
-    """(N images, n_classes + 1) int64 pixel counts per class, scanned once then cached; the scan also
-    checks every image cheaply (check_image_file), so a truncated file stops the run before training.
+    """(N images, n_classes + 1) int64 pixel counts per class, scanned once then cached; the scan
+    also checks every image cheaply (check_image_file), so a truncated file stops the run before
+    training.
 
     The cache is keyed by the id list and each image's and mask's size and mtime, so a changed file
     rescans; the pixel rule is applied afterwards, so changing --min-pixels needs no rescan.
@@ -655,7 +684,8 @@ def class_index(ids, counts, classes, min_pixels):
     return {c: [ids[j] for j in np.flatnonzero(counts[:, c] >= min_pixels)] for c in classes}
 
 
-# ============ 5. Transforms: training augmentation (PROTOCOL.md 4) and test geometry (PROTOCOL.md 5) ============
+# ============ 5. Transforms: training augmentation (PROTOCOL.md 4) and test geometry (PROTOCOL.md
+# 5) ============
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
 
@@ -669,7 +699,8 @@ def to_tensor(img, label):
 
 
 def to_bgr_image(x):
-    """Inverse of to_tensor for pictures: normalised (3, H, W) -> (H, W, 3) uint8 BGR for cv2.imwrite."""
+    """Inverse of to_tensor for pictures: normalised (3, H, W) -> (H, W, 3) uint8 BGR for
+    cv2.imwrite."""
     return np.clip(x.permute(1, 2, 0).numpy() * STD + MEAN, 0, 255).astype(np.uint8)[:, :, ::-1]
 
 
@@ -710,8 +741,9 @@ def train_transform(img, label, rng, crop, scale, rotate=10.0, keep_fg=False):
 
 
 def test_transform(img, label, size, geometry="pfenet"):
-    """pfenet (PROTOCOL.md 5.1): keep aspect, longer side to `size`, both sides floored to a multiple of 8, top-left
-    on a size x size canvas (image 0 in raw pixel space, label 255). hsnet (PROTOCOL.md 5.3): both sides to size."""
+    """pfenet (PROTOCOL.md 5.1): keep aspect, longer side to `size`, both sides floored to a
+    multiple of 8, top-left on a size x size canvas (image 0 in raw pixel space, label 255). hsnet
+    (PROTOCOL.md 5.3): both sides to size."""
     if geometry == "hsnet":
         return to_tensor(
             cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR),
@@ -744,9 +776,10 @@ def binarize(label, cls):
 
 
 class BaseClassDataset(torch.utils.data.Dataset):
-    """Pre-training images: base classes -> 1..n_base in id order, novel classes and background -> 0 (the merged
-    background, PROTOCOL.md 2.5), 255 kept. Item idx draws its augmentation from default_rng([seed, idx]), so a
-    stream of indices gives the same batches for any worker count. With test_size: the test geometry instead."""
+    """Pre-training images: base classes -> 1..n_base in id order, novel classes and background -> 0
+    (the merged background, PROTOCOL.md 2.5), 255 kept. Item idx draws its augmentation from
+    default_rng([seed, idx]), so a stream of indices gives the same batches for any worker count.
+    With test_size: the test geometry instead."""
 
     def __init__(self, root, ids, dataset, base, crop, scale, seed, test_size=None):
         self.root, self.ids, self.crop, self.scale, self.seed = root, ids, crop, scale, seed
@@ -768,9 +801,10 @@ class BaseClassDataset(torch.utils.data.Dataset):
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
-    """Few-shot episodes: a query and `shot` supports of one class (PROTOCOL.md 3.2-3.3). Training (episodes None):
-    query = data_list[idx % n], class and supports from default_rng([seed, idx]), PFENet augmentation. Evaluation:
-    `episodes` drawn up front from default_rng(seed) walking data_list in order, test geometry; any worker count."""
+    """Few-shot episodes: a query and `shot` supports of one class (PROTOCOL.md 3.2-3.3). Training
+    (episodes None): query = data_list[idx % n], class and supports from default_rng([seed, idx]),
+    PFENet augmentation. Evaluation: `episodes` drawn up front from default_rng(seed) walking
+    data_list in order, test geometry; any worker count."""
 
     def __init__(
         self,
@@ -849,12 +883,14 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return item
 
 
-# ============ 7. Backbones and the weight files of the kit and of PFENet / BAM (PROTOCOL.md 9.1-9.2) ============
+# ============ 7. Backbones and the weight files of the kit and of PFENet / BAM (PROTOCOL.md
+# 9.1-9.2) ============
 BACKBONES = ("resnet50v2", "resnet50", "vgg16", "resnet18")
 
 
 class Backbone(nn.Module):
-    """layer0 .. layer4; forward returns the five feature maps. `channels[i]` = channels of layer i."""
+    """layer0 .. layer4; forward returns the five feature maps. `channels[i]` = channels of layer
+    i."""
 
     def __init__(self, name, layers, channels):
         super().__init__()
@@ -880,9 +916,10 @@ def _dilate(layer, dilation):
 
 
 def _torchvision_net(name):
-    """The unsplit network whose state-dict keys are those of the weight files: torchvision's, or for
-    resnet50v2 PSPNet/PFENet/BAM's deep stem (three 3x3 convs 3->64 s2, 64->64, 64->128, each BN + ReLU;
-    layer1 then starts from 128 channels; the bottlenecks are torchvision's, with the same keys)."""
+    """The unsplit network whose state-dict keys are those of the weight files: torchvision's, or
+    for resnet50v2 PSPNet/PFENet/BAM's deep stem (three 3x3 convs 3->64 s2, 64->64, 64->128, each BN
+    + ReLU; layer1 then starts from 128 channels; the bottlenecks are torchvision's, with the same
+    keys)."""
     if name != "resnet50v2":
         return {
             "resnet50": torchvision.models.resnet50,
@@ -922,9 +959,9 @@ def _imagenet_state(name):
 
 
 def backbone_kind(state):
-    """Which backbone a state dict holds, from its keys and stem shape: resnet50v2 (3x3 deep stem), resnet50,
-    resnet18 (7x7 stem; bottleneck or basic blocks) or vgg16; for unsplit (torchvision-style) or split
-    (layer0..layer4) keys alike. None if unknown."""
+    """Which backbone a state dict holds, from its keys and stem shape: resnet50v2 (3x3 deep stem),
+    resnet50, resnet18 (7x7 stem; bottleneck or basic blocks) or vgg16; for unsplit
+    (torchvision-style) or split (layer0..layer4) keys alike. None if unknown."""
     stem = state.get("conv1.weight", state.get("layer0.0.weight"))
     if "features.0.weight" in state or (
         "layer0.0.weight" in state and "layer1.0.conv1.weight" not in state
@@ -938,7 +975,8 @@ def backbone_kind(state):
 
 
 def _load_strict(module, state, source, name):
-    """load_state_dict(strict=True); a file of another backbone, or with a missing or unexpected key, is refused."""
+    """load_state_dict(strict=True); a file of another backbone, or with a missing or unexpected
+    key, is refused."""
     kind = backbone_kind(state)
     if kind not in (None, name):
         raise KitError(
@@ -953,8 +991,9 @@ def _load_strict(module, state, source, name):
 
 
 def split_state(ckpt, source):
-    """The layer0..layer4 part of a kit pre-training checkpoint (backbone.*) or of BAM's base learner best.pth
-    ({'state_dict': {'module.layer0...', 'module.encoder...', 'module.ppm...', 'module.cls...'}}), else None."""
+    """The layer0..layer4 part of a kit pre-training checkpoint (backbone.*) or of BAM's base
+    learner best.pth ({'state_dict': {'module.layer0...', 'module.encoder...', 'module.ppm...',
+    'module.cls...'}}), else None."""
     if "model" in ckpt and "args" in ckpt:  # pretrain_bcpt.py's last.pt / best.pt
         return {
             k[len("backbone.") :]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")
@@ -975,11 +1014,12 @@ def split_state(ckpt, source):
 
 
 def build_backbone(name, weights="none", expect=None, dilate=True):
-    """The backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2). name: resnet50v2 (PSPNet/PFENet/BAM's deep
-    stem), resnet50, resnet18 (torchvision; layer3 and layer4 dilated 2 and 4: output stride 8, or undilated, stride
-    32, as ImageNet weights are trained), or vgg16 (vgg16_bn, PFENet/BAM's split, ceil-mode pools). weights:
-    'imagenet', 'none', a state-dict file of the unsplit network (torchvision's, PFENet/BAM's resnet50_v2.pth or
-    vgg16_bn.pth), BAM's base learner best.pth, or a kit pre-training checkpoint matching `expect` (dataset, fold)."""
+    """The backbone split into layer0..layer4 (PROTOCOL.md 9.1-9.2). name: resnet50v2
+    (PSPNet/PFENet/BAM's deep stem), resnet50, resnet18 (torchvision; layer3 and layer4 dilated 2
+    and 4: output stride 8, or undilated, stride 32, as ImageNet weights are trained), or vgg16
+    (vgg16_bn, PFENet/BAM's split, ceil-mode pools). weights: 'imagenet', 'none', a state-dict file
+    of the unsplit network (torchvision's, PFENet/BAM's resnet50_v2.pth or vgg16_bn.pth), BAM's base
+    learner best.pth, or a kit pre-training checkpoint matching `expect` (dataset, fold)."""
     if name not in BACKBONES:
         raise KitError(f"--backbone {name!r}: choose one of {', '.join(BACKBONES)}")
     net, split = _torchvision_net(name), None
@@ -1046,14 +1086,16 @@ def build_backbone(name, weights="none", expect=None, dilate=True):
 
 # ============ 8. Checkpoint files: written atomically, loaded safely ============
 def write_atomic(path, save, obj):
-    """save(obj, PATH.tmpPID), then one rename: no reader sees a half-written file; the only kind the kit deletes."""
+    """save(obj, PATH.tmpPID), then one rename: no reader sees a half-written file; the only kind
+    the kit deletes."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save(obj, f"{path}.tmp{os.getpid()}")
     os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def save_checkpoint(path, checkpoint):
-    """A checkpoint (a dict of tensors, numbers, strings and lists) written atomically with torch.save."""
+    """A checkpoint (a dict of tensors, numbers, strings and lists) written atomically with
+    torch.save."""
     write_atomic(path, torch.save, checkpoint)
 
 
@@ -1075,7 +1117,7 @@ def load_checkpoint(path, expect=None):
         ):  # fold None: the fold-free ImageNet stand-in
             flag = "--" + key.replace("_", "-")
             raise KitError(
-                f"checkpoint {path} was made with {flag} {saved[key]} but this run has {flag} {want}: "
-                "pass the matching checkpoint or flag"
+                f"checkpoint {path} was made with {flag} {saved[key]} but this run has {flag} "
+                f"{want}: pass the matching checkpoint or flag"
             )
     return ckpt

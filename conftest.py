@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers of the tests: real files in the VOC, SBD and COCO layouts written here, a small
-synthetic world, and a pre-trained and a meta-trained model made once per test session."""
+"""Shared fixtures and helpers of the tests: real files in the VOC, SBD and COCO layouts written
+here, a small synthetic world, and a pre-trained and a meta-trained model made once per test
+session."""
 
 import json
 import os
@@ -263,7 +264,8 @@ def sbd(tmp_path):
 
 
 def rle_counts(mask):
-    """Uncompressed COCO RLE counts: column-major runs, starting with a (possibly empty) run of 0."""
+    """Uncompressed COCO RLE counts: column-major runs, starting with a (possibly empty) run of
+    0."""
     flat = mask.flatten(order="F")
     counts, cur, n = [], 0, 0
     for v in flat:
@@ -422,7 +424,8 @@ def cuda_test(fn):
     return fn
 
 
-# ---------- the peers' own weights and baselines (PFENet / BAM files, PSPNet head, selection, fusion) ----------
+# ---------- the peers' own weights and baselines (PFENet / BAM files, PSPNet head, selection,
+# fusion) ----------
 def random_bn(state, prefix, c, g):
     """BN entries with statistics that are not the defaults, as in a trained file."""
     state.update(
@@ -438,8 +441,9 @@ def random_bn(state, prefix, c, g):
 
 @pytest.fixture(scope="session")
 def resnet50_v2_file(tmp_path_factory):
-    """PFENet/BAM's initmodel/resnet50_v2.pth layout, written from the key list (not from the kit's builder):
-    deep stem conv1/bn1 3->64 s2, conv2/bn2 64->64, conv3/bn3 64->128; bottlenecks from 128 channels; fc."""
+    """PFENet/BAM's initmodel/resnet50_v2.pth layout, written from the key list (not from the kit's
+    builder): deep stem conv1/bn1 3->64 s2, conv2/bn2 64->64, conv3/bn3 64->128; bottlenecks from
+    128 channels; fc."""
     import torchvision
 
     g = torch.Generator().manual_seed(0)
@@ -460,8 +464,9 @@ def resnet50_v2_file(tmp_path_factory):
 
 
 def bam_best(state, path, stem):
-    """BAM's base-learner best.pth: {'state_dict': module.layer0..4 (stem renamed into layer0's Sequential), the
-    same tensors again under module.encoder.*, module.ppm.*, module.cls.*} (BAM model/PSPNet.py)."""
+    """BAM's base-learner best.pth: {'state_dict': module.layer0..4 (stem renamed into layer0's
+    Sequential), the same tensors again under module.encoder.*, module.ppm.*, module.cls.*} (BAM
+    model/PSPNet.py)."""
     out = {}
     for k, v in state.items():
         head = k.split(".")[0]
@@ -489,8 +494,8 @@ def bam_best(state, path, stem):
 # ---------- your own images, and runs that explain themselves ----------
 @pytest.fixture
 def own_episode(synthetic_root, metatrained, tmp_path):
-    """The first evaluation episode of the benchmark, its files written as a user's would be: the query and
-    support JPEGs (the world's own bytes) and a 0/255 support mask PNG."""
+    """The first evaluation episode of the benchmark, its files written as a user's would be: the
+    query and support JPEGs (the world's own bytes) and a 0/255 support mask PNG."""
     import shutil
 
     ckpt = common.load_checkpoint(metatrained[1])
@@ -518,7 +523,8 @@ def own_episode(synthetic_root, metatrained, tmp_path):
 
 
 def corrupt_middle(src, dst):
-    """A JPEG with 100 bytes of its entropy-coded data overwritten: it decodes "successfully" into garbage."""
+    """A JPEG with 100 bytes of its entropy-coded data overwritten: it decodes "successfully" into
+    garbage."""
     data = bytearray(open(src, "rb").read())
     pos = int(len(data) * 0.45)
     data[pos : pos + 100] = bytes(

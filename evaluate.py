@@ -1,12 +1,15 @@
-"""evaluate.py: the few-shot test of a metatrain.py checkpoint (paper Sec. 3.2, Table 1; PROTOCOL.md 5, 6, 8).
+"""evaluate.py: the few-shot test of a metatrain.py checkpoint (paper Sec. 3.2, Table 1; PROTOCOL.md
+5, 6, 8).
 
-Episodes: --episodes per seed, drawn up front from the seed (the same for any worker count), walking the fold's val
-list in order; test geometry of PROTOCOL.md 5, batch 1. Reports per seed and mean +- std over the seeds (never a "best
-seed"): mIoU (per-class IoU over the novel classes) and FB-IoU in percent, episodes/s and the share of time spent in
-the model. Dataset, fold, shot, backbone and data root come from the checkpoint; a typed flag that disagrees is refused.
+Episodes: --episodes per seed, drawn up front from the seed (the same for any worker count), walking
+the fold's val list in order; test geometry of PROTOCOL.md 5, batch 1. Reports per seed and mean +-
+std over the seeds (never a "best seed"): mIoU (per-class IoU over the novel classes) and FB-IoU in
+percent, episodes/s and the share of time spent in the model. Dataset, fold, shot, backbone and data
+root come from the checkpoint; a typed flag that disagrees is refused.
 
-Outputs: --json FILE (README "Results files"), --vis DIR (Fig. 2-style PNGs; with --compare, the two predictions side
-by side). --table FILE... prints Tables 1 and 2 from the JSON files of this script and of nonparametric_eval.py.
+Outputs: --json FILE (README "Results files"), --vis DIR (Fig. 2-style PNGs; with --compare, the two
+predictions side by side). --table FILE... prints Tables 1 and 2 from the JSON files of this script
+and of nonparametric_eval.py.
 
 Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
     python evaluate.py --checkpoint runs/meta-f0/last.pt --json results/bcpt-f0-1shot.json
@@ -100,22 +103,22 @@ def parse_args(argv):
         "--table",
         nargs="+",
         metavar="JSON",
-        help="only print a paper-style table from results files of "
-        "this script and nonparametric_eval.py (Tables 1 and 2), with the paper's numbers beside its rows",
+        help="only print a paper-style table from results files of this script and "
+        "nonparametric_eval.py (Tables 1 and 2), with the paper's numbers beside its rows",
     )
     p.add_argument(
         "--table-metric",
         default="threshold",
         choices=list(TABLE_METRICS),
-        help="a non-parametric file's "
-        "cell: mIoU at its --threshold, the base-chosen one or the best of its sweep (default %(default)s)",
+        help="a non-parametric file's cell: mIoU at its --threshold, the base-chosen one or the "
+        "best of its sweep (default %(default)s)",
     )
     p.add_argument(
         "--curves",
         nargs="+",
         metavar="LOG",
-        help="only draw training curves from these log.jsonl files "
-        "into --out (a PNG; default curves.png): loss, lr, training mIoU, cluster shares, validation mIoU",
+        help="only draw training curves from these log.jsonl files into --out (a PNG; default "
+        "curves.png): loss, lr, training mIoU, cluster shares, validation mIoU",
     )
     return p.parse_args(argv)
 
@@ -133,7 +136,8 @@ def metatrain_checkpoint(path, expect):
 
 
 def load_model(ckpt, device):
-    """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole model)."""
+    """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole
+    model)."""
     a = ckpt["args"]
     model = AsppPFENet(
         build_backbone(a["backbone"], "none"), a["shot"], a.get("shot_fusion", "mean")
@@ -142,9 +146,11 @@ def load_model(ckpt, device):
     return model.to(device).eval()
 
 
-# ============ Fig. 2-style pictures: support + mask, query + ground truth, prediction(s) ============
+# ============ Fig. 2-style pictures: support + mask, query + ground truth, prediction(s)
+# ============
 def panel(x, mask, colour, title):
-    """x (3, s, s) normalised canvas, mask (s, s) -> BGR uint8 panel, mask==1 tinted, with a title bar."""
+    """x (3, s, s) normalised canvas, mask (s, s) -> BGR uint8 panel, mask==1 tinted, with a title
+    bar."""
     img = to_bgr_image(x).astype(np.float64)  # (s, s, 3)
     img = np.where(
         (mask.numpy() == 1)[..., None], 0.45 * img + 0.55 * np.array(colour), img
@@ -205,7 +211,8 @@ def write_vis(args, data, models, device):
 # ============ your own images, and training curves ============
 @torch.no_grad()
 def own_images(args, ckpt, model, dtype):
-    """Each --query segmented with the --support examples, in the benchmark's test geometry and normalisation."""
+    """Each --query segmented with the --support examples, in the benchmark's test geometry and
+    normalisation."""
     shots, trained = len(args.support or []), ckpt["args"]["shot"]
     if shots and shots != trained and ckpt["args"].get("shot_fusion") == "weighted":
         raise KitError(
@@ -214,7 +221,8 @@ def own_images(args, ckpt, model, dtype):
         )
     if shots and shots != trained:
         print(
-            f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean over the supports)"
+            f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean "
+            "over the supports)"
         )
     segment_own_images(
         args, functools.partial(predict_meta, model), dtype, lambda s: (s.argmax(0).numpy(), None)
@@ -231,8 +239,8 @@ CURVES = [
 
 
 def draw_curves(paths, out):
-    """One panel per quantity found in the logs, one line per run (its folder name), against the iteration.
-    matplotlib is an optional extra, imported only here. -> the panel titles."""
+    """One panel per quantity found in the logs, one line per run (its folder name), against the
+    iteration. matplotlib is an optional extra, imported only here. -> the panel titles."""
     try:
         import matplotlib
 
@@ -248,7 +256,8 @@ def draw_curves(paths, out):
             records = [parse_json_line(line) for line in f]
         if None in records[:-1]:  # a last line may have been cut off by a kill
             raise KitError(
-                f"--curves {path}: line {records.index(None) + 1} is not JSON: pass a log.jsonl of this kit"
+                f"--curves {path}: line {records.index(None) + 1} is not JSON: pass a log.jsonl "
+                "of this kit"
             )
         runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = [r for r in records if r]
     panels = [
@@ -264,7 +273,8 @@ def draw_curves(paths, out):
     for ax, (key, title) in zip(axes[:, 0], panels):
         for k, (name, recs) in enumerate(runs.items()):
             pts = [(r["step"], r[key]) for r in recs if key in r]
-            if pts:  # cluster shares are a list per record: one thin line per centre, in the run's colour
+            # cluster shares are a list per record: one thin line per centre, in the run's colour
+            if pts:
                 ys = np.array([y for _, y in pts], dtype=float).reshape(len(pts), -1)
                 for j in range(ys.shape[1]):
                     ax.plot(
@@ -297,7 +307,8 @@ def main(argv=None):
         return draw_curves(args.curves, args.out)
     if not args.checkpoint:
         raise KitError(
-            "--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to print a table"
+            "--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to "
+            "print a table"
         )
     if args.compare and not args.vis:
         raise KitError("--compare only adds a column to the pictures: add --vis DIR")
@@ -323,9 +334,9 @@ def main(argv=None):
     )
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
     print(
-        f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): {args.dataset} fold "
-        f"{args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, {args.episodes} episodes x seeds "
-        f"{args.seeds}"
+        f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): "
+        f"{args.dataset} fold {args.fold} {args.shot}-shot, {args.backbone} pre-trained {label}, "
+        f"{args.episodes} episodes x seeds {args.seeds}"
     )
     data = open_data(args, ("val",))
     if args.episode_log:

@@ -1,4 +1,5 @@
-"""evaluation.py: the few-shot test, from one episode to the tables beside the paper (PROTOCOL.md 5, 6, 8).
+"""evaluation.py: the few-shot test, from one episode to the tables beside the paper (PROTOCOL.md 5,
+6, 8).
 
 1. One episode's scores: a meta-trained model's (evaluate.py); the prior's are nonparametric_eval.py's
 2. Episodes and seeds: fixed episodes drawn from each seed, scored with common.FewShotIoU (class IoU, mIoU,
@@ -55,11 +56,12 @@ def argmax_mask(scores):
 
 # ============ 2. Episodes and seeds ============
 def run_episodes(args, data, seed, episodes, predict, decide, classes, shard=(0, 1)):
-    """One seed: `episodes` fixed episodes of `classes` on the val images (batch 1, test geometry, scored at the
-    original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the test canvas; decide:
-    {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}}; shard (r, n): only every n-th
-    episode from the r-th (one process's share). -> ({name: FewShotIoU}, one JSON line per episode (its ids, class
-    and [background, foreground] intersection and union per name), seconds in predict)."""
+    """One seed: `episodes` fixed episodes of `classes` on the val images (batch 1, test geometry,
+    scored at the original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the
+    test canvas; decide: {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}};
+    shard (r, n): only every n-th episode from the r-th (one process's share). -> ({name:
+    FewShotIoU}, one JSON line per episode (its ids, class and [background, foreground] intersection
+    and union per name), seconds in predict)."""
     ids, counts = data["val"]
     ds = EpisodeDataset(
         args.data_root,
@@ -112,8 +114,9 @@ ALL_BACKGROUND = (
 
 
 def summarize(meters, seeds):
-    """Mean +- sample std (ddof 1; 0 for one seed) over seeds of mIoU and FB-IoU; per-class IoU averaged; whether
-    the answers were all background (fewer than ALL_BACKGROUND of the episodes with any foreground)."""
+    """Mean +- sample std (ddof 1; 0 for one seed) over seeds of mIoU and FB-IoU; per-class IoU
+    averaged; whether the answers were all background (fewer than ALL_BACKGROUND of the episodes
+    with any foreground)."""
     per_seed = [
         {
             "seed": s,
@@ -142,13 +145,15 @@ def summarize(meters, seeds):
 def evaluate_seeds(
     args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None
 ):
-    """common.run_episodes per seed (default args.seeds x args.episodes, novel classes), shared over the processes,
-    predict autocast in `dtype`; prints each seed, the speed, mean +- std; appends --episode-log. -> {name: summary}"""
+    """common.run_episodes per seed (default args.seeds x args.episodes, novel classes), shared over
+    the processes, predict autocast in `dtype`; prints each seed, the speed, mean +- std; appends
+    --episode-log. -> {name: summary}"""
     episodes, seeds, classes = episodes or args.episodes, seeds or args.seeds, classes or args.novel
     if args.dataset == "coco" and episodes < 10000:
         print(
-            f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so mIoU is noisy "
-            "between seeds; use --episodes 10000 to compare methods (PROTOCOL.md 8.2, 8.4)"
+            f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so "
+            "mIoU is noisy between seeds; use --episodes 10000 to compare methods (PROTOCOL.md "
+            "8.2, 8.4)"
         )
     timed = functools.partial(autocast_call, torch.device(args.device), dtype, predict)
     runs, t0, spent = [], time.perf_counter(), 0.0
@@ -171,13 +176,14 @@ def evaluate_seeds(
         )
     total = time.perf_counter() - t0
     print(
-        f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * spent / total:.0f}% of the time in the model"
+        f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * spent / total:.0f}% of "
+        "the time in the model"
     )
     out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
     for name, r in out.items():
         print(
-            f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- {r['fb_iou_std']:.2f} "
-            f"over {len(seeds)} seeds"
+            f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- "
+            f"{r['fb_iou_std']:.2f} over {len(seeds)} seeds"
             + ", ALL BACKGROUND (a collapsed model)" * r["all_background"]
             + "; class IoU "
             + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items())
@@ -187,7 +193,8 @@ def evaluate_seeds(
 
 # ============ 3. Results files and row names ============
 def write_results(path, summary, args, data=None, **fields):
-    """The results JSON of both tests (README "Results files"), with the run record, written atomically by rank 0."""
+    """The results JSON of both tests (README "Results files"), with the run record, written
+    atomically by rank 0."""
     protocol = {
         "split": "val, novel classes",
         "query_order": "val list in order, wrapping",
@@ -224,8 +231,9 @@ def write_results(path, summary, args, data=None, **fields):
 
 
 def pretrain_label(weights):
-    """Table row name of a backbone source: imagenet, none, BAM's base learner, or pretrain_bcpt.py's method with every
-    choice that changes it (head, K, alpha, Eqs. 3-4, guidance, drop-novel, best-val, a stand-in start)."""
+    """Table row name of a backbone source: imagenet, none, BAM's base learner, or
+    pretrain_bcpt.py's method with every choice that changes it (head, K, alpha, Eqs. 3-4, guidance,
+    drop-novel, best-val, a stand-in start)."""
     if weights in (None, "none", "imagenet"):
         return weights or "none"
     ckpt = load_checkpoint(weights)
@@ -256,7 +264,8 @@ def pretrain_label(weights):
     )
 
 
-# ============ 4. Tables: results files of both tests in the paper's layout, beside the paper's numbers ============
+# ============ 4. Tables: results files of both tests in the paper's layout, beside the paper's
+# numbers ============
 TABLE_METRICS = {
     "threshold": "miou",
     "base-threshold": "miou_base_threshold",  # a non-parametric file's cell
@@ -265,9 +274,9 @@ TABLE_METRICS = {
 
 
 def paper_row(r):
-    """The reference_numbers key of a results file of either test, or None: the paper's pre-training (ImageNet,
-    Standard, BCPT K=6 alpha 0.1 with guidance, either reading of Eqs. 3-4) on its backbone (ResNet-50: either stem)
-    and test geometry."""
+    """The reference_numbers key of a results file of either test, or None: the paper's pre-training
+    (ImageNet, Standard, BCPT K=6 alpha 0.1 with guidance, either reading of Eqs. 3-4) on its
+    backbone (ResNet-50: either stem) and test geometry."""
     label = r["pretrained"]
     table = "paper-table2" if r.get("method") == "non-parametric prior" else "paper-table1"
     kind = (
@@ -291,9 +300,10 @@ def paper_row(r):
 
 
 def format_table(paths, metric="threshold"):
-    """Paper Table 1 / 2 layout: a row per (dataset, backbone, method, pre-training, test geometry), folds 0-3 and mean
-    per shot, a cell of several files (training seeds) as mean+-std; then the paper beside ours (table_vs_paper).
-    metric: what a non-parametric file shows (TABLE_METRICS); a metatrain.py model's file shows its mIoU."""
+    """Paper Table 1 / 2 layout: a row per (dataset, backbone, method, pre-training, test geometry),
+    folds 0-3 and mean per shot, a cell of several files (training seeds) as mean+-std; then the
+    paper beside ours (table_vs_paper). metric: what a non-parametric file shows (TABLE_METRICS); a
+    metatrain.py model's file shows its mIoU."""
     cells, shots, files = {}, set(), {}
     for p in paths:
         r = read_json(p, "--table")
@@ -350,8 +360,9 @@ def format_table(paths, metric="threshold"):
 
 
 def table_vs_paper(results, metric):
-    """For a row the paper reports, per fold and mean: ours, the paper's, the difference, our seeds' spread (training
-    seeds if several files, else evaluation seeds) with the paper inside or not, and BAM test.py's best seed."""
+    """For a row the paper reports, per fold and mean: ours, the paper's, the difference, our seeds'
+    spread (training seeds if several files, else evaluation seeds) with the paper inside or not,
+    and BAM test.py's best seed."""
     key = paper_row(results[0])
     if key is None or (
         key[0] == "paper-table2" and metric != "threshold"
@@ -371,13 +382,14 @@ def table_vs_paper(results, metric):
         inside = min(seeds) <= theirs <= max(seeds)
         lines.append(
             f"  fold {f}: ours {mean:.2f} ({'training' if len(rs) > 1 else 'evaluation'} seeds "
-            f"{min(seeds):.2f}-{max(seeds):.2f}), paper {theirs:.2f}, difference {mean - theirs:+.2f}: "
-            f"{'inside' if inside else 'outside'} the spread of our seeds; best of the evaluation seeds "
-            f"(BAM test.py's Best_mIoU) {best:.2f}"
+            f"{min(seeds):.2f}-{max(seeds):.2f}), paper {theirs:.2f}, difference "
+            f"{mean - theirs:+.2f}: {'inside' if inside else 'outside'} the spread of our seeds; "
+            f"best of the evaluation seeds (BAM test.py's Best_mIoU) {best:.2f}"
         )
     if len(ours) == 4:
         mean = float(np.mean(list(ours.values())))
         lines.append(
-            f"  mean: ours {mean:.2f}, paper {paper['all']:.2f}, difference {mean - paper['all']:+.2f}"
+            f"  mean: ours {mean:.2f}, paper {paper['all']:.2f}, difference "
+            f"{mean - paper['all']:+.2f}"
         )
     return lines

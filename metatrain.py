@@ -1,11 +1,14 @@
-"""metatrain.py: episodic meta-training of ASPP PFENet on a frozen pre-trained backbone (paper Sec. 3.1).
+"""metatrain.py: episodic meta-training of ASPP PFENet on a frozen pre-trained backbone (paper Sec.
+3.1).
 
-The backbone (imagenet, none, or pretrain_bcpt.py's last.pt of the same dataset and fold) is frozen with BN
-in eval; the meta learner (common.AsppPFENet) is trained on base-class episodes as BAM does (PROTOCOL.md 2.4, 3,
-7.4, 9.3-9.5): SGD momentum 0.9, weight decay 1e-4, poly lr (power 0.9) every iteration, effective lr 0.05, batch 8.
+The backbone (imagenet, none, or pretrain_bcpt.py's last.pt of the same dataset and fold) is frozen
+with BN in eval; the meta learner (common.AsppPFENet) is trained on base-class episodes as BAM does
+(PROTOCOL.md 2.4, 3, 7.4, 9.3-9.5): SGD momentum 0.9, weight decay 1e-4, poly lr (power 0.9) every
+iteration, effective lr 0.05, batch 8.
 
-Writes <out>/last.pt (resumable: the whole model, frozen backbone included, optimiser, AMP scaler, iteration,
-RNG states, flags), <out>/log.jsonl and, with --select best-val, <out>/best.pt. evaluate.py takes either.
+Writes <out>/last.pt (resumable: the whole model, frozen backbone included, optimiser, AMP scaler,
+iteration, RNG states, flags), <out>/log.jsonl and, with --select best-val, <out>/best.pt.
+evaluate.py takes either.
 
 Full run (one CUDA GPU; PASCAL-5i fold 0, 1-shot, on a BCPT backbone):
     python metatrain.py --dataset pascal --data-root ROOT --fold 0 --shot 1 --pretrained runs/bcpt-f0/last.pt
@@ -89,8 +92,10 @@ def parse_args(argv):
         type=POSITIVE,
     )
     add_flag(g, ds, "--val-seed", 321, "seed of the validation episodes (BAM)", type=int)
-    # deviation: the synthetic worlds' 64-px images take crop 57 ((crop - 1) % 8 == 0, as PFENet asserts) and
-    # 8 epochs (a few minutes on 2 CPU cores; at 4 random init ended all background on `synthetic`, RESULTS.md)
+    # deviation: the synthetic worlds' 64-px images take crop 57 ((crop - 1) % 8 == 0, as PFENet
+    # asserts) and
+    # 8 epochs (a few minutes on 2 CPU cores; at 4 random init ended all background on `synthetic`,
+    # RESULTS.md)
     add_training_args(
         p,
         ds,
@@ -121,10 +126,12 @@ def build(args, device):
     return model, torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
 
 
-# ============ one episodic training step (PROTOCOL.md 4.2: CE ignoring 255 on the crop-size output) ============
+# ============ one episodic training step (PROTOCOL.md 4.2: CE ignoring 255 on the crop-size output)
+# ============
 def train_step(model, batch, device, optimise):
-    """The meta learner's loss on a batch of episodes, then the SGD step (optimise: plumbing.Trainer's). model may
-    be wrapped in DistributedDataParallel: the batch is then this process's share. -> (loss, logits (B, 2, H, W))."""
+    """The meta learner's loss on a batch of episodes, then the SGD step (optimise:
+    plumbing.Trainer's). model may be wrapped in DistributedDataParallel: the batch is then this
+    process's share. -> (loss, logits (B, 2, H, W))."""
     query, target = (
         batch["query"].to(device),
         batch["query_mask"].to(device),
@@ -141,8 +148,8 @@ def train_step(model, batch, device, optimise):
 
 @torch.no_grad()
 def validate(model, args, data, dtype):
-    """mIoU and FB-IoU on --val-episodes val episodes of seed --val-seed: the peers' model selection (PROTOCOL.md
-    8.1)."""
+    """mIoU and FB-IoU on --val-episodes val episodes of seed --val-seed: the peers' model selection
+    (PROTOCOL.md 8.1)."""
     model.eval()
     with torch.random.fork_rng(
         devices=[]
@@ -183,18 +190,19 @@ def main(argv=None):
     args.iters_per_epoch = len(dataset) // args.batch  # drop_last (PROTOCOL.md 7.2)
     if args.iters_per_epoch == 0:
         raise KitError(
-            f"--batch {args.batch} is larger than the {len(dataset)} training queries: lower --batch"
+            f"--batch {args.batch} is larger than the {len(dataset)} training queries: lower "
+            "--batch"
         )
     args.total_iters = args.epochs * args.iters_per_epoch
     args.val_every = args.val_every or args.iters_per_epoch
     stop = min(args.total_iters, args.max_iters or args.total_iters)
     args.pretrain_label = pretrain_label(args.weights)
     print(
-        f"metatrain {args.shot}-shot fold {args.fold}: {len(dataset)} training queries ({args.novel_images} "
-        f"novel-containing images), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} "
-        f"iterations (running to {stop}), batch {args.batch}, lr {args.lr}, backbone {args.backbone} "
-        f"({args.pretrain_label}), {args.shot_fusion} shot fusion, select {args.select}, device {device}, "
-        f"out {args.out}"
+        f"metatrain {args.shot}-shot fold {args.fold}: {len(dataset)} training queries "
+        f"({args.novel_images} novel-containing images), {args.iters_per_epoch} it/epoch x "
+        f"{args.epochs} epochs = {args.total_iters} iterations (running to {stop}), batch "
+        f"{args.batch}, lr {args.lr}, backbone {args.backbone} ({args.pretrain_label}), "
+        f"{args.shot_fusion} shot fusion, select {args.select}, device {device}, out {args.out}"
     )
     model, opt = build(args, device)
     trainer = Trainer(args, "metatrain", model, opt, [args.lr], RESUME_KEYS)

@@ -1,16 +1,18 @@
-"""nonparametric_eval.py: score a pre-trained backbone with no meta-training at all (paper Sec. 3.2, Table 2).
+"""nonparametric_eval.py: score a pre-trained backbone with no meta-training at all (paper Sec. 3.2,
+Table 2).
 
-Following PFENet, the prior mask of the backbone's last layer (common.prior_mask: max cosine similarity to
-the support foreground, min-max normalised; K shots averaged) is thresholded at --threshold into a
-segmentation mask, on the same deterministic episodes and test geometry as evaluate.py (common.py section
-8). The paper uses "the same threshold" for every pre-training without giving its value: 0.5 is our
-choice, so a sweep over thresholds is scored from the same priors and saved too, and so is the threshold
-that is best on base-class episodes of the val images: a choice made without looking at any novel class.
+Following PFENet, the prior mask of the backbone's last layer (common.prior_mask: max cosine
+similarity to the support foreground, min-max normalised; K shots averaged) is thresholded at
+--threshold into a segmentation mask, on the same deterministic episodes and test geometry as
+evaluate.py (common.py section 8). The paper uses "the same threshold" for every pre-training
+without giving its value: 0.5 is our choice, so a sweep over thresholds is scored from the same
+priors and saved too, and so is the threshold that is best on base-class episodes of the val images:
+a choice made without looking at any novel class.
 
 Inputs: --pretrained imagenet | none | pretrain_bcpt.py's <out>/last.pt (same dataset and fold).
-Outputs: per seed and mean +- std mIoU / FB-IoU; --json FILE (evaluate.py's fields plus "threshold", "sweep":
-{threshold: mIoU}, "base_threshold", "miou_base_threshold" (+ "_std") and "base_sweep"), which
-`python evaluate.py --table FILE...` prints as Table 2 (--table-metric: at which threshold).
+Outputs: per seed and mean +- std mIoU / FB-IoU; --json FILE (evaluate.py's fields plus "threshold",
+"sweep": {threshold: mIoU}, "base_threshold", "miou_base_threshold" (+ "_std") and "base_sweep"),
+which `python evaluate.py --table FILE...` prints as Table 2 (--table-metric: at which threshold).
 
 Full run (PASCAL-5i fold 0, ResNet-50 pre-trained by BCPT):
     python nonparametric_eval.py --dataset pascal --data-root ROOT --fold 0 --pretrained runs/bcpt-f0/last.pt
@@ -45,8 +47,9 @@ from plumbing import (
 
 
 def parse_args(argv):
-    """The flags; for your own images, dataset and backbone (and so the test geometry) are the --pretrained
-    checkpoint's unless typed, and a typed flag that contradicts the checkpoint is refused."""
+    """The flags; for your own images, dataset and backbone (and so the test geometry) are the
+    --pretrained checkpoint's unless typed, and a typed flag that contradicts the checkpoint is
+    refused."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser(dataset_of(argv)).parse_args(argv)
     if (args.support or args.query) and args.weights not in ("none", "imagenet"):
@@ -105,10 +108,11 @@ CACHE_BYTES = (
 
 @torch.no_grad()
 def predict_prior(backbone, item, cache=None):
-    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test canvas (the
-    cosines of the prior in float32 under mixed precision, common.fp32). The frozen backbone runs on one image at a
-    time; with `cache` (a dict) each image's layer 4 (a support's under its class mask) is computed once per run
-    and reused by every later episode, seed and the base-class pass: the same numbers, fewer passes."""
+    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test
+    canvas (the cosines of the prior in float32 under mixed precision, common.fp32). The frozen
+    backbone runs on one image at a time; with `cache` (a dict) each image's layer 4 (a support's
+    under its class mask) is computed once per run and reused by every later episode, seed and the
+    base-class pass: the same numbers, fewer passes."""
     device = next(backbone.parameters()).device
     ids, cls = (
         [*item.get("query_id", [None]), *item.get("support_ids", [""])[0].split()],
@@ -136,7 +140,8 @@ def predict_prior(backbone, item, cache=None):
 
 
 def remember(cache, key, compute):
-    """compute(), kept in cache[key] while the cache holds less than CACHE_BYTES (none for your own images)."""
+    """compute(), kept in cache[key] while the cache holds less than CACHE_BYTES (none for your own
+    images)."""
     if cache is None or key[0] is None:
         return compute()
     if key not in cache:
@@ -156,8 +161,9 @@ def above(scores, threshold):
 
 
 def choose_threshold_on_base_classes(args, data, predict, rules, dtype):
-    """The threshold a user could pick without the novel classes: the best mIoU on base-class episodes of the
-    val images (classes seen in pre-training; novel objects there are background). -> (threshold, sweep)."""
+    """The threshold a user could pick without the novel classes: the best mIoU on base-class
+    episodes of the val images (classes seen in pre-training; novel objects there are background).
+    -> (threshold, sweep)."""
     base = evaluate_seeds(args, data, predict, rules, classes=args.base, dtype=dtype)
     sweep = {t: base[t]["miou"] for t in rules}
     return max(sweep, key=sweep.get), sweep
@@ -185,8 +191,9 @@ def main(argv=None):
     label = args.label or pretrain_label(args.weights)
     thresholds = sorted(set(args.sweep) | {args.threshold})
     print(
-        f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} pre-trained {label}, "
-        f"threshold {args.threshold}, sweep {thresholds}, {args.episodes} episodes x seeds {args.seeds}"
+        f"non-parametric {args.shot}-shot: {args.dataset} fold {args.fold}, {args.backbone} "
+        f"pre-trained {label}, threshold {args.threshold}, sweep {thresholds}, {args.episodes} "
+        f"episodes x seeds {args.seeds}"
     )
     data = open_data(args, ("val",))
     if args.episode_log:
@@ -201,8 +208,9 @@ def main(argv=None):
     # ============ the threshold chosen on base-class episodes only ============
     chosen, base_sweep = choose_threshold_on_base_classes(args, data, predict, rules, dtype)
     print(
-        f"threshold chosen on base-class episodes: {chosen:g} (base mIoU {base_sweep[chosen]:.2f}); novel mIoU "
-        f"there {results[chosen]['miou']:.2f} +- {results[chosen]['miou_std']:.2f}"
+        f"threshold chosen on base-class episodes: {chosen:g} (base mIoU "
+        f"{base_sweep[chosen]:.2f}); novel mIoU there {results[chosen]['miou']:.2f} +- "
+        f"{results[chosen]['miou_std']:.2f}"
     )
     result = results[args.threshold]
     if args.json:

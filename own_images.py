@@ -1,9 +1,10 @@
 """own_images.py: few-shot segmentation of your own images, with nothing but a checkpoint.
 
-Both tests take --support IMAGE MASK (once per shot) and --query IMAGE...: evaluate.py with a meta-trained model,
-nonparametric_eval.py with a pre-trained backbone's prior. The images are read as they come (JPEG, PNG, any size),
-a support mask in every common way of storing one (read_user_mask), each query put in the benchmark's test
-geometry and normalisation, and its prediction written at its original size with a picture beside it.
+Both tests take --support IMAGE MASK (once per shot) and --query IMAGE...: evaluate.py with a
+meta-trained model, nonparametric_eval.py with a pre-trained backbone's prior. The images are read
+as they come (JPEG, PNG, any size), a support mask in every common way of storing one
+(read_user_mask), each query put in the benchmark's test geometry and normalisation, and its
+prediction written at its original size with a picture beside it.
 """
 
 import os
@@ -33,8 +34,9 @@ _STDERR = threading.Lock()  # one decode at a time may borrow the process's stde
 
 
 def read_image(path, fix):
-    """An image file decoded in full -> RGB float32 (H, W, 3) in 0..255, refusing what libjpeg only warns about: a
-    JPEG damaged in the middle decodes "successfully" into garbage, saying 'Corrupt JPEG data' on stderr."""
+    """An image file decoded in full -> RGB float32 (H, W, 3) in 0..255, refusing what libjpeg only
+    warns about: a JPEG damaged in the middle decodes "successfully" into garbage, saying 'Corrupt
+    JPEG data' on stderr."""
     with _STDERR, tempfile.TemporaryFile() as said:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -55,10 +57,11 @@ def read_image(path, fix):
 
 
 def read_user_mask(path, image_path, shape):
-    """A support mask read as its user means it -> (H, W) uint8: 1 foreground, 0 background, 255 ignored. A palette
-    (VOC) PNG: index 0 background, any other index foreground. A transparent PNG: the opaque part. Otherwise 0/1,
-    0/255, class indices, grey, RGB: a label image (lossless, a few values) is foreground wherever non-zero; a JPEG or
-    one with many values (anti-aliased edges) above half its maximum. 255 beside other non-zero values is void."""
+    """A support mask read as its user means it -> (H, W) uint8: 1 foreground, 0 background, 255
+    ignored. A palette (VOC) PNG: index 0 background, any other index foreground. A transparent PNG:
+    the opaque part. Otherwise 0/1, 0/255, class indices, grey, RGB: a label image (lossless, a few
+    values) is foreground wherever non-zero; a JPEG or one with many values (anti-aliased edges)
+    above half its maximum. 255 beside other non-zero values is void."""
     try:
         with Image.open(path) as im:
             mode, lossy, m = im.mode, im.format == "JPEG", np.array(im)
@@ -86,7 +89,8 @@ def read_user_mask(path, image_path, shape):
 
 
 def weights_made_for(path):
-    """(dataset, backbone) of a weight file: a kit checkpoint's flags, else the backbone of its keys (dataset None)."""
+    """(dataset, backbone) of a weight file: a kit checkpoint's flags, else the backbone of its keys
+    (dataset None)."""
     ckpt = load_checkpoint(path)
     flags = ckpt.get("args", {})
     return (
@@ -98,9 +102,10 @@ def weights_made_for(path):
 
 # ============ 2. Your episodes, in the benchmark's test geometry ============
 def own_episodes(supports, queries, test_size, geometry="pfenet"):
-    """The user's episodes, every file read before any is predicted: the supports [(image path, mask path)] once,
-    then per query (its output name, unique in the run; the item as an evaluation batch of EpisodeDataset, in the
-    benchmark's test geometry, PROTOCOL.md 5.1; the query (H, W, 3); the supports [(image, mask)])."""
+    """The user's episodes, every file read before any is predicted: the supports [(image path, mask
+    path)] once, then per query (its output name, unique in the run; the item as an evaluation batch
+    of EpisodeDataset, in the benchmark's test geometry, PROTOCOL.md 5.1; the query (H, W, 3); the
+    supports [(image, mask)])."""
     fix = "pass an image file"
     pairs = [
         (img, read_user_mask(m, i, img.shape[:2]))
@@ -127,8 +132,9 @@ def own_episodes(supports, queries, test_size, geometry="pfenet"):
 
 
 def at_query_size(scores, query, geometry="pfenet"):
-    """Scores (1, C, s, s) on the test canvas -> (C, H, W) at the query's size, as the benchmark scores them
-    (logits_at_label_size to max(H, W), then the query's top-left part; hsnet: resized to (H, W))."""
+    """Scores (1, C, s, s) on the test canvas -> (C, H, W) at the query's size, as the benchmark
+    scores them (logits_at_label_size to max(H, W), then the query's top-left part; hsnet: resized
+    to (H, W))."""
     h, w = query.shape[:2]
     if geometry == "hsnet":
         return resize(scores.float().cpu(), (h, w))[0]
@@ -139,8 +145,9 @@ def at_query_size(scores, query, geometry="pfenet"):
 
 # ============ 3. The predictions: masks at the original size, pictures ============
 def write_user_prediction(out, name, query, pred, pairs, heat=None):
-    """NAME_mask.png (0/255, the query's size) and NAME_overlay.png (the query with the prediction tinted, the
-    supports with their masks beside it, Fig. 2 style); NAME_prior.png from `heat` (H, W) in [0, 1] if given."""
+    """NAME_mask.png (0/255, the query's size) and NAME_overlay.png (the query with the prediction
+    tinted, the supports with their masks beside it, Fig. 2 style); NAME_prior.png from `heat` (H,
+    W) in [0, 1] if given."""
     os.makedirs(out, exist_ok=True)
     h = query.shape[0]
     tint = lambda img, m, colour: np.where(
@@ -179,8 +186,8 @@ def add_own_image_args(parser):
         nargs=2,
         action="append",
         metavar=("IMAGE", "MASK"),
-        help="a support image and its "
-        "mask (0/1, 0/255, palette, RGB or transparent PNG; README 'Your own images'); repeat for shots",
+        help="a support image and its mask (0/1, 0/255, palette, RGB or transparent PNG; README "
+        "'Your own images'); repeat for shots",
     )
     g.add_argument(
         "--query", nargs="+", metavar="IMAGE", help="images to segment with the --support examples"
@@ -194,12 +201,13 @@ def add_own_image_args(parser):
 
 
 def segment_own_images(args, predict, dtype, decide):
-    """Each --query segmented with the --support examples (evaluate.py, nonparametric_eval.py), by rank 0:
-    predict(item) -> scores on the test canvas, autocast in `dtype`; decide(scores at the query's size) -> (mask, heat
-    map or None)."""
+    """Each --query segmented with the --support examples (evaluate.py, nonparametric_eval.py), by
+    rank 0: predict(item) -> scores on the test canvas, autocast in `dtype`; decide(scores at the
+    query's size) -> (mask, heat map or None)."""
     if not (args.support and args.query and args.out):
         raise KitError(
-            "your own images need --support IMAGE MASK (once per shot), --query IMAGE... and --out DIR"
+            "your own images need --support IMAGE MASK (once per shot), --query IMAGE... and "
+            "--out DIR"
         )
     if not is_main():  # under torchrun, rank 0 does it all
         return

@@ -1,6 +1,7 @@
-"""plumbing.py: how the BCPT kit runs: flags, the data a stage opens, processes, precision, files, run folders and run
-records, the training loop both training stages share, the entry point. The science is common.py, which never
-imports this file; the evaluation and its results files are evaluation.py's."""
+"""plumbing.py: how the BCPT kit runs: flags, the data a stage opens, processes, precision, files,
+run folders and run records, the training loop both training stages share, the entry point. The
+science is common.py, which never imports this file; the evaluation and its results files are
+evaluation.py's."""
 
 import argparse
 import atexit
@@ -49,14 +50,16 @@ from worlds import ensure_synthetic
 
 # ============ 1. Flags: every default written once, per dataset where it differs ============
 class KitParser(argparse.ArgumentParser):
-    """argparse whose errors are KitErrors: one line naming the flag, no usage block (run() prints it)."""
+    """argparse whose errors are KitErrors: one line naming the flag, no usage block (run() prints
+    it)."""
 
     def error(self, message):
         raise KitError(message)
 
 
 def bounded(kind, lo=None, hi=None, open_lo=False):
-    """An argparse type: a finite `kind` in [lo, hi] (lo excluded if open_lo), so a bad value stops the run at once."""
+    """An argparse type: a finite `kind` in [lo, hi] (lo excluded if open_lo), so a bad value stops
+    the run at once."""
 
     def check(text):
         v = kind(text)
@@ -80,7 +83,8 @@ UNIT, POSITIVE_FLOAT = bounded(float, 0.0, 1.0), bounded(float, 0.0, open_lo=Tru
 
 
 def dataset_of(argv):
-    """The --dataset of a command line (default synthetic), read first so that every default and --help is its own."""
+    """The --dataset of a command line (default synthetic), read first so that every default and
+    --help is its own."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="synthetic")
     dataset = pre.parse_known_args(argv)[0].dataset
@@ -95,8 +99,9 @@ def typed(argv, flag):
 
 
 def add_flag(group, dataset, flags, default, help, **kw):
-    """Add a flag whose default may be {dataset: value}, the one place it is written; --help shows the others'.
-    dataset None: no default (evaluate.py's data and model flags take the checkpoint's)."""
+    """Add a flag whose default may be {dataset: value}, the one place it is written; --help shows
+    the others'. dataset None: no default (evaluate.py's data and model flags take the
+    checkpoint's)."""
     if dataset is None:
         default = None
     elif isinstance(default, dict):
@@ -107,14 +112,18 @@ def add_flag(group, dataset, flags, default, help, **kw):
             f"{d} {'required' if v is None else v}" for d, v in default.items() if d != key
         )
         default = default[key]
-        help += f" ({'required' if default is None else 'default %(default)s'} for --dataset {dataset}; {others})"
+        help += (
+            f" ({'required' if default is None else 'default %(default)s'} for --dataset "
+            f"{dataset}; {others})"
+        )
     elif default is not None:
         help += " (default %(default)s)"
     group.add_argument(*flags.split(), default=default, help=help, **kw)
 
 
 def add_data_args(parser, dataset, stage):
-    """The data flags of a stage: pretrain, metatrain, evaluate, nonparametric or verify; dataset None: no defaults."""
+    """The data flags of a stage: pretrain, metatrain, evaluate, nonparametric or verify; dataset
+    None: no defaults."""
     g = parser.add_argument_group(
         "data (PROTOCOL.md 1-3)" + "; default: the checkpoint's" * (dataset is None)
     )
@@ -131,7 +140,8 @@ def add_data_args(parser, dataset, stage):
         dataset,
         "--data-root",
         dict(pascal=None, coco=None, **SYNTHETIC_ROOTS),
-        "VOC-layout root (python prepare_data.py makes one; the synthetic one is drawn on first use)",
+        "VOC-layout root (python prepare_data.py makes one; the synthetic one is drawn on first "
+        "use)",
     )
     if stage != "verify":
         add_flag(
@@ -148,9 +158,8 @@ def add_data_args(parser, dataset, stage):
         dataset,
         "--train-pool",
         dict(pascal="oslsm", coco="aug", synthetic="aug"),
-        "aug: every mask "
-        "not in val.txt (10582 on VOC + SBD); oslsm: train.txt + train_noval.txt, PFENet/BAM's 5953 "
-        "(PROTOCOL.md 2.2)",
+        "aug: every mask not in val.txt (10582 on VOC + SBD); oslsm: train.txt + "
+        "train_noval.txt, PFENet/BAM's 5953 (PROTOCOL.md 2.2)",
         choices=["aug", "oslsm"],
     )
     add_flag(
@@ -184,16 +193,17 @@ def add_data_args(parser, dataset, stage):
             dataset,
             "--test-geometry",
             "pfenet",
-            "pfenet: keep the aspect, longer side to --test-size, "
-            "score at the original label size (PFENet/BAM); hsnet: both sides to --test-size, score there "
-            "(HSNet/DCAMA, with --test-size 400) (PROTOCOL.md 5)",
+            "pfenet: keep the aspect, longer side to --test-size, score at the original label "
+            "size (PFENet/BAM); hsnet: both sides to --test-size, score there (HSNet/DCAMA, with "
+            "--test-size 400) (PROTOCOL.md 5)",
             choices=["pfenet", "hsnet"],
         )
     return parser
 
 
 def add_common_args(parser, dataset, stage):
-    """Data, model and run flags (dataset None: no data or model defaults); --seed but for evaluate."""
+    """Data, model and run flags (dataset None: no data or model defaults); --seed but for
+    evaluate."""
     add_data_args(parser, dataset, stage)
     g = parser.add_argument_group("model" + "; default: the checkpoint's" * (dataset is None))
     add_flag(
@@ -201,8 +211,8 @@ def add_common_args(parser, dataset, stage):
         dataset,
         "--backbone",
         dict(pascal="resnet50", coco="resnet50", synthetic="resnet18"),
-        "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. 3.1); resnet18 "
-        "for CPU runs",
+        "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. "
+        "3.1); resnet18 for CPU runs",
         choices=BACKBONES,
     )
     add_flag(
@@ -233,9 +243,9 @@ def add_common_args(parser, dataset, stage):
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="auto: bf16 autocast "
-        "on a GPU that has bfloat16, fp32 elsewhere; bf16: bfloat16 autocast (CPU or CUDA); fp16: float16 "
-        "autocast with a gradient scaler, CUDA only (default %(default)s)",
+        help="auto: bf16 autocast on a GPU that has bfloat16, fp32 elsewhere; bf16: bfloat16 "
+        "autocast (CPU or CUDA); fp16: float16 autocast with a gradient scaler, CUDA only "
+        "(default %(default)s)",
     )
     if stage != "evaluate":
         g.add_argument(
@@ -249,7 +259,8 @@ def add_common_args(parser, dataset, stage):
 
 
 def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
-    """Optimisation and run-control flags of both training stages; defaults (lr: (default, help)) from `source`."""
+    """Optimisation and run-control flags of both training stages; defaults (lr: (default, help))
+    from `source`."""
     g = parser.add_argument_group(f"optimisation ({source})")
     add_flag(
         g,
@@ -352,8 +363,9 @@ def add_eval_args(parser):
 
 
 def finish_args(args, out_name=None, needs_data=True, outputs=()):
-    """Cross-flag checks, derived values, device and precision; out_name: the default run folder; outputs: as
-    check_paths, checked before the work. The flags as parsed are kept in args.flags (args.json)."""
+    """Cross-flag checks, derived values, device and precision; out_name: the default run folder;
+    outputs: as check_paths, checked before the work. The flags as parsed are kept in args.flags
+    (args.json)."""
     if args.data_root is None and needs_data:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
     if out_name and args.out is None:
@@ -368,7 +380,8 @@ def finish_args(args, out_name=None, needs_data=True, outputs=()):
 
 
 def check_paths(args, outputs=(), inputs=()):
-    """outputs: (flag, is a folder) of every path the run will write; inputs: the flags naming files it reads."""
+    """outputs: (flag, is a folder) of every path the run will write; inputs: the flags naming files
+    it reads."""
     for flag, folder in outputs:
         if (path := getattr(args, flag[2:].replace("-", "_"))) is None:
             continue
@@ -384,7 +397,8 @@ def check_paths(args, outputs=(), inputs=()):
             near, os.W_OK
         ):
             raise KitError(
-                f"{flag} {path} cannot be written ({near} is not a writable folder): choose another path"
+                f"{flag} {path} cannot be written ({near} is not a writable folder): choose "
+                "another path"
             )
     for flag in inputs:
         for path in getattr(args, flag[2:].replace("-", "_")) or []:
@@ -393,14 +407,15 @@ def check_paths(args, outputs=(), inputs=()):
 
 
 def open_data(args, splits=("train", "val"), kind="benchmark"):
-    """{split: (ids, per-class pixel counts)} of the splits a stage reads (no other list is opened); draws a
-    synthetic world (kind benchmark or standin) on first use, and records its checksum in args.world_checksum."""
+    """{split: (ids, per-class pixel counts)} of the splits a stage reads (no other list is opened);
+    draws a synthetic world (kind benchmark or standin) on first use, and records its checksum in
+    args.world_checksum."""
     if args.dataset in SYNTHETIC_ROOTS:
         made = ensure_synthetic(args.data_root, args.dataset, kind) or {}
         args.world_checksum = made.get("checksum")
         print(
-            f"world: {args.dataset} {made.get('kind', 'from your images')} at {args.data_root}, checksum "
-            f"{args.world_checksum}"
+            f"world: {args.dataset} {made.get('kind', 'from your images')} at {args.data_root}, "
+            f"checksum {args.world_checksum}"
         )
     pools = dict(
         zip(("train", "val"), image_pools(args.data_root, args.train_pool, "train" in splits))
@@ -417,7 +432,8 @@ def open_data(args, splits=("train", "val"), kind="benchmark"):
     return data
 
 
-# ============ 2. Several processes (torchrun): one process per device, rank 0 prints and writes ============
+# ============ 2. Several processes (torchrun): one process per device, rank 0 prints and writes
+# ============
 def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -431,13 +447,13 @@ def is_main():
 
 
 def setup_device(flag):
-    """--device resolved. Under torchrun (RANK and WORLD_SIZE set) join the process group (NCCL on CUDA, gloo on the
-    CPU) on cuda:LOCAL_RANK; ranks other than 0 print nothing."""
+    """--device resolved. Under torchrun (RANK and WORLD_SIZE set) join the process group (NCCL on
+    CUDA, gloo on the CPU) on cuda:LOCAL_RANK; ranks other than 0 print nothing."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if launched and flag not in ("auto", "cuda", "cpu"):
         raise KitError(
-            f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda, "
-            "cpu or auto (and choose the GPUs with CUDA_VISIBLE_DEVICES)"
+            f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device "
+            "cuda, cpu or auto (and choose the GPUs with CUDA_VISIBLE_DEVICES)"
         )
     try:
         device = torch.device(
@@ -447,8 +463,8 @@ def setup_device(flag):
         raise KitError(f"--device {flag}: not a device; pass auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise KitError(
-            f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s) that torch can "
-            "use; pass --device cpu" + " or cuda:0" * (torch.cuda.device_count() > 0)
+            f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s) that "
+            "torch can use; pass --device cpu" + " or cuda:0" * (torch.cuda.device_count() > 0)
         )
     if launched and device.type == "cuda":
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
@@ -464,7 +480,8 @@ def setup_device(flag):
 
 
 def all_reduce_sum(t):
-    """t summed over the processes (t itself for one process), on t's device; NCCL reduces on the GPU."""
+    """t summed over the processes (t itself for one process), on t's device; NCCL reduces on the
+    GPU."""
     if world() == 1:
         return t
     x = t.to(
@@ -483,8 +500,9 @@ def gathered(obj):
 
 
 def wrap_ddp(model, device, sync_bn=False):
-    """DistributedDataParallel for several processes (SyncBatchNorm first if sync_bn, on CUDA; buffers not broadcast:
-    the BCPT centres stay in step by all_reduce_sum); the model itself for one."""
+    """DistributedDataParallel for several processes (SyncBatchNorm first if sync_bn, on CUDA;
+    buffers not broadcast: the BCPT centres stay in step by all_reduce_sum); the model itself for
+    one."""
     if world() == 1:
         return model
     if sync_bn and device.type == "cuda":
@@ -503,8 +521,9 @@ def wrap_ddp(model, device, sync_bn=False):
 
 
 def global_mean(loss, logits, target, n=None):
-    """loss(logits, target) as this process's share of its mean over the n labelled entries of the global batch (n:
-    the target's entries but 255), the shares adding up to the one-process loss (Trainer.optimise scales to match)."""
+    """loss(logits, target) as this process's share of its mean over the n labelled entries of the
+    global batch (n: the target's entries but 255), the shares adding up to the one-process loss
+    (Trainer.optimise scales to match)."""
     if world() == 1:
         return loss(logits, target)
     n = (target != IGNORE).sum() if n is None else n
@@ -517,9 +536,9 @@ global_mean_ce = functools.partial(
 
 
 def stream_batches(n, batch, seed, start_iter, total_iters, rank=0, world=1):
-    """The index lists of iterations start_iter .. total_iters - 1: iteration t takes items t*B .. (t+1)*B - 1 of an
-    endless stream of per-epoch permutations seeded by (seed, epoch), so a resumed run sees the batches a straight one
-    would; rank r of W takes its B / W of each global batch."""
+    """The index lists of iterations start_iter .. total_iters - 1: iteration t takes items t*B ..
+    (t+1)*B - 1 of an endless stream of per-epoch permutations seeded by (seed, epoch), so a resumed
+    run sees the batches a straight one would; rank r of W takes its B / W of each global batch."""
     perm = functools.lru_cache(2)(
         lambda epoch: torch.randperm(
             n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)
@@ -535,10 +554,12 @@ def stream_batches(n, batch, seed, start_iter, total_iters, rank=0, world=1):
 
 
 def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device):
-    """The batches of iterations start_iter .. total_iters - 1 (this rank's share of each, under torchrun)."""
+    """The batches of iterations start_iter .. total_iters - 1 (this rank's share of each, under
+    torchrun)."""
     if batch % world():
         raise KitError(
-            f"--batch {batch} is the global batch: it must split evenly over the {world()} processes"
+            f"--batch {batch} is the global batch: it must split evenly over the {world()} "
+            "processes"
         )
     batches = stream_batches(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
     cuda, own = (
@@ -555,9 +576,11 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
     )
 
 
-# ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32) ============
+# ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32)
+# ============
 def precision_of(precision, device):
-    """--precision resolved: auto is bf16 (float32's range, fp16's is 6.5e4) on a GPU that has it, else fp32."""
+    """--precision resolved: auto is bf16 (float32's range, fp16's is 6.5e4) on a GPU that has it,
+    else fp32."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
@@ -630,8 +653,9 @@ def set_rng_state(state):
 
 # ============ 5. Run folders, locks and run records ============
 def check_run_folder(args, stage, keys):
-    """Before anything is written: a folder holding a checkpoint is continued only by the same stage, with --resume
-    and the same `keys` flags; another stage's folder is refused. -> the checkpoint to resume from, or None."""
+    """Before anything is written: a folder holding a checkpoint is continued only by the same
+    stage, with --resume and the same `keys` flags; another stage's folder is refused. -> the
+    checkpoint to resume from, or None."""
     path, record, fresh = (
         os.path.join(args.out, "last.pt"),
         os.path.join(args.out, "args.json"),
@@ -648,8 +672,9 @@ def check_run_folder(args, stage, keys):
         return None
     ckpt = load_checkpoint(path)
     what = (
-        f"a {ckpt.get('stage')} run at iteration {ckpt.get('iter')} of {ckpt.get('args', {}).get('total_iters')} "
-        f"({path}, {time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(path)))})"
+        f"a {ckpt.get('stage')} run at iteration {ckpt.get('iter')} of "
+        f"{ckpt.get('args', {}).get('total_iters')} ({path}, "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(path)))})"
     )
     if ckpt.get("stage") != stage:
         raise KitError(f"--out {args.out} holds {what}, not a {stage} run: {fresh}")
@@ -660,8 +685,9 @@ def check_run_folder(args, stage, keys):
 
 @contextlib.contextmanager
 def run_folder(out):
-    """One run per folder: rank 0 holds an exclusive lock on OUT/.lock (naming its process) while the run lasts; a
-    second run stops at once; a killed run's lock (freed by the kernel) is taken over, its temp files removed."""
+    """One run per folder: rank 0 holds an exclusive lock on OUT/.lock (naming its process) while
+    the run lasts; a second run stops at once; a killed run's lock (freed by the kernel) is taken
+    over, its temp files removed."""
     f, err = None, None
     if is_main():
         os.makedirs(out, exist_ok=True)
@@ -671,8 +697,8 @@ def run_folder(out):
         except OSError:
             f.seek(0)
             err = (
-                f"--out {out} is in use by {f.read().strip() or 'another process'} ({f.name}): wait for that "
-                "run to end, or choose another --out"
+                f"--out {out} is in use by {f.read().strip() or 'another process'} ({f.name}): "
+                "wait for that run to end, or choose another --out"
             )
             f.close()
     if all_reduce_sum(torch.tensor([float(err is not None)])).item():
@@ -703,8 +729,9 @@ def run_folder(out):
 
 
 def run_record(args, data=None):
-    """What ran where: UTC time, host, versions, device, world size, the kit's git commit and whether its tree was
-    dirty, the data root, its pool sizes and world checksum (args.json, and "run" in results files)."""
+    """What ran where: UTC time, host, versions, device, world size, the kit's git commit and
+    whether its tree was dirty, the data root, its pool sizes and world checksum (args.json, and
+    "run" in results files)."""
     here = os.path.dirname(os.path.abspath(__file__))
     git = lambda *a: subprocess.run(
         ["git", "-C", here, *a], capture_output=True, text=True
@@ -741,9 +768,10 @@ def run_record(args, data=None):
 
 # ============ 6. The training loop both training stages share ============
 class Trainer:
-    """All around a stage's step(batch) -> (loss, metrics), which calls optimise(loss) with its process's share of the
-    global batch's loss: run folder, --resume, batch stream, poly lr, autocast, gradient scaling, the NaN stop every
-    process agrees on, best.pt, progress lines and log.jsonl, checkpoints, Ctrl-C and --benchmark."""
+    """All around a stage's step(batch) -> (loss, metrics), which calls optimise(loss) with its
+    process's share of the global batch's loss: run folder, --resume, batch stream, poly lr,
+    autocast, gradient scaling, the NaN stop every process agrees on, best.pt, progress lines and
+    log.jsonl, checkpoints, Ctrl-C and --benchmark."""
 
     def __init__(self, args, stage, model, opt, base_lrs, keys):
         self.args, self.stage, self.model, self.opt, self.base_lrs, self.keys = (
@@ -760,8 +788,9 @@ class Trainer:
         self.log, self.skipped, self.saved = os.path.join(args.out, "log.jsonl"), False, 0
 
     def optimise(self, loss):
-        """The optimiser step (fp16: scaled; the gradient summed over the processes) when the loss is finite on every
-        process, which all agree on so none hangs. -> whether a step was taken."""
+        """The optimiser step (fp16: scaled; the gradient summed over the processes) when the loss
+        is finite on every process, which all agree on so none hangs. -> whether a step was
+        taken."""
         self.skipped = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))])).item() > 0
         if not self.skipped:
             self.opt.zero_grad(set_to_none=True)
@@ -774,7 +803,8 @@ class Trainer:
         return not self.skipped
 
     def save(self, t, path=None, **extra):
-        """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait for it."""
+        """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait
+        for it."""
         states = gathered(rng_state())
         if is_main():
             save_checkpoint(
@@ -798,8 +828,9 @@ class Trainer:
         return path or self.path
 
     def fit(self, dataset, step, stop, argv, data, validate=None, val_every=None, log_extra=dict):
-        """Iterations 0 (or the checkpoint's) .. stop - 1 of step(batch); every log line adds log_extra()'s fields;
-        validate() -> (mIoU, {other scores}) every val_every iterations and at the end under --select best-val."""
+        """Iterations 0 (or the checkpoint's) .. stop - 1 of step(batch); every log line adds
+        log_extra()'s fields; validate() -> (mIoU, {other scores}) every val_every iterations and at
+        the end under --select best-val."""
         args, argv = self.args, sys.argv[1:] if argv is None else list(argv)
         ckpt = check_run_folder(
             args, self.stage, self.keys
@@ -836,8 +867,9 @@ class Trainer:
                 )  # every RNG where a straight run has it, each rank's own
                 if len(ranks) != world():
                     print(
-                        f"note: {self.path} was written by {len(ranks)} processes, this run has {world()}: every "
-                        "rank continues from rank 0's RNG state, so the run is not an exact continuation"
+                        f"note: {self.path} was written by {len(ranks)} processes, this run has "
+                        f"{world()}: every rank continues from rank 0's RNG state, so the run is "
+                        "not an exact continuation"
                     )
                 set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
             elif args.resume:
@@ -856,7 +888,8 @@ class Trainer:
                 last = (
                     f"the last checkpoint is {self.path} (iteration {self.saved})"
                     if self.saved
-                    else f"no checkpoint was written yet (the first comes at iteration {args.save_every})"
+                    else "no checkpoint was written yet (the first comes at iteration "
+                    f"{args.save_every})"
                 )
                 raise KeyboardInterrupt(
                     f"interrupted: {last}; continue with: python {script} "
@@ -865,7 +898,8 @@ class Trainer:
             print(f"saved {self.path}")
 
     def loop(self, batches, stop, step, validate, val_every, log_extra):
-        """The iterations: poly lr, the step, the NaN stop, progress lines, validation and checkpoints."""
+        """The iterations: poly lr, the step, the NaN stop, progress lines, validation and
+        checkpoints."""
         args = self.args
         for t, batch in enumerate(batches, self.saved):
             for group, base_lr in zip(
@@ -901,15 +935,17 @@ class Trainer:
                 self.saved = t + 1
 
     def start_log(self):
-        """Cut log.jsonl back to the steps <= the start (a line a kill cut off dropped with a note), so a resumed run
-        logs no step twice and a fresh one starts empty; start the clock of the progress lines."""
+        """Cut log.jsonl back to the steps <= the start (a line a kill cut off dropped with a note),
+        so a resumed run logs no step twice and a fresh one starts empty; start the clock of the
+        progress lines."""
         self.t0, self.start = time.time(), self.saved
         if is_main() and os.path.exists(self.log):
             with open(self.log) as f:
                 records = [(line, parse_json_line(line)) for line in f]
             if any(r is None for _, r in records):
                 print(
-                    f"note: {self.log}: dropped {sum(r is None for _, r in records)} line(s) cut off by a kill"
+                    f"note: {self.log}: dropped {sum(r is None for _, r in records)} line(s) cut "
+                    "off by a kill"
                 )
             write_atomic(
                 self.log,
@@ -934,9 +970,11 @@ class Trainer:
                 f.write(json.dumps(fields) + "\n")
 
     def keep_best(self, t, miou, scores):
-        """--select best-val, after a validation at iteration t: log it, and save best.pt if it is the best."""
+        """--select best-val, after a validation at iteration t: log it, and save best.pt if it is
+        the best."""
         print(
-            f"validation at iteration {t}: mIoU {miou:.2f} (best {max(self.best['miou'], miou):.2f})"
+            f"validation at iteration {t}: mIoU {miou:.2f} (best "
+            f"{max(self.best['miou'], miou):.2f})"
         )
         self.record(step=t, val_miou=miou, **scores, new_best=miou > self.best["miou"])
         if miou > self.best["miou"]:
@@ -944,8 +982,9 @@ class Trainer:
             self.save(t, os.path.join(self.args.out, "best.pt"), select="best-val")
 
     def benchmark(self, dataset, step, what, inner=()):
-        """Time --benchmark steps after a warm-up: batch wait (data) against step (network), peak memory, host time in
-        the functions `inner` (cProfile), one sample's load time and so the workers needed. Prints two lines; -> ms."""
+        """Time --benchmark steps after a warm-up: batch wait (data) against step (network), peak
+        memory, host time in the functions `inner` (cProfile), one sample's load time and so the
+        workers needed. Prints two lines; -> ms."""
         n, batch, cuda = self.args.benchmark, self.args.batch, self.device.type == "cuda"
         sample_ms = 1000 * timeit.timeit(lambda: [dataset[i] for i in range(8)], number=1) / 8
         batches = iter(
@@ -972,21 +1011,23 @@ class Trainer:
             inner
         )
         print(
-            f"benchmark {what} on {self.device}: {data + net:.1f} ms/step = data {data:.1f} + network {net:.1f}"
-            f"{share}; peak memory {mem:.0f} MiB",
+            f"benchmark {what} on {self.device}: {data + net:.1f} ms/step = data {data:.1f} + "
+            f"network {net:.1f}{share}; peak memory {mem:.0f} MiB",
             flush=True,
         )
         print(
-            f"one sample takes {sample_ms:.1f} ms to load and augment on one core: {batch} per step need "
-            f"{math.ceil(batch * sample_ms / net)} workers to keep up with this {net:.0f} ms step"
+            f"one sample takes {sample_ms:.1f} ms to load and augment on one core: {batch} per "
+            f"step need {math.ceil(batch * sample_ms / net)} workers to keep up with this "
+            f"{net:.0f} ms step"
         )
         return {"data": data, "network": net, "inner": inside, "sample": sample_ms}
 
 
 # ============ 7. The entry point ============
 def run(main):
-    """Entry point of every script: a KitError (also one raised in a DataLoader worker) becomes one line on stderr
-    and exit code 2; Ctrl-C one line (Trainer.fit's names the last checkpoint and the command that resumes) and 130."""
+    """Entry point of every script: a KitError (also one raised in a DataLoader worker) becomes one
+    line on stderr and exit code 2; Ctrl-C one line (Trainer.fit's names the last checkpoint and the
+    command that resumes) and 130."""
     try:
         main(sys.argv[1:])
     except KitError as e:

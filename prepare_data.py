@@ -1,4 +1,5 @@
-"""prepare_data.py: the data stage. Builds and checks the VOC-layout data roots every other stage reads.
+"""prepare_data.py: the data stage. Builds and checks the VOC-layout data roots every other stage
+reads.
 
   synthetic  a built-in synthetic benchmark (worlds.py): a seeded world in the VOC layout with objects of every
              class in the training images (the merged background of BCPT, paper Sec. 1); the stages draw the
@@ -89,8 +90,8 @@ def _need(path, what):
 
 
 def _dirs(out, kind):
-    """Claim `out` for prepared `kind` data (claim_root: new, empty or made by this command before), mark
-    it as such, then create and return the three output folders."""
+    """Claim `out` for prepared `kind` data (claim_root: new, empty or made by this command before),
+    mark it as such, then create and return the three output folders."""
     claim_root(out, "--out", kind)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, PREPARED_MARKER), "w") as f:
@@ -105,7 +106,8 @@ def _dirs(out, kind):
 
 
 def _report(name, counts):
-    """Print counts and a warning for each that differs from the real-data count (reference_numbers.py)."""
+    """Print counts and a warning for each that differs from the real-data count
+    (reference_numbers.py)."""
     print("%s: %s" % (name, " ".join("%s=%d" % kv for kv in counts.items())))
     for k, v in counts.items():
         expected = reference("list-size", name, row=k)
@@ -117,7 +119,8 @@ def _report(name, counts):
 
 
 def _read_index_png(path):
-    """Class indices of a palette (P) or single-channel (L) PNG: palette indices, never luminance."""
+    """Class indices of a palette (P) or single-channel (L) PNG: palette indices, never
+    luminance."""
     img = Image.open(path)
     if img.mode not in ("P", "L"):
         raise KitError("%s: mode %s, expected a palette (P) or index (L) PNG" % (path, img.mode))
@@ -180,7 +183,8 @@ def _pascal_inputs(voc, sbd, aug):
 
 
 def _pascal_mask(i, voc, sbd, aug, voc_ids):
-    """(mask, source path) for one id: VOC's own PNG wins, else the aug PNG, else SBD cls/<id>.mat."""
+    """(mask, source path) for one id: VOC's own PNG wins, else the aug PNG, else SBD
+    cls/<id>.mat."""
     if i in voc_ids:
         p = os.path.join(voc, "SegmentationClass", i + ".png")
         return _read_index_png(p), p
@@ -192,11 +196,12 @@ def _pascal_mask(i, voc, sbd, aug, voc_ids):
 
 
 def prepare_pascal(voc, sbd, out, aug=None, train_noval=None):
-    """PASCAL VOC2012 + SBD -> kit layout. Returns counts val/train/train_noval/oslsm/trainaug/masks.
+    """PASCAL VOC2012 + SBD -> kit layout. Returns counts
+    val/train/train_noval/oslsm/trainaug/masks.
 
     train_noval: optional path of SBD's separately published train_noval.txt (5623 ids); default
-    sbd/train_noval.txt if present, else computed as SBD train+val (or aug ids) minus VOC val, which is
-    much larger than the published list (a warning is printed)."""
+    sbd/train_noval.txt if present, else computed as SBD train+val (or aug ids) minus VOC val, which
+    is much larger than the published list (a warning is printed)."""
     voc_train, voc_val, voc_ids, sbd_ids = _pascal_inputs(voc, sbd, aug)
     extra = [f[:-4] for f in os.listdir(aug) if f.endswith(".png")] if aug is not None else sbd_ids
     noval_file = train_noval or (sbd and os.path.join(sbd, "train_noval.txt"))
@@ -205,8 +210,8 @@ def prepare_pascal(voc, sbd, out, aug=None, train_noval=None):
     else:
         noval = set(sbd_ids or extra) - voc_val
         print(
-            "WARNING: no SBD train_noval.txt; using SBD ids minus VOC val (%d ids; the published list has 5623)"
-            % len(noval)
+            "WARNING: no SBD train_noval.txt; using SBD ids minus VOC val (%d ids; the published "
+            "list has 5623)" % len(noval)
         )
     d = _dirs(out, "pascal")
     all_ids, t0 = sorted(voc_ids | set(extra)), time.time()
@@ -300,7 +305,8 @@ def prepare_coco(coco, out):
 
 # ============ 2. verify, and the command line ============
 def bad_files(root, ids, n_classes, workers=4):
-    """Decode every image in full and read every mask; one line per bad file (all of them, not the first)."""
+    """Decode every image in full and read every mask; one line per bad file (all of them, not the
+    first)."""
 
     def problems(i):
         try:
@@ -315,16 +321,17 @@ def bad_files(root, ids, n_classes, workers=4):
 
 
 def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved", workers=2):
-    """Per fold: images of the training list (BAM: novel-containing dropped; PFENet: kept) and of the val list,
-    and per class the support pool sizes after the pixel rule (PROTOCOL.md 3.1). Returns the numbers."""
+    """Per fold: images of the training list (BAM: novel-containing dropped; PFENet: kept) and of
+    the val list, and per class the support pool sizes after the pixel rule (PROTOCOL.md 3.1).
+    Returns the numbers."""
     train_ids, val_ids = image_pools(root, train_pool)
     n = N_CLASSES[dataset]
     bad = bad_files(root, train_ids + val_ids, n, workers)
     if bad:
         print(f"{len(bad)} bad files:\n" + "\n".join("  " + b for b in bad))
         raise KitError(
-            f"verify: {len(bad)} of the {len(train_ids) + len(val_ids)} images or masks under {root} "
-            "are bad (listed above): restore them or drop their ids from the lists"
+            f"verify: {len(bad)} of the {len(train_ids) + len(val_ids)} images or masks under "
+            f"{root} are bad (listed above): restore them or drop their ids from the lists"
         )
     ct, cv = (
         class_pixel_counts(root, train_ids, n, workers),
@@ -334,8 +341,8 @@ def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved"
         split: reference(f"bam-{split}-list", dataset, row=train_pool) for split in ("train", "val")
     }
     print(
-        f"{dataset} at {root}: train pool {len(train_ids)} images ({train_pool}), val {len(val_ids)}; "
-        f"pixel rule >= {min_pixels}"
+        f"{dataset} at {root}: train pool {len(train_ids)} images ({train_pool}), val "
+        f"{len(val_ids)}; pixel rule >= {min_pixels}"
     )
     out = []
     for fold in range(4):
@@ -442,8 +449,8 @@ def main(argv=None):
     if made and made != a.dataset:  # verify a root with the settings of the data it holds
         if typed(argv, "--dataset"):
             raise KitError(
-                f"--dataset {a.dataset}: {a.data_root} holds {made} data (its marker says so); pass "
-                f"--dataset {made} or leave it out"
+                f"--dataset {a.dataset}: {a.data_root} holds {made} data (its marker says so); "
+                f"pass --dataset {made} or leave it out"
             )
         a = parser(made).parse_args(argv + ["--dataset", made])
     if a.command == "synthetic":

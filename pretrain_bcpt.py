@@ -1,4 +1,5 @@
-"""pretrain_bcpt.py: pre-train the backbone on a fold's base classes, "Standard" or BCPT (paper Sec. 2).
+"""pretrain_bcpt.py: pre-train the backbone on a fold's base classes, "Standard" or BCPT (paper Sec.
+2).
 
   standard  softmax cross-entropy over background + base classes: the paper's "Standard" row, with BAM's
             base learner head (--head psp, PSPNet) or a linear layer on the last layer (--head linear).
@@ -10,9 +11,10 @@
             of every class (global average pooling, a linear layer, binary cross-entropy, labels from the masks)
             on a separate root, fold-free; a synthetic world's companion root is drawn on first use.
 
-Writes <out>/last.pt (resumable: model, optimiser, iteration, centres, RNG states, flags), <out>/log.jsonl, with
---select best-val <out>/best.pt (BAM's selection) and with --vis-clusters <out>/clusters/*.png; standard and bcpt
-end with the base-class mIoU on the val images (beside BAM's on PASCAL). Later stages take --pretrained last.pt.
+Writes <out>/last.pt (resumable: model, optimiser, iteration, centres, RNG states, flags),
+<out>/log.jsonl, with --select best-val <out>/best.pt (BAM's selection) and with --vis-clusters
+<out>/clusters/*.png; standard and bcpt end with the base-class mIoU on the val images (beside BAM's
+on PASCAL). Later stages take --pretrained last.pt.
 
 Full run (one CUDA GPU, BAM's base pre-training settings, PROTOCOL.md 7.3):
     python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 --backbone resnet50v2 \
@@ -106,19 +108,18 @@ def parse_args(argv):
         "--method",
         default="bcpt",
         choices=["standard", "bcpt", "generic"],
-        help="standard: "
-        "cross-entropy over background + base classes (the paper's 'Standard'); bcpt: Eqs. 1-7; generic: "
-        "the ImageNet stand-in, a multi-label classifier of every class on another root (default "
-        "%(default)s)",
+        help="standard: cross-entropy over background + base classes (the paper's 'Standard'); "
+        "bcpt: Eqs. 1-7; generic: the ImageNet stand-in, a multi-label classifier of every "
+        "class on another root (default %(default)s)",
     )
     add_flag(
         g,
         ds,
         "--head",
         dict(pascal="psp", coco="psp", synthetic="linear"),
-        "head of --method standard: psp "
-        "= BAM's base learner (PSPNet, PROTOCOL.md 9.6), loss on logits upsampled to the crop; linear = W on "
-        "the last layer, loss at its resolution. BCPT always uses W on the last layer (Sec. 2.2)",
+        "head of --method standard: psp = BAM's base learner (PSPNet, PROTOCOL.md 9.6), loss on "
+        "logits upsampled to the crop; linear = W on the last layer, loss at its resolution. "
+        "BCPT always uses W on the last layer (Sec. 2.2)",
         choices=["psp", "linear"],
     )
     add_flag(
@@ -129,7 +130,8 @@ def parse_args(argv):
         "number of background cluster centres K (Sec. 2.1, Table 4)",
         type=bounded(int, 2),
     )
-    # deviation: the synthetic run is ~250x shorter (200 vs ~50k iterations): the centres' 1 / (1 - mu) 10x shorter
+    # deviation: the synthetic run is ~250x shorter (200 vs ~50k iterations): the centres' 1 / (1 -
+    # mu) 10x shorter
     add_flag(
         g,
         ds,
@@ -171,9 +173,9 @@ def parse_args(argv):
         "--novel-images",
         default="keep",
         choices=["keep", "drop"],
-        help="training images with a novel "
-        "pixel: keep them, novel objects in the merged background (BAM's base learner), or drop them "
-        "all, the ablation of the paper's premise (default %(default)s)",
+        help="training images with a novel pixel: keep them, novel objects in the merged "
+        "background (BAM's base learner), or drop them all, the ablation of the paper's "
+        "premise (default %(default)s)",
     )
     g.add_argument(
         "--vis-clusters",
@@ -181,7 +183,8 @@ def parse_args(argv):
         default=0,
         help="write N pictures of the background clusters at the end (Fig. 1b)",
     )
-    # deviation: the synthetic worlds' 64-px images take a smaller crop and scale range, and a higher lr
+    # deviation: the synthetic worlds' 64-px images take a smaller crop and scale range, and a
+    # higher lr
     add_training_args(
         p,
         ds,
@@ -197,9 +200,8 @@ def parse_args(argv):
         ds,
         "--backbone-lr-mult",
         dict(pascal=1.0, coco=10.0, synthetic=1.0),
-        "the backbone's lr is --lr "
-        "times this: 1 = BAM's PASCAL base config (index_split 0), 10 = its COCO one (index_split -1: "
-        "everything at 10x, PROTOCOL.md 7.3)",
+        "the backbone's lr is --lr times this: 1 = BAM's PASCAL base config (index_split 0), 10 "
+        "= its COCO one (index_split -1: everything at 10x, PROTOCOL.md 7.3)",
         type=POSITIVE_FLOAT,
     )
     args = p.parse_args(argv)
@@ -234,11 +236,13 @@ def parse_args(argv):
     return args
 
 
-# ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> W or BAM's PSPNet head ============
+# ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> W or BAM's PSPNet head
+# ============
 class PretrainNet(nn.Module):
-    """Backbone + W (1x1 conv, no bias, Sec. 2.2) or the PSPNet head. standard: background + base columns; bcpt:
-    base columns only, the background the buffer `centers` P (D, K), `guidance` G (D, K-1) warm-starts the next
-    k-means; generic: a linear layer (with bias) from the pooled last layer to every class."""
+    """Backbone + W (1x1 conv, no bias, Sec. 2.2) or the PSPNet head. standard: background + base
+    columns; bcpt: base columns only, the background the buffer `centers` P (D, K), `guidance` G (D,
+    K-1) warm-starts the next k-means; generic: a linear layer (with bias) from the pooled last
+    layer to every class."""
 
     def __init__(self, backbone, n_base, method, K, head):
         super().__init__()
@@ -267,7 +271,8 @@ class PretrainNet(nn.Module):
         return self.W(emb)
 
     def logits(self, emb):
-        """Scores of background + base classes (B, 1 + n_base, h, w); BCPT's background is its best centre."""
+        """Scores of background + base classes (B, 1 + n_base, h, w); BCPT's background is its best
+        centre."""
         if hasattr(self, "psp"):
             return self.psp(emb)
         if self.method == "standard":
@@ -284,10 +289,11 @@ def downsample_labels(y, size):
 
 # ============ One iteration, in the paper's order (Sec. 2) ============
 def bcpt_step(net, x, y, args, optimise):
-    """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update (Eq. 1).
-    x (B, 3, H, W), y (B, H, W): this process's share of the batch (net may be wrapped in DistributedDataParallel;
-    the counts and sums below are then the whole batch's). optimise(loss) takes the SGD step (plumbing.Trainer:
-    mixed precision, the NaN check, several processes) and says whether it did."""
+    """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update (Eq.
+    1). x (B, 3, H, W), y (B, H, W): this process's share of the batch (net may be wrapped in
+    DistributedDataParallel; the counts and sums below are then the whole batch's). optimise(loss)
+    takes the SGD step (plumbing.Trainer: mixed precision, the NaN check, several processes) and
+    says whether it did."""
     m = getattr(net, "module", net)  # the network itself: W, the centres P, the guidance G
     if not args.no_guidance:  # 1. Eqs. 5-7 (W is the same on every process: so are G and P)
         G, P = guidance_step(m.w().detach(), m.guidance, m.centers, args.mu)
@@ -330,8 +336,8 @@ def bcpt_step(net, x, y, args, optimise):
 
 
 def standard_step(net, x, y, args, optimise):
-    """The paper's "Standard": cross-entropy over background + base classes, on BAM's PSPNet head (logits upsampled
-    to the crop) or on W at the last layer's resolution; then the SGD step."""
+    """The paper's "Standard": cross-entropy over background + base classes, on BAM's PSPNet head
+    (logits upsampled to the crop) or on W at the last layer's resolution; then the SGD step."""
     m, emb = getattr(net, "module", net), net(x)  # (B, D, h, w)
     if args.head == "psp":
         loss = global_mean_ce(resize(m.psp(emb).float(), y.shape[-2:]), y)
@@ -342,8 +348,9 @@ def standard_step(net, x, y, args, optimise):
 
 
 def generic_step(net, x, y, args, optimise):
-    """The ImageNet stand-in: every class present in the crop's mask is a positive label of the image; binary
-    cross-entropy of the linear layer on the globally pooled last layer; then the SGD step."""
+    """The ImageNet stand-in: every class present in the crop's mask is a positive label of the
+    image; binary cross-entropy of the linear layer on the globally pooled last layer; then the SGD
+    step."""
     m, emb = getattr(net, "module", net), net(x)  # (B, D, h, w), h = H / 32 (undilated)
     n = len(args.base)  # every class; 0 background and 255 void are no label
     present = torch.zeros(len(y), n + 2, device=y.device).scatter_(
@@ -363,7 +370,8 @@ def generic_step(net, x, y, args, optimise):
 
 # ============ Training ============
 def build(args, device):
-    """-> the network on `device` and SGD: the head at 10x --lr, the backbone at --backbone-lr-mult x --lr (BAM)."""
+    """-> the network on `device` and SGD: the head at 10x --lr, the backbone at --backbone-lr-mult
+    x --lr (BAM)."""
     backbone = build_backbone(
         args.backbone, args.weights, {"dataset": args.dataset}, dilate=args.method != "generic"
     )
@@ -380,20 +388,25 @@ def build(args, device):
 
 
 def base_learner_check(args, miou):
-    """The final base-class mIoU on the val images, beside BAM's base learner's for that fold where it exists."""
+    """The final base-class mIoU on the val images, beside BAM's base learner's for that fold where
+    it exists."""
     backbone = args.backbone.replace("50v2", "50")  # either ResNet-50 stem
     bam = reference("bam-base-learner", args.dataset, backbone, "standard")  # PROTOCOL.md 11.2
     line = f"base-class mIoU on the val images: {miou:.2f}"
     if bam:
         theirs = bam["folds"][args.fold]
-        line += f" (BAM's base learner, {args.dataset} fold {args.fold}, {args.backbone}: {theirs}, PROTOCOL.md 11.2)"
+        line += (
+            f" (BAM's base learner, {args.dataset} fold {args.fold}, {args.backbone}: {theirs}, "
+            "PROTOCOL.md 11.2)"
+        )
     return line
 
 
 @torch.no_grad()
 def validate_base(net, val_set, args, device):
-    """BAM train_base's selection score (PROTOCOL.md 2.5): the val images resized to the crop, scored on the
-    padded label; IoU of each class summed over the images. -> (mIoU of the base classes, with background)."""
+    """BAM train_base's selection score (PROTOCOL.md 2.5): the val images resized to the crop,
+    scored on the padded label; IoU of each class summed over the images. -> (mIoU of the base
+    classes, with background)."""
     net.eval()
     n, conf = len(args.base) + 1, torch.zeros((len(args.base) + 1) ** 2, dtype=torch.long)
     shard = torch.utils.data.Subset(
@@ -433,13 +446,15 @@ def main(argv=None):
     args.total_iters = args.epochs * args.iters_per_epoch
     stop = min(args.total_iters, args.max_iters or args.total_iters)
     print(
-        f"pretrain {args.method} ({args.head} head): classes {args.base}, {len(dataset)} images ({args.novel_images} "
-        f"novel-containing), {args.iters_per_epoch} it/epoch x {args.epochs} epochs = {args.total_iters} iterations "
-        f"(running to {stop}), {args.backbone} from {args.init_label}, device {device}, out {args.out}"
+        f"pretrain {args.method} ({args.head} head): classes {args.base}, {len(dataset)} images "
+        f"({args.novel_images} novel-containing), {args.iters_per_epoch} it/epoch x "
+        f"{args.epochs} epochs = {args.total_iters} iterations (running to {stop}), "
+        f"{args.backbone} from {args.init_label}, device {device}, out {args.out}"
     )
     if args.vis_clusters and args.method != "bcpt":
         print(
-            "--vis-clusters: standard pre-training has no background clusters; no pictures will be written"
+            "--vis-clusters: standard pre-training has no background clusters; no pictures will "
+            "be written"
         )
     net, opt = build(args, device)
     trainer = Trainer(
@@ -498,8 +513,9 @@ def main(argv=None):
 
 @torch.no_grad()
 def visualise_clusters(net, dataset, args, device):
-    """Fig. 1b: training crops with each background pixel coloured by its cluster centre, drawn at least
-    256 px high, with a key naming each colour's centre and its share of the picture's background."""
+    """Fig. 1b: training crops with each background pixel coloured by its cluster centre, drawn at
+    least 256 px high, with a key naming each colour's centre and its share of the picture's
+    background."""
     net.eval()
     colours = cv2.applyColorMap(
         np.linspace(0, 255, args.K).astype(np.uint8)[:, None], cv2.COLORMAP_JET
@@ -537,7 +553,8 @@ def visualise_clusters(net, dataset, args, device):
             )
         cv2.imwrite(os.path.join(folder, f"{i:03d}.png"), np.concatenate([pic, key], 0))
     print(
-        f"wrote {args.vis_clusters} cluster maps to {folder} (left: crop; right: background by centre)"
+        f"wrote {args.vis_clusters} cluster maps to {folder} (left: crop; right: background by "
+        "centre)"
     )
 
 

@@ -1,4 +1,5 @@
-"""reference_numbers.py: every number the kit prints beside its own, in one table, each with its source.
+"""reference_numbers.py: every number the kit prints beside its own, in one table, each with its
+source.
 
   paper-table1..4  the BCPT paper's ASPP-PFENet rows, mIoU (and FB-IoU) in % (PROTOCOL.md 11.1); Table 3's rows
                    are its components (Standard = neither, BMC = background mining only, BMC+OCG = BCPT),
@@ -8,9 +9,9 @@
   bam-val-list     rule) and val lists, PASCAL-5i on the 5953-image pool (PROTOCOL.md 2.4)
   list-size        images in the official lists that prepare_data.py writes (PROTOCOL.md 2.2-2.3)
 
-Columns: folds 0-3, then "all" (the mean over the folds as printed in the paper, or a whole list's size) and
-FB-IoU; "-" where the source gives no number. Three of the paper's printed means are not the mean of their
-folds (PROTOCOL.md 11.1): the kit prints them as printed.
+Columns: folds 0-3, then "all" (the mean over the folds as printed in the paper, or a whole list's
+size) and FB-IoU; "-" where the source gives no number. Three of the paper's printed means are not
+the mean of their folds (PROTOCOL.md 11.1): the kit prints them as printed.
 """
 
 REFERENCE_TABLE = """
@@ -57,7 +58,8 @@ list-size        coco    -        val       -     -      -      -      -     401
 
 
 def parse_reference_table(text):
-    """{(source, dataset, backbone, row, shot): {"folds": [4], "all": x, "fb_iou": x}}, None where "-"."""
+    """{(source, dataset, backbone, row, shot): {"folds": [4], "all": x, "fb_iou": x}}, None where
+    "-"."""
     table = {}
     for line in text.strip().splitlines()[1:]:
         source, dataset, backbone, row, shot, *numbers = line.split()

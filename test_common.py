@@ -1,5 +1,6 @@
-"""Tests of common.py, the science: Eqs. 1-7 and the metrics against hand-computed values, the model and the
-prior, data on disk (folds, pools, the index, bad files), transforms, datasets, backbones and checkpoint files.
+"""Tests of common.py, the science: Eqs. 1-7 and the metrics against hand-computed values, the model
+and the prior, data on disk (folds, pools, the index, bad files), transforms, datasets, backbones
+and checkpoint files.
 
 Run every test file: python -m pytest -q
 """
@@ -34,7 +35,8 @@ def test_cluster_assign_and_eq1_with_empty_cluster():
         P_hat, torch.tensor([[3.0, 0.0, 0.0], [4.0, 4.0, 0.0]])
     ) and counts.tolist() == [1, 2, 0]
     new = common.momentum_update(centers, P_hat, counts, mu=0.5)
-    # p1: 0.5 (1, 0) + 0.5 (3, 4)/5 = (0.8, 0.4); p2: 0.5 (0, 1) + 0.5 (0, 4)/4 = (0, 1); p3 unchanged
+    # p1: 0.5 (1, 0) + 0.5 (3, 4)/5 = (0.8, 0.4); p2: 0.5 (0, 1) + 0.5 (0, 4)/4 = (0, 1); p3
+    # unchanged
     assert torch.allclose(new, torch.tensor([[0.8, 0.0, 0.6], [0.4, 1.0, 0.8]]))
 
 
@@ -81,7 +83,8 @@ def test_kmeans_is_deterministic_and_correct():
 
 
 def test_eqs3_4_hand_computed():
-    # base pixel j = (1, 0) of class 1; background pixel i = (0, 1); w1 = (1, 0), w2 = (0, 1); p1 = (0, 2), p2 = (1, 1)
+    # base pixel j = (1, 0) of class 1; background pixel i = (0, 1); w1 = (1, 0), w2 = (0, 1); p1 =
+    # (0, 2), p2 = (1, 1)
     W, P = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 1.0]])
     I_base, I_bg = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])
     assign = common.cluster_assign(P, I_bg)  # <i, p1> = 2 > <i, p2> = 1
@@ -141,7 +144,8 @@ def test_masked_average_pooling_hand_computed():
 
 
 def test_prior_mask_known_max_cosine():
-    # query positions (1, 0), (-1, 0), (1, 1); support positions (1, 0) in the mask and (0, 1) outside it.
+    # query positions (1, 0), (-1, 0), (1, 1); support positions (1, 0) in the mask and (0, 1)
+    # outside it.
     q = torch.tensor([[1.0, -1.0, 1.0], [0.0, 0.0, 1.0]]).view(1, 2, 1, 3)
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
     m = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
@@ -350,7 +354,8 @@ def test_train_transform_keeps_image_and_mask_aligned():
 def test_test_transform_geometry():
     img, mask = np.full((60, 100, 3), 200, np.float32), np.ones((60, 100), np.uint8)
     x, y = common.test_transform(img, mask, 64)
-    # longer side 100 -> 64, shorter 60 * 0.64 = 38.4 -> 38 -> floored to 32; top-left on a 64 canvas
+    # longer side 100 -> 64, shorter 60 * 0.64 = 38.4 -> 38 -> floored to 32; top-left on a 64
+    # canvas
     assert (y[:32] == 1).all() and (y[32:] == 255).all()
     raw = x.permute(1, 2, 0).numpy() * common.STD + common.MEAN
     assert np.allclose(raw[40:], 0, atol=1e-3) and np.allclose(raw[:32], 200, atol=1e-3)

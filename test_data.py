@@ -1,5 +1,5 @@
-"""Tests of the data: the synthetic worlds (worlds.py) and the data stage (prepare_data.py) on small inputs
-in the real VOC, SBD and COCO layouts, written here."""
+"""Tests of the data: the synthetic worlds (worlds.py) and the data stage (prepare_data.py) on small
+inputs in the real VOC, SBD and COCO layouts, written here."""
 
 import glob
 import json
@@ -152,8 +152,9 @@ CHECKSUMS = {
 
 @pytest.mark.parametrize("world,kind", sorted(CHECKSUMS))
 def test_world_checksums_are_pinned(tmp_path, world, kind):
-    """The worlds are drawn with numpy alone: the same pixels and labels on every machine (12 + 6 images here; the
-    checksum covers the decoded JPEGs and the labels, i.e. what the stages read)."""
+    """The worlds are drawn with numpy alone: the same pixels and labels on every machine (12 + 6
+    images here; the checksum covers the decoded JPEGs and the labels, i.e. what the stages
+    read)."""
     r = worlds.make_synthetic(
         str(tmp_path / "w"), 12, 6 if kind == "benchmark" else 0, world=world, kind=kind
     )
@@ -229,7 +230,8 @@ def test_changed_parameters_regenerate(tmp_path):
 
 
 def test_two_processes_generate_one_world(tmp_path):
-    """Stage scripts started side by side both generate on first use; each must see a complete world."""
+    """Stage scripts started side by side both generate on first use; each must see a complete
+    world."""
     root = str(tmp_path / "w")
     cmd = [
         sys.executable,
@@ -250,8 +252,8 @@ def test_two_processes_generate_one_world(tmp_path):
 
 
 def test_world_appears_whole_even_if_another_run_publishes_first(tmp_path, monkeypatch):
-    """Deterministic version of the race: mid-generation, root is untouched; then another run publishes
-    the same world first; this run keeps it and leaves no temporary folder."""
+    """Deterministic version of the race: mid-generation, root is untouched; then another run
+    publishes the same world first; this run keeps it and leaves no temporary folder."""
     root, render, calls, seen = str(tmp_path / "w"), worlds._render, [], {}
     spec = worlds.WORLDS["synthetic"]
 

@@ -1,5 +1,5 @@
-"""Tests of how the kit runs (plumbing.py): flags, run folders and locks, exact resume, precision, several
-processes under torchrun, and bad input stopped with one line before any work."""
+"""Tests of how the kit runs (plumbing.py): flags, run folders and locks, exact resume, precision,
+several processes under torchrun, and bad input stopped with one line before any work."""
 
 import glob
 import json
@@ -106,15 +106,18 @@ def test_second_process_on_the_same_folder_stops_with_one_line(synthetic_root, t
         (
             None,
             [
-                "--mu MU momentum mu of Eqs. 1 and 7 (paper Sec. 2.1) (default 0.99 for --dataset synthetic; pascal 0.999",
-                "--crop CROP training crop side (PROTOCOL.md 4.2) (default 64 for --dataset synthetic",
+                "--mu MU momentum mu of Eqs. 1 and 7 (paper Sec. 2.1) (default 0.99 for "
+                "--dataset synthetic; pascal 0.999",
+                "--crop CROP training crop side (PROTOCOL.md 4.2) (default 64 for --dataset "
+                "synthetic",
             ],
         ),
         (
             "pascal",
             [
                 "(default 0.999 for --dataset pascal; coco 0.999; synthetic 0.99)",
-                "--crop CROP training crop side (PROTOCOL.md 4.2) (default 417 for --dataset pascal",
+                "--crop CROP training crop side (PROTOCOL.md 4.2) (default 417 for --dataset "
+                "pascal",
                 "resnet18 for CPU runs (default resnet50 for --dataset pascal",
                 "--train-pool {aug,oslsm}",
                 "(default oslsm for --dataset pascal; coco aug; synthetic aug)",
@@ -135,7 +138,8 @@ def test_help_prints_the_defaults_of_the_chosen_dataset(dataset, expect, capsys)
 
 @pytest.mark.parametrize("script", ["pretrain_bcpt", "metatrain", "evaluate", "nonparametric_eval"])
 def test_every_flag_is_read(script):
-    """No dead flags: each parsed flag is read as args.<name> in the script or a module of the kit."""
+    """No dead flags: each parsed flag is read as args.<name> in the script or a module of the
+    kit."""
     mod = __import__(script)
     kit = [
         name
@@ -355,7 +359,8 @@ def test_resume_leaves_every_rng_where_a_straight_run_has_it(synthetic_root, tmp
         checkpoints_equal(a, b)
 
 
-# ---------- precision modes on the CPU, and the CUDA path (run with -m cuda on a GPU machine) ----------
+# ---------- precision modes on the CPU, and the CUDA path (run with -m cuda on a GPU machine)
+# ----------
 def test_bf16_every_stage_finite_and_recorded(synthetic_root, tmp_path):
     import evaluate
     import metatrain
@@ -664,7 +669,8 @@ def test_device_flag_contradicting_torchrun_is_refused(monkeypatch):
         plumbing.setup_device("cuda:1")
 
 
-# ---------- never lose a run: a run folder belongs to one run, checks before writes (README "Status") ----------
+# ---------- never lose a run: a run folder belongs to one run, checks before writes (README
+# "Status") ----------
 def test_a_finished_run_is_never_restarted_without_resume(synthetic_root, tmp_path):
     import pretrain_bcpt
 
@@ -775,7 +781,8 @@ def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(synthetic_root
 
     out = tmp_path / "run"
     argv = pretrain_args(synthetic_root, out, "--save-every", "1", "--max-iters", "40")
-    # a shell's background job (`cmd &`) inherits SIGINT ignored, and Python then keeps ignoring it: give the run
+    # a shell's background job (`cmd &`) inherits SIGINT ignored, and Python then keeps ignoring it:
+    # give the run
     # the default disposition a terminal's Ctrl-C meets
     p = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "pretrain_bcpt.py"), *argv],
@@ -792,8 +799,8 @@ def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(synthetic_root
     saved = common.load_checkpoint(str(out / "last.pt"))["iter"]
     assert p.returncode == 130 and err.count("\n") == 1, err
     assert (
-        f"stopped: interrupted: the last checkpoint is {out}/last.pt (iteration {saved}); continue with: "
-        f"python pretrain_bcpt.py {' '.join(argv)} --resume" in err
+        f"stopped: interrupted: the last checkpoint is {out}/last.pt (iteration {saved}); "
+        f"continue with: python pretrain_bcpt.py {' '.join(argv)} --resume" in err
     )
     assert (
         subprocess.run(

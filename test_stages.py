@@ -1,5 +1,5 @@
-"""Tests of the stages, end to end on the CPU: pre-training, the non-parametric test, meta-training and
-evaluation, the tables beside the paper, the peers' weight files, and your own images."""
+"""Tests of the stages, end to end on the CPU: pre-training, the non-parametric test, meta-training
+and evaluation, the tables beside the paper, the peers' weight files, and your own images."""
 
 import glob
 import json
@@ -34,8 +34,8 @@ from conftest import (
 
 
 def test_generic_loss_by_hand():
-    """--method generic: the classes present in each crop's mask are its labels (0 and 255 are none), BCE of the
-    linear layer on the globally pooled last layer, mean over images x classes."""
+    """--method generic: the classes present in each crop's mask are its labels (0 and 255 are
+    none), BCE of the linear layer on the globally pooled last layer, mean over images x classes."""
     from types import SimpleNamespace
 
     import pretrain_bcpt
@@ -52,7 +52,8 @@ def test_generic_loss_by_hand():
     loss, out = pretrain_bcpt.generic_step(
         _Wrap(net, emb), torch.zeros(2, 3, 1, 2), y, SimpleNamespace(base=[1, 2, 3]), seen.append
     )
-    # logits: image 0 (2, 1) -> [2, 0, 3.5]; image 1 (2, -1) -> [2, -2, 1.5]; labels [1, 0, 1], [0, 0, 0]
+    # logits: image 0 (2, 1) -> [2, 0, 3.5]; image 1 (2, -1) -> [2, -2, 1.5]; labels [1, 0, 1], [0,
+    # 0, 0]
     sp = lambda v: math.log1p(math.exp(v))  # noqa: E731  BCE(z, 1) = softplus(-z), BCE(z, 0) = softplus(z)
     by_hand = (sp(-2) + sp(0) + sp(-3.5) + sp(2) + sp(-2) + sp(1.5)) / 6
     assert loss.item() == pytest.approx(by_hand) and seen == [loss]
@@ -74,8 +75,9 @@ class _Wrap(torch.nn.Module):
 
 
 def test_generic_is_undilated_fold_free_and_labelled(tmp_path, capsys):
-    """The stand-in trains the backbone undilated (output stride 32, as ImageNet weights are), on its own root,
-    with no fold; its last.pt is accepted as --weights / --pretrained and named in tables."""
+    """The stand-in trains the backbone undilated (output stride 32, as ImageNet weights are), on
+    its own root, with no fold; its last.pt is accepted as --weights / --pretrained and named in
+    tables."""
     import nonparametric_eval
     import pretrain_bcpt
 
@@ -155,7 +157,8 @@ def test_generic_is_undilated_fold_free_and_labelled(tmp_path, capsys):
 def test_novel_images_drop_leaves_no_novel_pixel_in_any_batch(
     synthetic_root, tmp_path, monkeypatch
 ):
-    """--novel-images drop: every image a pre-training batch draws has no novel pixel; keep draws some."""
+    """--novel-images drop: every image a pre-training batch draws has no novel pixel; keep draws
+    some."""
     import pretrain_bcpt
 
     drawn = []
@@ -432,8 +435,8 @@ def test_pretrain_label_names_each_variant(tmp_path):
 def test_frozen_features_once_per_image_same_numbers(
     synthetic_root, pretrained, tmp_path, monkeypatch
 ):
-    """The non-parametric test keeps each image's layer 4 (a support's: per class) for reuse: the same numbers as
-    running the backbone on every episode, with fewer backbone passes."""
+    """The non-parametric test keeps each image's layer 4 (a support's: per class) for reuse: the
+    same numbers as running the backbone on every episode, with fewer backbone passes."""
     import nonparametric_eval
 
     calls = []
@@ -456,8 +459,8 @@ def test_frozen_features_once_per_image_same_numbers(
 
 
 def test_test_geometry_changes_the_scored_label(synthetic_root, metatrained, tmp_path, capsys):
-    """pfenet (BAM/PFENet): scored on the original-size label; hsnet (HSNet/DCAMA): on the label resized to the
-    test size. Recorded in the results and named in the table row."""
+    """pfenet (BAM/PFENet): scored on the original-size label; hsnet (HSNet/DCAMA): on the label
+    resized to the test size. Recorded in the results and named in the table row."""
     import evaluate
 
     ids, counts = common.image_pools(synthetic_root, "aug", False)[1], None
@@ -553,10 +556,11 @@ def _markdown_rows(section):
 
 
 def test_reference_numbers_are_protocols_and_agree_with_the_papers_text():
-    """reference_numbers.py holds PROTOCOL.md 11.1 (the paper's Tables 1-4) and 11.2 (BAM's base learners) cell for
-    cell; three printed means are not their folds' mean; the differences are the ones the paper's text states (Sec.
-    3.2: "BCPT surpasses Standard by 1.51% and 2.61%" on PASCAL ResNet-50, "0.69% and 0.73%" on COCO; Table 2:
-    "outperforms Standard and ImageNet by 5.25% and 8.67%"; Sec. 3.3: BMC "brings 1.55%", OCG "extra 1.06%")."""
+    """reference_numbers.py holds PROTOCOL.md 11.1 (the paper's Tables 1-4) and 11.2 (BAM's base
+    learners) cell for cell; three printed means are not their folds' mean; the differences are the
+    ones the paper's text states (Sec. 3.2: "BCPT surpasses Standard by 1.51% and 2.61%" on PASCAL
+    ResNet-50, "0.69% and 0.73%" on COCO; Table 2: "outperforms Standard and ImageNet by 5.25% and
+    8.67%"; Sec. 3.3: BMC "brings 1.55%", OCG "extra 1.06%")."""
     from reference_numbers import REFERENCE
 
     names = {"PASCAL-5i": "pascal", "COCO-20i": "coco", "VGG16": "vgg16", "ResNet50": "resnet50"}
@@ -607,8 +611,9 @@ def test_reference_numbers_are_protocols_and_agree_with_the_papers_text():
 
 
 def test_table_prints_the_papers_number_beside_ours(tmp_path, capsys):
-    """Three training seeds of the non-parametric BCPT row on PASCAL fold 0 (made-up numbers): the paper's 38.52,
-    the difference, the spread of the seeds and BAM test.py's best-of-evaluation-seeds figure."""
+    """Three training seeds of the non-parametric BCPT row on PASCAL fold 0 (made-up numbers): the
+    paper's 38.52, the difference, the spread of the seeds and BAM test.py's
+    best-of-evaluation-seeds figure."""
     import evaluate
 
     files = []
@@ -630,15 +635,16 @@ def test_table_prints_the_papers_number_beside_ours(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Beside the paper (Table 2, pascal resnet50 BCPT 1-shot):" in out
     assert (
-        "fold 0: ours 38.33 (training seeds 37.00-40.00), paper 38.52, difference -0.19: inside the spread of "
-        "our seeds; best of the evaluation seeds (BAM test.py's Best_mIoU) 41.00"
+        "fold 0: ours 38.33 (training seeds 37.00-40.00), paper 38.52, difference -0.19: inside "
+        "the spread of our seeds; best of the evaluation seeds (BAM test.py's Best_mIoU) 41.00"
     ) in out
     assert "| pascal | resnet50v2 | non-parametric prior | bcpt K=6 Eq4=sum | 38.33+-1.53 |" in out
 
 
 def test_results_md_miniature_runs_end_to_end(tmp_path):
-    """RESULTS.md's commands, verbatim, on the default world with every run cut to 2 iterations and 2 episodes: the
-    paper's rows (stand-in, Standard, BCPT either reading of Eq. 4), random init and the ablation, both tables."""
+    """RESULTS.md's commands, verbatim, on the default world with every run cut to 2 iterations and
+    2 episodes: the paper's rows (stand-in, Standard, BCPT either reading of Eq. 4), random init and
+    the ablation, both tables."""
     script = open(os.path.join(HERE, "RESULTS.md")).read().split("```bash\n")[1].split("```")[0]
     for name in glob.glob(os.path.join(HERE, "*.py")):
         os.symlink(name, tmp_path / os.path.basename(name))

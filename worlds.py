@@ -1,18 +1,21 @@
-"""worlds.py: the built-in synthetic benchmarks ("worlds"), drawn with numpy alone and written in the VOC layout.
+"""worlds.py: the built-in synthetic benchmarks ("worlds"), drawn with numpy alone and written in
+the VOC layout.
 
   synthetic   many small shape classes (colour x shape x texture) on textured "stuff", 1-4 objects an image
   synthetic2  other statistics, for a claim to be checked beyond one world: 1-2 large two-tone blob-shaped
               objects on clouds / gradients / patchwork, with small non-class clutter
 
-A world has 20 classes; its training images hold objects of every class, so novel objects sit in the merged
-background of pre-training (paper Sec. 1). Its companion "stand-in" root (kind standin) is another draw of the same
-classes with unlabelled distractors and no val images: the ImageNet stand-in of pretrain_bcpt.py --method generic.
+A world has 20 classes; its training images hold objects of every class, so novel objects sit in the
+merged background of pre-training (paper Sec. 1). Its companion "stand-in" root (kind standin) is
+another draw of the same classes with unlabelled distractors and no val images: the ImageNet
+stand-in of pretrain_bcpt.py --method generic.
 
-Every pixel is float64 numpy arithmetic on a seeded numpy Generator (colours through the standard library's
-colorsys), so a world is the same on every machine and library version; OpenCV only encodes the files. Its checksum
-(the decoded pixels and labels of every file) is printed, kept in the world's marker, and recorded in args.json and
-every results file, so a number says which world it was measured on. The stages draw a world on first use
-(ensure_synthetic); python prepare_data.py synthetic draws one with other sizes or another --seed.
+Every pixel is float64 numpy arithmetic on a seeded numpy Generator (colours through the standard
+library's colorsys), so a world is the same on every machine and library version; OpenCV only
+encodes the files. Its checksum (the decoded pixels and labels of every file) is printed, kept in
+the world's marker, and recorded in args.json and every results file, so a number says which world
+it was measured on. The stages draw a world on first use (ensure_synthetic); python prepare_data.py
+synthetic draws one with other sizes or another --seed.
 """
 
 import colorsys
@@ -49,8 +52,8 @@ def _grid(size):
 
 
 def _inside(polys, size):
-    """Boolean (size, size) mask of the pixel centres inside any of the polygons ((n, 2) arrays of x, y), each
-    filled by the even-odd rule (computed in each polygon's bounding box)."""
+    """Boolean (size, size) mask of the pixel centres inside any of the polygons ((n, 2) arrays of
+    x, y), each filled by the even-odd rule (computed in each polygon's bounding box)."""
     mask = np.zeros((size, size), bool)
     for p in polys:
         (x0, y0), (x1, y1) = (
@@ -114,8 +117,8 @@ def _spread(m):
 
 
 def _finish(rng, img, inst, classes, blur):
-    """Instance map (H, W) -> VOC label map with a void band (255) along each visible object outline; the image
-    gets a mild blur and noise. -> (uint8 RGB image, uint8 label map)."""
+    """Instance map (H, W) -> VOC label map with a void band (255) along each visible object
+    outline; the image gets a mild blur and noise. -> (uint8 RGB image, uint8 label map)."""
     lab = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)[
         inst
     ]  # instance id -> class label
@@ -139,7 +142,8 @@ def _frame(size, cx, cy, scale, angle):
     return (x - cx) * c + (y - cy) * s, (y - cy) * c - (x - cx) * s
 
 
-# ============ 2. The first world, synthetic: many small shape classes on textured stuff ============
+# ============ 2. The first world, synthetic: many small shape classes on textured stuff
+# ============
 # Base RGB colours; each is shared by 2-3 classes, so colour alone never identifies a class.
 COLOURS = dict(
     red=(200, 40, 40),
@@ -185,7 +189,8 @@ SHAPES = {
 
 
 def _shape_mask(shape, size, *pose):
-    """Boolean mask of a shape at pose (scale, cx, cy, angle, aspect): its polygons less its holes."""
+    """Boolean mask of a shape at pose (scale, cx, cy, angle, aspect): its polygons less its
+    holes."""
     filled, holes = SHAPES[shape]
     return _inside(_place(filled, *pose), size) & ~_inside(_place(holes, *pose), size)
 
@@ -196,7 +201,8 @@ _UNIT_AREA = {
 
 
 def _object_texture(rng, look, size, cx, cy, r, angle):
-    """Float RGB image of a look (colour, shape, texture) laid out in the object's own rotated, scaled frame."""
+    """Float RGB image of a look (colour, shape, texture) laid out in the object's own rotated,
+    scaled frame."""
     colour, _, tex = look
     base = _jitter(rng, COLOURS[colour])
     u, v = _frame(size, cx, cy, 0.45 * r, angle)  # in pattern periods
@@ -268,7 +274,8 @@ def _background(rng, size):
 
 
 def _distractor(rng, classes, parts):
-    """A look that is no class: the cues of the world, recombined (the stand-in's unlabelled objects)."""
+    """A look that is no class: the cues of the world, recombined (the stand-in's unlabelled
+    objects)."""
     while True:
         look = tuple(p[rng.integers(len(p))] for p in parts)
         if look not in classes:
@@ -276,8 +283,8 @@ def _distractor(rng, classes, parts):
 
 
 def _render(rng, size, distractors=0):
-    """One image with 1-4 objects (and, for the stand-in, `distractors` unlabelled ones); later objects occlude
-    earlier ones. -> (uint8 RGB image, uint8 VOC label map)."""
+    """One image with 1-4 objects (and, for the stand-in, `distractors` unlabelled ones); later
+    objects occlude earlier ones. -> (uint8 RGB image, uint8 VOC label map)."""
     img, inst = _background(rng, size), np.zeros((size, size), int)
     classes = list(rng.integers(0, 20, rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.25, 0.15])))
     looks = [CLASSES[c] for c in classes] + [
@@ -300,10 +307,13 @@ def _render(rng, size, distractors=0):
     return _finish(rng, img, inst, classes, blur=0.6)
 
 
-# ============ 3. The second world, synthetic2: other statistics, for a claim to be checked beyond one world ============
-# 1-2 large objects per image with smooth Fourier-blob or compound outlines, two-tone colour pairs laid out by
+# ============ 3. The second world, synthetic2: other statistics, for a claim to be checked beyond
+# one world ============
+# 1-2 large objects per image with smooth Fourier-blob or compound outlines, two-tone colour pairs
+# laid out by
 # a class texture, on cloud / gradient / patchwork backgrounds with small non-class clutter.
-# Five tones; every class has two of them (all 10 pairs, each pair used by 2 classes, each tone by 8).
+# Five tones; every class has two of them (all 10 pairs, each pair used by 2 classes, each tone by
+# 8).
 PALETTE2 = dict(
     red=(205, 55, 45),
     gold=(225, 175, 40),
@@ -311,8 +321,10 @@ PALETTE2 = dict(
     blue=(50, 95, 205),
     pink=(200, 90, 175),
 )
-# Classes 1-20, two a row: shape family, colour pair (first tone / second tone), texture. Each shape is
-# used by 2 classes, each pair by 2, each texture by 4; any two classes share at most one of the three cues.
+# Classes 1-20, two a row: shape family, colour pair (first tone / second tone), texture. Each shape
+# is
+# used by 2 classes, each pair by 2, each texture by 4; any two classes share at most one of the
+# three cues.
 CLASS_TABLE2 = """
     egg        red/gold   stripes     egg        green/blue rings         #  1,  2
     clover     gold/green spots       clover     red/green  radial        #  3,  4
@@ -348,7 +360,8 @@ _THETA2 = np.linspace(0, 2 * np.pi, 64, endpoint=False)
 
 
 def _parts2(shape, rng=None):
-    """Unit-frame polygons of a shape; with rng, each part gets per-instance outline and offset jitter."""
+    """Unit-frame polygons of a shape; with rng, each part gets per-instance outline and offset
+    jitter."""
     polys = []
     for dx, dy, sx, sy, coef in SHAPES2[shape]:
         r = np.ones_like(_THETA2) + sum(a * np.cos(k * _THETA2) for k, a in coef.items())
@@ -367,7 +380,8 @@ _UNIT_AREA2 = {
 
 
 def _object_texture2(rng, look, size, cx, cy, scale, angle):
-    """Float RGB two-tone texture of a look (shape, tone pair, texture) in the object's own frame."""
+    """Float RGB two-tone texture of a look (shape, tone pair, texture) in the object's own
+    frame."""
     _, (name1, name2), tex = look
     u, v = _frame(size, cx, cy, scale, angle)
     rho = np.sqrt(u * u + v * v)
@@ -391,7 +405,8 @@ def _object_texture2(rng, look, size, cx, cy, scale, angle):
 
 
 def _bg_colour(rng):
-    """Background colour: half the time a palette tone (so colour never separates objects), else any."""
+    """Background colour: half the time a palette tone (so colour never separates objects), else
+    any."""
     if rng.random() < 0.5:
         return _jitter(rng, list(PALETTE2.values())[rng.integers(len(PALETTE2))], (0.7, 1.1))
     return _hsv(rng.uniform(0, 1), rng.uniform(0.08, 0.67), rng.uniform(0.24, 0.88))
@@ -404,7 +419,8 @@ def _clouds(rng, size):
 
 
 def _background2(rng, size):
-    """Background 'stuff': clouds, a soft four-corner gradient or a patchwork, cloud-shaded, with clutter."""
+    """Background 'stuff': clouds, a soft four-corner gradient or a patchwork, cloud-shaded, with
+    clutter."""
     (y, x), kind = _grid(size), rng.integers(3)
     if kind == 0:  # clouds between two colours
         a, b = _bg_colour(rng), _bg_colour(rng)
@@ -434,8 +450,8 @@ def _background2(rng, size):
 
 
 def _render2(rng, size, distractors=0):
-    """One image with 1-2 large objects (and, for the stand-in, `distractors` unlabelled ones). -> (uint8 RGB
-    image, uint8 VOC label map)."""
+    """One image with 1-2 large objects (and, for the stand-in, `distractors` unlabelled ones). ->
+    (uint8 RGB image, uint8 VOC label map)."""
     img, inst = _background2(rng, size), np.zeros((size, size), int)
     classes = list(
         rng.choice(20, 1 if rng.random() < 0.55 else 2, replace=False)
@@ -471,9 +487,12 @@ def _render2(rng, size, distractors=0):
 
 
 # ============ 4. Writing a world: the benchmark, or its ImageNet stand-in ============
-# The worlds, their renderers and default sizes. kind "benchmark": train and val images of the few-shot benchmark;
-# kind "standin": the companion root of the ImageNet stand-in (pretrain_bcpt.py --method generic), the world's
-# classes on other images (another seed stream), each with 1-2 unlabelled distractors, no val images.
+# The worlds, their renderers and default sizes. kind "benchmark": train and val images of the
+# few-shot benchmark;
+# kind "standin": the companion root of the ImageNet stand-in (pretrain_bcpt.py --method generic),
+# the world's
+# classes on other images (another seed stream), each with 1-2 unlabelled distractors, no val
+# images.
 WORLDS = {
     "synthetic": dict(render=_render, n_train=1200, n_val=400, size=64),
     "synthetic2": dict(render=_render2, n_train=1200, n_val=400, size=64),
@@ -487,10 +506,10 @@ def _same_world(root, params):
 
 
 def ensure_synthetic(root, world="synthetic", kind="benchmark"):
-    """What a stage calls on --dataset synthetic / synthetic2: a finished world of that kind at root is used as
-    it is (of any size); no world there: the default one is generated (make_synthetic refuses a foreign folder);
-    a world of the other kind: refused, naming both. The stand-in may be any VOC-layout root. -> its marker, or
-    None for a root the kit did not make."""
+    """What a stage calls on --dataset synthetic / synthetic2: a finished world of that kind at root
+    is used as it is (of any size); no world there: the default one is generated (make_synthetic
+    refuses a foreign folder); a world of the other kind: refused, naming both. The stand-in may be
+    any VOC-layout root. -> its marker, or None for a root the kit did not make."""
     params = world_marker(root)
     if params is None and kind == "standin" and os.path.isdir(os.path.join(root, IMAGES)):
         return None  # the user's own images stand in for ImageNet
@@ -500,12 +519,13 @@ def ensure_synthetic(root, world="synthetic", kind="benchmark"):
     if params["world"] != world:
         raise KitError(
             f"--data-root {root} holds the {params['world']} world, not {world}: pass --dataset "
-            f"{params['world']}, or the --data-root of a {world} world (default {SYNTHETIC_ROOTS[world]})"
+            f"{params['world']}, or the --data-root of a {world} world (default "
+            f"{SYNTHETIC_ROOTS[world]})"
         )
     if kind == "benchmark" and params["kind"] != kind:
         raise KitError(
-            f"--data-root {root} holds the ImageNet stand-in of {world}, which has no val images: pass "
-            f"the benchmark's --data-root (default {SYNTHETIC_ROOTS[world]})"
+            f"--data-root {root} holds the ImageNet stand-in of {world}, which has no val "
+            f"images: pass the benchmark's --data-root (default {SYNTHETIC_ROOTS[world]})"
         )
     return params
 
@@ -520,11 +540,11 @@ def make_synthetic(
     world="synthetic",
     kind="benchmark",
 ):
-    """Write a synthetic world (WORLDS, STANDIN; sizes default to the world's) to `root` in VOC layout; return root.
-    Idempotent: if root holds that world with the same parameters, return at once. Only a missing or empty
-    folder, or a world of the same kind this kit made, is (re)written (claim_root). The world is written to a
-    private temporary folder and published with one rename, so runs started side by side never read a
-    half-written world."""
+    """Write a synthetic world (WORLDS, STANDIN; sizes default to the world's) to `root` in VOC
+    layout; return root. Idempotent: if root holds that world with the same parameters, return at
+    once. Only a missing or empty folder, or a world of the same kind this kit made, is (re)written
+    (claim_root). The world is written to a private temporary folder and published with one rename,
+    so runs started side by side never read a half-written world."""
     spec = {**WORLDS[world], **(STANDIN if kind == "standin" else {})}
     n_train, n_val, size = (
         n_train or spec["n_train"],
@@ -588,8 +608,9 @@ def _world_files(params):
 
 
 def _check_only_world_files(root, flag):
-    """Before a world the kit made is replaced: refuse if the folder holds anything the kit did not write there
-    (its world files and its index cache), so that no file of the user's is ever deleted."""
+    """Before a world the kit made is replaced: refuse if the folder holds anything the kit did not
+    write there (its world files and its index cache), so that no file of the user's is ever
+    deleted."""
     params, ours = world_marker(root), set()
     ours = _world_files(params) if params else ours
     for folder, _, files in os.walk(root):
@@ -597,15 +618,16 @@ def _check_only_world_files(root, flag):
             rel = os.path.relpath(os.path.join(folder, name), root)
             if rel not in ours and os.path.dirname(rel) != CACHE_DIR:
                 raise KitError(
-                    f"{flag} {root} holds {rel}, which this kit did not write: the world there would be "
-                    "replaced, so move that file out, or choose another folder"
+                    f"{flag} {root} holds {rel}, which this kit did not write: the world there "
+                    "would be replaced, so move that file out, or choose another folder"
                 )
 
 
 def _publish_world(tmp, root, params, flag):
-    """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made world of the
-    same kind there (checked again now: the folder may have changed during generation, and holds only the kit's
-    files). If another process published the same world first, keep theirs."""
+    """Move the finished world `tmp` to `root`, replacing an empty folder or a differently-made
+    world of the same kind there (checked again now: the folder may have changed during generation,
+    and holds only the kit's files). If another process published the same world first, keep
+    theirs."""
     if _same_world(root, params):
         return
     claim_root(root, flag, params["world"])

@@ -74,9 +74,7 @@ MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if ty
 
 
 def parse_args(argv):
-    p = add_common_args(
-        KitParser(description=__doc__.split("\n")[0]), None, "evaluate"
-    )  # no data or model defaults
+    p = add_common_args(KitParser(__doc__), None, "evaluate")  # no data or model defaults
     p = add_own_image_args(add_eval_args(p))
     p.add_argument("--checkpoint", help="metatrain.py's <out>/last.pt (or best.pt)")
     p.add_argument(

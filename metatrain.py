@@ -59,7 +59,7 @@ RESUME_KEYS = (
 
 def parse_args(argv):
     ds = dataset_of(argv)
-    p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "metatrain")
+    p = add_common_args(KitParser(__doc__), ds, "metatrain")
     g = p.add_argument_group("meta-training (paper Sec. 3.1)")
     add_flag(g, ds, "--shot", 1, "supports per episode (1 or 5 in the paper)", type=POSITIVE)
     g.add_argument(

@@ -71,11 +71,7 @@ def parse_args(argv):
 
 
 def parser(ds):
-    p = add_own_image_args(
-        add_eval_args(
-            add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "nonparametric")
-        )
-    )
+    p = add_own_image_args(add_eval_args(add_common_args(KitParser(__doc__), ds, "nonparametric")))
     g = p.add_argument_group("non-parametric test (paper Sec. 3.2, Table 2)")
     add_flag(g, ds, "--shot", 1, "supports per episode (Table 2 is 1-shot)", type=POSITIVE)
     add_flag(

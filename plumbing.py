@@ -51,7 +51,13 @@ from worlds import ensure_synthetic
 # ============ 1. Flags: every default written once, per dataset where it differs ============
 class KitParser(argparse.ArgumentParser):
     """argparse whose errors are KitErrors: one line naming the flag, no usage block (run() prints
-    it)."""
+    it). Its description is the first paragraph of the script's docstring, on one line."""
+
+    def __init__(self, doc=None, **kwargs):
+        if doc is not None:
+            first_paragraph = doc.split("\n\n")[0]
+            kwargs["description"] = " ".join(first_paragraph.split())
+        super().__init__(**kwargs)
 
     def error(self, message):
         raise KitError(message)

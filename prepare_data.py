@@ -381,7 +381,7 @@ def verify(dataset, root, min_pixels, train_pool="aug", coco_split="interleaved"
 
 def parser(dataset):
     """The command line; verify's defaults (pixel rule, pool) are those of `dataset`."""
-    p = KitParser(description="the BCPT kit's data stage: build and check the data roots")
+    p = KitParser("the BCPT kit's data stage: build and check the data roots")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synthetic", help="write a synthetic benchmark world (VOC layout)")
     s.add_argument(

@@ -102,7 +102,7 @@ RESUME_KEYS = (
 
 def parse_args(argv):
     ds = dataset_of(argv)
-    p = add_common_args(KitParser(description=__doc__.split("\n")[0]), ds, "pretrain")
+    p = add_common_args(KitParser(__doc__), ds, "pretrain")
     g = p.add_argument_group("pre-training method (paper Sec. 2)")
     g.add_argument(
         "--method",

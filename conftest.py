@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,7 +26,7 @@ def pytest_configure(config):
     )
 
 
-# ---------- fixtures: real files in the VOC layout, written by the tests ----------
+# ---------- real files in the VOC layout, written by the tests; the synthetic world ----------
 def write_voc(root, items, val=()):
     """items: {id: (rgb uint8 (H, W, 3), mask uint8 (H, W))}; val ids go to val.txt."""
     for sub in (common.IMAGES, common.MASKS, common.LISTS):
@@ -51,7 +52,8 @@ def blocks(classes, size=64, block=32):
 def make_root(tmp_path, n=8):
     """8 train images with classes (quadrant layout, 1024 px per quadrant) + 2 val images."""
     items = {f"t{i}": blocks([i % 4 + 1, 0, (i + 1) % 4 + 1, 6]) for i in range(n)}
-    items["v0"], items["v1"] = blocks([1, 2, 0, 0]), blocks([3, 1, 0, 0])
+    items["v0"] = blocks([1, 2, 0, 0])
+    items["v1"] = blocks([3, 1, 0, 0])
     return write_voc(tmp_path / "voc", items, val=["v0", "v1"])
 
 
@@ -62,7 +64,7 @@ def synthetic_root(tmp_path_factory):
     )
 
 
-# ---------- pretrain_bcpt.py ----------
+# ---------- the stages' command lines; a pre-trained and a meta-trained model ----------
 def pretrain_args(root, out, *extra):
     return [
         "--data-root",
@@ -85,7 +87,6 @@ def pretrain_args(root, out, *extra):
     ]
 
 
-# ---------- metatrain.py, evaluate.py, nonparametric_eval.py ----------
 @pytest.fixture(scope="session")
 def pretrained(synthetic_root, tmp_path_factory):
     """2-iteration pretraining of both methods: {method: last.pt}."""
@@ -162,7 +163,21 @@ def np_args(root, weights, path, *extra):
     ]
 
 
-# ---------- prepare_data.py: PASCAL VOC + SBD and COCO ----------
+def assert_scores_add_up(r):
+    """A test's summary (returned by main or read from its JSON): each seed's mIoU is the mean of
+    its class IoUs, the mIoU the mean over the seeds and the mean of the class IoUs averaged over
+    the seeds, all in percent. A kit that averaged over episodes, or over the seeds' best, breaks
+    it."""
+    per_seed = r["per_seed"]
+    for seed in per_seed:
+        assert seed["miou"] == pytest.approx(np.mean(list(seed["class_iou"].values())))
+    assert r["miou"] == pytest.approx(np.mean([seed["miou"] for seed in per_seed]))
+    assert r["miou"] == pytest.approx(np.mean(list(r["class_iou"].values())))
+    assert 0 <= r["miou"] <= 100
+    assert 0 <= r["fb_iou"] <= 100
+
+
+# ---------- prepare_data.py's inputs: PASCAL VOC + SBD and COCO in their own layouts ----------
 H, W = 16, 20
 
 
@@ -203,7 +218,9 @@ def write_p_png(path, arr):
 
 def read_png(path):
     m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    assert m is not None and m.ndim == 2 and m.dtype == np.uint8
+    assert m is not None
+    assert m.ndim == 2
+    assert m.dtype == np.uint8
     return m
 
 
@@ -265,13 +282,16 @@ def sbd(tmp_path):
 
 def rle_counts(mask):
     """Uncompressed COCO RLE counts: column-major runs, starting with a (possibly empty) run of
-    0."""
+    zeros."""
     flat = mask.flatten(order="F")
-    counts, cur, n = [], 0, 0
+    counts = []
+    cur = 0  # the value of the current run
+    n = 0  # its length so far
     for v in flat:
         if v != cur:
             counts.append(n)
-            cur, n = v, 0
+            cur = v
+            n = 0
         n += 1
     counts.append(n)
     return counts
@@ -289,7 +309,9 @@ def coco(tmp_path):
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
     cats = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
-    small, crowd, comp = box(5, 9, 6, 10), box(0, H, 12, 18), box(10, 14, 1, 5)
+    small = box(5, 9, 6, 10)
+    crowd = box(0, H, 12, 18)
+    comp = box(10, 14, 1, 5)
     train = {
         "images": [
             {"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "height": H, "width": W},
@@ -354,6 +376,24 @@ def coco(tmp_path):
     return str(root)
 
 
+def lists(out):
+    """{list name: ids} of a prepared root's ImageSets/Segmentation."""
+    d = os.path.join(out, "ImageSets", "Segmentation")
+    return {f[:-4]: Path(d, f).read_text().split("\n")[:-1] for f in os.listdir(d)}
+
+
+def snapshot(out):
+    """The bytes of a prepared root's masks and lists, and its image links' targets."""
+    res = {}
+    for sub in ("SegmentationClassAug", "ImageSets/Segmentation"):
+        for f in sorted(os.listdir(os.path.join(out, sub))):
+            res[sub + "/" + f] = Path(out, sub, f).read_bytes()
+    for f in sorted(os.listdir(os.path.join(out, "JPEGImages"))):
+        res["JPEGImages/" + f] = os.readlink(os.path.join(out, "JPEGImages", f))
+    return res
+
+
+# ---------- folders and checkpoints read back, flags spelled out again ----------
 def tree_bytes(root):
     """{relative path: bytes (or link target)} of everything below root, hidden files included."""
     out = {}
@@ -364,33 +404,48 @@ def tree_bytes(root):
             if os.path.islink(p):
                 out[rel] = "link -> " + os.readlink(p)
             elif os.path.isfile(p):
-                out[rel] = open(p, "rb").read()
+                out[rel] = Path(p).read_bytes()
             else:
                 out[rel] = "dir"
     return out
 
 
 def checkpoints_equal(a, b):
+    """Two checkpoints hold the same model, optimiser and RNG states, bit for bit."""
     for part in ("model", "optimizer"):
-        fa, fb = (torch.utils._pytree.tree_flatten(x[part])[0] for x in (a, b))
-        assert len(fa) == len(fb)
-        for x, y in zip(fa, fb):
-            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, part
+        leaves_a = torch.utils._pytree.tree_flatten(a[part])[0]
+        leaves_b = torch.utils._pytree.tree_flatten(b[part])[0]
+        assert len(leaves_a) == len(leaves_b)
+        for x, y in zip(leaves_a, leaves_b, strict=True):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), part
+            else:
+                assert x == y, part
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    assert a["rng"]["numpy"] == b["rng"]["numpy"] and a["rng"]["python"] == b["rng"]["python"]
+    assert a["rng"]["numpy"] == b["rng"]["numpy"]
+    assert a["rng"]["python"] == b["rng"]["python"]
+
+
+def flag_values(value):
+    """The words after a flag for its parsed value: none for a switch, each item of a list."""
+    if value is True:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)]
 
 
 def flags_to_argv(flags):
     """The command line that gives back these flags (args.json "flags"): every flag spelled out."""
     argv = []
     for dest, value in flags.items():
-        if value is not None and value is not False:  # (0 == False: compare by identity)
-            values = [] if value is True else value if isinstance(value, list) else [value]
-            argv += ["--" + dest.replace("_", "-"), *map(str, values)]
+        if value is None or value is False:  # (0 == False: compare by identity) not given
+            continue
+        argv += ["--" + dest.replace("_", "-"), *flag_values(value)]
     return argv
 
 
-# ---------- several processes: torchrun on the CPU (gloo), two ranks ----------
+# ---------- several processes: torchrun on the CPU (gloo), two ranks; CUDA-only tests ----------
 def torchrun(*argv, cwd=HERE):
     """Run a script under torchrun with 2 processes on the CPU; -> the completed process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -424,8 +479,7 @@ def cuda_test(fn):
     return fn
 
 
-# ---------- the peers' own weights and baselines (PFENet / BAM files, PSPNet head, selection,
-# fusion) ----------
+# ---------- the peers' own weight files: PFENet / BAM's resnet50_v2.pth and best.pth ----------
 def random_bn(state, prefix, c, g):
     """BN entries with statistics that are not the defaults, as in a trained file."""
     state.update(
@@ -463,7 +517,11 @@ def resnet50_v2_file(tmp_path_factory):
     return str(path), state
 
 
-def bam_best(state, path, stem):
+# BAM's best.pth keeps the deep stem inside layer0's Sequential: conv1 bn1 relu conv2 bn2 relu ...
+BAM_STEM = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}
+
+
+def bam_best(state, path, stem=BAM_STEM):
     """BAM's base-learner best.pth: {'state_dict': module.layer0..4 (stem renamed into layer0's
     Sequential), the same tensors again under module.encoder.*, module.ppm.*, module.cls.*} (BAM
     model/PSPNet.py)."""
@@ -491,7 +549,7 @@ def bam_best(state, path, stem):
     return str(path)
 
 
-# ---------- your own images, and runs that explain themselves ----------
+# ---------- your own images, and damaged files ----------
 @pytest.fixture
 def own_episode(synthetic_root, metatrained, tmp_path):
     """The first evaluation episode of the benchmark, its files written as a user's would be: the
@@ -500,7 +558,7 @@ def own_episode(synthetic_root, metatrained, tmp_path):
 
     ckpt = common.load_checkpoint(metatrained[1])
     a = ckpt["args"]
-    ids, counts = common.image_pools(synthetic_root)[1], None
+    ids = common.image_pools(synthetic_root)[1]
     counts = common.class_pixel_counts(synthetic_root, ids, 20)
     ds = common.EpisodeDataset(
         synthetic_root,
@@ -525,29 +583,14 @@ def own_episode(synthetic_root, metatrained, tmp_path):
 def corrupt_middle(src, dst):
     """A JPEG with 100 bytes of its entropy-coded data overwritten: it decodes "successfully" into
     garbage."""
-    data = bytearray(open(src, "rb").read())
+    data = bytearray(Path(src).read_bytes())
     pos = int(len(data) * 0.45)
-    data[pos : pos + 100] = bytes(
-        (k * 37 + 11) % 255 for k in range(100)
-    )  # no 0xff: no marker appears
-    open(dst, "wb").write(data)
+    # no 0xff among the new bytes: no marker appears
+    data[pos : pos + 100] = bytes((k * 37 + 11) % 255 for k in range(100))
+    Path(dst).write_bytes(data)
 
 
 def truncate(path, keep=0.5):
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: int(len(data) * keep)])
-
-
-def lists(out):
-    d = os.path.join(out, "ImageSets", "Segmentation")
-    return {f[:-4]: open(os.path.join(d, f)).read().split("\n")[:-1] for f in os.listdir(d)}
-
-
-def snapshot(out):
-    res = {}
-    for sub in ("SegmentationClassAug", "ImageSets/Segmentation"):
-        for f in sorted(os.listdir(os.path.join(out, sub))):
-            res[sub + "/" + f] = open(os.path.join(out, sub, f), "rb").read()
-    for f in sorted(os.listdir(os.path.join(out, "JPEGImages"))):
-        res["JPEGImages/" + f] = os.readlink(os.path.join(out, "JPEGImages", f))
-    return res
+    """The file cut to its first `keep` share of bytes, as a copy that was interrupted."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])

@@ -14,28 +14,22 @@ and of nonparametric_eval.py.
 Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
     python evaluate.py --checkpoint runs/meta-f0/last.pt --json results/bcpt-f0-1shot.json
 CPU smoke run on the built-in synthetic benchmark:
-    python evaluate.py --checkpoint runs/metatrain-synthetic-fold0-1shot/last.pt --episodes 100 --seeds 510
+    python evaluate.py --checkpoint runs/metatrain-synthetic-fold0-1shot/last.pt \\
+        --episodes 100 --seeds 510
 """
 
 import functools
 import os
-import re
 
 import cv2
 import numpy as np
 import torch
 
-from common import (
-    AsppPFENet,
-    EpisodeDataset,
-    KitError,
-    build_backbone,
-    load_checkpoint,
-    to_bgr_image,
-)
+from common import AsppPFENet, KitError, build_backbone, load_checkpoint, to_bgr_image
 from evaluation import (
     TABLE_METRICS,
     argmax_mask,
+    eval_episodes,
     evaluate_seeds,
     format_table,
     predict_meta,
@@ -55,22 +49,12 @@ from plumbing import (
     open_data,
     parse_json_line,
     run,
+    save_text,
 )
 
-FROM_CHECKPOINT = (
-    "dataset",
-    "fold",
-    "shot",
-    "backbone",
-    "weights",
-    "data_root",
-    "min_pixels",
-    "test_size",
-    "test_geometry",
-    "train_pool",
-    "coco_split",
-)  # each taken from the checkpoint unless typed
 MUST_MATCH = ("dataset", "fold", "shot", "backbone", "weights")  # refused if typed and different
+MAY_DIFFER = ("data_root", "min_pixels", "test_size", "test_geometry", "train_pool", "coco_split")
+FROM_CHECKPOINT = MUST_MATCH + MAY_DIFFER  # each taken from the checkpoint unless typed
 
 
 def parse_args(argv):
@@ -124,8 +108,8 @@ def parse_args(argv):
 def metatrain_checkpoint(path, expect):
     """load_checkpoint, refusing anything but metatrain.py's output."""
     ckpt = load_checkpoint(path, expect)
-    if not isinstance(ckpt, dict) or ckpt.get("stage") != "metatrain":
-        stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
+    stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
+    if stage != "metatrain":
         raise KitError(
             f"{path} is not a metatrain.py checkpoint (stage {stage!r}): pass metatrain's "
             "<out>/last.pt; backbones alone are scored by nonparametric_eval.py"
@@ -134,90 +118,60 @@ def metatrain_checkpoint(path, expect):
 
 
 def load_model(ckpt, device):
-    """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves the whole
-    model)."""
+    """AsppPFENet with the checkpoint's weights, backbone included (metatrain.py saves it all)."""
     a = ckpt["args"]
-    model = AsppPFENet(
-        build_backbone(a["backbone"], "none"), a["shot"], a.get("shot_fusion", "mean")
-    )
+    backbone = build_backbone(a["backbone"], "none")  # the checkpoint holds its weights
+    model = AsppPFENet(backbone, a["shot"], a.get("shot_fusion", "mean"))
     model.load_state_dict(ckpt["model"], strict=True)
     return model.to(device).eval()
 
 
-# ============ Fig. 2-style pictures: support + mask, query + ground truth, prediction(s)
-# ============
+# ============ Fig. 2-style pictures: support + mask, query + ground truth, predictions ============
 def panel(x, mask, colour, title):
-    """x (3, s, s) normalised canvas, mask (s, s) -> BGR uint8 panel, mask==1 tinted, with a title
-    bar."""
+    """x (3, s, s) normalised canvas, mask (s, s) -> BGR uint8 panel, mask==1 tinted, titled."""
     img = to_bgr_image(x).astype(np.float64)  # (s, s, 3)
-    img = np.where(
-        (mask.numpy() == 1)[..., None], 0.45 * img + 0.55 * np.array(colour), img
-    ).astype(np.uint8)
-    img = cv2.resize(
-        img,
-        None,
-        fx=max(1, 256 // img.shape[0]),
-        fy=max(1, 256 // img.shape[0]),
-        interpolation=cv2.INTER_NEAREST,
-    )  # small synthetic canvases drawn larger
+    tinted = 0.45 * img + 0.55 * np.array(colour)
+    img = np.where((mask.numpy() == 1)[..., None], tinted, img).astype(np.uint8)
+    zoom = max(1, 256 // img.shape[0])  # small synthetic canvases drawn larger
+    img = cv2.resize(img, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
     bar = np.full((22, img.shape[1], 3), 255, np.uint8)
     cv2.putText(bar, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([bar, img], 0)
 
 
 @torch.no_grad()
-def write_vis(args, data, models, device):
-    ids, counts = data["val"]  # the first episodes of the first seed: the same ones the scores use
-    ds = EpisodeDataset(
-        args.data_root,
-        ids,
-        counts,
-        args.dataset,
-        args.novel,
-        args.shot,
-        args.min_pixels,
-        args.seeds[0],
-        test_size=args.test_size,
-        episodes=args.vis_count,
-        geometry=args.test_geometry,
-    )
+def write_vis(args, data, models):
+    """One picture per episode: the first --vis-count of the first seed, the ones the scores use."""
+    ds = eval_episodes(args, data, args.seeds[0], args.vis_count, args.novel)
     os.makedirs(args.vis, exist_ok=True)
     for k in range(len(ds)):
         it = ds[k]
+        support_title = f"support (class {it['cls']})"
         row = [
-            panel(
-                it["support"][0],
-                it["support_mask"][0],
-                (0, 200, 255),
-                f"support (class {it['cls']})",
-            ),
+            panel(it["support"][0], it["support_mask"][0], (0, 200, 255), support_title),
             panel(it["query"], it["query_mask"], (0, 220, 0), "query + ground truth"),
         ]
+        batch = torch.utils.data.default_collate([it])  # an episode of batch 1
         for name, model in models.items():
-            logits = model(
-                it["query"][None].to(device),
-                it["support"][None].to(device),
-                it["support_mask"][None].to(device),
-            )  # (1, 2, s, s)
-            row.append(panel(it["query"], logits.argmax(1)[0].cpu(), (255, 80, 0), name))
-        cv2.imwrite(
-            os.path.join(args.vis, f"episode{k:03d}_class{it['cls']}.png"), np.concatenate(row, 1)
-        )
+            scores = predict_meta(model, batch)  # (1, 2, s, s)
+            row.append(panel(it["query"], argmax_mask(scores).cpu(), (255, 80, 0), name))
+        path = os.path.join(args.vis, f"episode{k:03d}_class{it['cls']}.png")
+        cv2.imwrite(path, np.concatenate(row, 1))
     print(f"wrote {len(ds)} pictures to {args.vis}")
 
 
 # ============ your own images, and training curves ============
 @torch.no_grad()
 def own_images(args, ckpt, model, dtype):
-    """Each --query segmented with the --support examples, in the benchmark's test geometry and
-    normalisation."""
-    shots, trained = len(args.support or []), ckpt["args"]["shot"]
-    if shots and shots != trained and ckpt["args"].get("shot_fusion") == "weighted":
-        raise KitError(
-            f"{args.checkpoint} weighs exactly {trained} supports (--shot-fusion weighted): pass "
-            f"{trained} --support pairs"
-        )
+    """Each --query segmented with the --support pairs, in the test geometry and normalisation."""
+    shots = len(args.support or [])
+    trained = ckpt["args"]["shot"]
     if shots and shots != trained:
+        if ckpt["args"].get("shot_fusion") == "weighted":
+            raise KitError(
+                f"{args.checkpoint} weighs exactly {trained} supports (--shot-fusion weighted): "
+                f"pass {trained} --support pairs"
+            )
         print(
             f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean "
             "over the supports)"
@@ -240,14 +194,12 @@ def draw_curves(paths, out):
     """One panel per quantity found in the logs, one line per run (its folder name), against the
     iteration. matplotlib is an optional extra, imported only here. -> the panel titles."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise KitError(
             "--curves draws with matplotlib, an optional extra: pip install matplotlib"
         ) from None
+    plt.switch_backend("Agg")  # files only, no window
     runs = {}
     for path in paths:
         with open(path) as f:
@@ -257,32 +209,27 @@ def draw_curves(paths, out):
                 f"--curves {path}: line {records.index(None) + 1} is not JSON: pass a log.jsonl "
                 "of this kit"
             )
-        runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = [r for r in records if r]
-    panels = [
-        (key, title)
-        for key, title in CURVES
-        if any(key in r for recs in runs.values() for r in recs)
-    ]
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run's folder
+        runs[name] = [r for r in records if r]
+    found = {key for records in runs.values() for r in records for key in r}
+    panels = [(key, title) for key, title in CURVES if key in found]
     if not panels:
         raise KitError(f"--curves: no loss, lr, mIoU or cluster records in {', '.join(paths)}")
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False
-    )
-    for ax, (key, title) in zip(axes[:, 0], panels):
-        for k, (name, recs) in enumerate(runs.items()):
-            pts = [(r["step"], r[key]) for r in recs if key in r]
+    n = len(panels)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.4 * n), sharex=True, squeeze=False)
+    for ax, (key, title) in zip(axes[:, 0], panels, strict=True):
+        for k, (name, records) in enumerate(runs.items()):
+            shown = [r for r in records if key in r]
+            if not shown:
+                continue
+            steps = [r["step"] for r in shown]
             # cluster shares are a list per record: one thin line per centre, in the run's colour
-            if pts:
-                ys = np.array([y for _, y in pts], dtype=float).reshape(len(pts), -1)
-                for j in range(ys.shape[1]):
-                    ax.plot(
-                        [x for x, _ in pts],
-                        ys[:, j],
-                        color=f"C{k}",
-                        lw=1 if ys.shape[1] > 1 else 1.5,
-                        marker="o" if key == "val_miou" else None,
-                        label=name if j == 0 else None,
-                    )
+            ys = np.array([r[key] for r in shown], dtype=float).reshape(len(shown), -1)
+            lw = 1 if ys.shape[1] > 1 else 1.5
+            marker = "o" if key == "val_miou" else None
+            for j in range(ys.shape[1]):
+                label = name if j == 0 else None  # one legend entry per run
+                ax.plot(steps, ys[:, j], color=f"C{k}", lw=lw, marker=marker, label=label)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("iteration")
@@ -290,19 +237,14 @@ def draw_curves(paths, out):
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
-    print(f"wrote {out}: " + ", ".join(title for _, title in panels))
-    return [title for _, title in panels]
+    titles = [title for _, title in panels]
+    print(f"wrote {out}: " + ", ".join(titles))
+    return titles
 
 
 # ============ the evaluation ============
-def main(argv=None):
-    args = parse_args(argv)
-    if args.table:
-        return print(format_table(args.table, args.table_metric))
-    if args.curves:
-        args.out = args.out or "curves.png"
-        check_paths(args, outputs=[("--out", False)], inputs=["--curves"])
-        return draw_curves(args.curves, args.out)
+def checkpoint_of(args):
+    """The --checkpoint; its flags go into args unless typed (refused if typed and different)."""
     if not args.checkpoint:
         raise KitError(
             "--checkpoint is required (metatrain.py's <out>/last.pt), or --table FILE... to "
@@ -311,25 +253,20 @@ def main(argv=None):
     if args.compare and not args.vis:
         raise KitError("--compare only adds a column to the pictures: add --vis DIR")
     typed = {k for k in FROM_CHECKPOINT if getattr(args, k) is not None}
-    ckpt = metatrain_checkpoint(
-        args.checkpoint, {k: getattr(args, k) for k in MUST_MATCH if k in typed}
-    )
+    expect = {k: getattr(args, k) for k in MUST_MATCH if k in typed}
+    ckpt = metatrain_checkpoint(args.checkpoint, expect)
     for k in set(FROM_CHECKPOINT) - typed:
-        setattr(
-            args, k, ckpt["args"].get(k, "pfenet")
-        )  # checkpoints from before --test-geometry: pfenet
-    args = finish_args(
-        args,
-        needs_data=False,
-        outputs=[("--json", False), ("--episode-log", False), ("--vis", True), ("--out", True)],
-    )
-    device = torch.device(args.device)
-    model, dtype = load_model(ckpt, device), AMP_DTYPES[args.amp]
-    if args.support or args.query:
-        return own_images(args, ckpt, model, dtype)
-    other = args.compare and metatrain_checkpoint(
-        args.compare, {k: getattr(args, k) for k in MUST_MATCH[:3]}
-    )
+        # checkpoints from before --test-geometry: pfenet
+        setattr(args, k, ckpt["args"].get(k, "pfenet"))
+    return ckpt
+
+
+@torch.no_grad()
+def few_shot_test(args, ckpt, model, dtype):
+    """The episodes of every seed, --json and --vis. -> the summary (evaluation.summarize)."""
+    other = None  # the --compare checkpoint
+    if args.compare:
+        other = metatrain_checkpoint(args.compare, {k: getattr(args, k) for k in MUST_MATCH[:3]})
     label = args.label or ckpt["args"].get("pretrain_label") or pretrain_label(args.weights)
     print(
         f"evaluate {args.checkpoint} ({ckpt['select']} model, iteration {ckpt['iter']}): "
@@ -338,12 +275,10 @@ def main(argv=None):
     )
     data = open_data(args, ("val",))
     if args.episode_log:
-        open(args.episode_log, "w").close()
-    with torch.no_grad():
-        predict = functools.partial(predict_meta, model)
-        result = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask}, dtype=dtype)[
-            "ASPP-PFENet"
-        ]
+        save_text("", args.episode_log)  # empty: evaluate_seeds appends each seed's episodes
+    predict = functools.partial(predict_meta, model)
+    results = evaluate_seeds(args, data, predict, {"ASPP-PFENet": argmax_mask}, dtype=dtype)
+    result = results["ASPP-PFENet"]
     if args.json:
         write_results(
             args.json,
@@ -362,11 +297,29 @@ def main(argv=None):
     if args.vis and is_main():
         models = {f"prediction: {label}": model}
         if other:
-            models[f"prediction: {other['args']['pretrain_label']} (compare)"] = load_model(
-                other, device
-            )
-        write_vis(args, data, models, device)
+            compared = f"prediction: {other['args']['pretrain_label']} (compare)"
+            models[compared] = load_model(other, torch.device(args.device))
+        write_vis(args, data, models)
     return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table:
+        print(format_table(args.table, args.table_metric))
+        return None
+    if args.curves:
+        args.out = args.out or "curves.png"
+        check_paths(args, outputs=[("--out", False)], inputs=["--curves"])
+        return draw_curves(args.curves, args.out)
+    ckpt = checkpoint_of(args)
+    outputs = [("--json", False), ("--episode-log", False), ("--vis", True), ("--out", True)]
+    args = finish_args(args, needs_data=False, outputs=outputs)
+    model = load_model(ckpt, torch.device(args.device))
+    dtype = AMP_DTYPES[args.amp]
+    if args.support or args.query:
+        return own_images(args, ckpt, model, dtype)
+    return few_shot_test(args, ckpt, model, dtype)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
-"""evaluation.py: the few-shot test, from one episode to the tables beside the paper (PROTOCOL.md 5,
-6, 8).
+"""evaluation.py: the few-shot test, from episode to tables beside the paper (PROTOCOL.md 5, 6, 8).
 
-1. One episode's scores: a meta-trained model's (evaluate.py); the prior's are nonparametric_eval.py's
-2. Episodes and seeds: fixed episodes drawn from each seed, scored with common.FewShotIoU (class IoU, mIoU,
-   FB-IoU), shared over the processes under torchrun, summarised as mean +- std over the seeds
+1. One episode's scores: a meta-trained model's (evaluate.py); the prior's: nonparametric_eval.py's
+2. Episodes and seeds: fixed episodes drawn from each seed, scored by common.FewShotIoU (class IoU,
+   mIoU, FB-IoU), shared over the processes under torchrun, summarised as mean +- std over seeds
 3. Results files and the names of their rows (the pre-training a backbone came from)
-4. Tables: results files of both tests in the paper's layout, beside the paper's numbers (reference_numbers.py)
+4. Tables: both tests' results in the paper's layout, beside its numbers (reference_numbers.py)
 """
 
 import functools
@@ -55,15 +54,10 @@ def argmax_mask(scores):
 
 
 # ============ 2. Episodes and seeds ============
-def run_episodes(args, data, seed, episodes, predict, decide, classes, shard=(0, 1)):
-    """One seed: `episodes` fixed episodes of `classes` on the val images (batch 1, test geometry,
-    scored at the original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the
-    test canvas; decide: {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}};
-    shard (r, n): only every n-th episode from the r-th (one process's share). -> ({name:
-    FewShotIoU}, one JSON line per episode (its ids, class and [background, foreground] intersection
-    and union per name), seconds in predict)."""
+def eval_episodes(args, data, seed, episodes, classes):
+    """One seed's `episodes` fixed episodes of `classes` on the val images, in the test geometry."""
     ids, counts = data["val"]
-    ds = EpisodeDataset(
+    return EpisodeDataset(
         args.data_root,
         ids,
         counts,
@@ -76,41 +70,48 @@ def run_episodes(args, data, seed, episodes, predict, decide, classes, shard=(0,
         episodes=episodes,
         geometry=args.test_geometry,
     )
+
+
+def run_episodes(args, data, seed, episodes, predict, decide, classes, shard=(0, 1)):
+    """One seed: `episodes` fixed episodes of `classes` on the val images (batch 1, test geometry,
+    scored at the original label size, PROTOCOL.md 5). predict(item) -> scores (1, C, s, s) on the
+    test canvas; decide: {name: function of the scores (1, C, L, L) -> prediction (L, L) in {0, 1}};
+    shard (r, n): only every n-th episode from the r-th (one process's share). -> ({name:
+    FewShotIoU}, one JSON line per episode (its ids, class and [background, foreground] intersection
+    and union per name), seconds in predict)."""
+    ds = eval_episodes(args, data, seed, episodes, classes)
     mine = torch.utils.data.Subset(ds, range(shard[0], len(ds), shard[1]))
-    loader = torch.utils.data.DataLoader(
-        mine, batch_size=1, shuffle=False, num_workers=args.workers
-    )
-    meters, lines, t_model = {name: FewShotIoU(classes) for name in decide}, [], 0.0
-    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
-    for index, item in zip(mine.indices, loader):
+    loader = torch.utils.data.DataLoader(mine, batch_size=1, num_workers=args.workers)
+    meters = {name: FewShotIoU(classes) for name in decide}
+    lines = []
+    t_model = 0.0
+    cuda = torch.device(args.device).type == "cuda"
+    phase = "novel" if list(classes) == list(args.novel) else "base"
+    for index, item in zip(mine.indices, loader, strict=True):
         t0 = time.perf_counter()
         scores = predict(item)
-        sync()
+        if cuda:  # the GPU's queue finished, so that t_model is the model's time
+            torch.cuda.synchronize()
         t_model += time.perf_counter() - t0
         scores, target = logits_at_label_size(scores.float().cpu(), item["raw_label"][0])
-        iou = {
-            str(name): meters[name].update(rule(scores), target, int(item["cls"]))
-            for name, rule in decide.items()
+        cls = int(item["cls"])
+        iou = {}
+        for name, rule in decide.items():
+            iou[str(name)] = meters[name].update(rule(scores), target, cls)
+        record = {
+            "phase": phase,
+            "seed": seed,
+            "index": index,
+            "query": item["query_id"][0],
+            "class": cls,
+            "supports": item["support_ids"][0].split(),
+            "iou": {k: [*map(float, i), *map(float, u)] for k, (i, u) in iou.items()},
         }
-        lines.append(
-            json.dumps(
-                {
-                    "phase": "novel" if list(classes) == list(args.novel) else "base",
-                    "seed": seed,
-                    "index": index,
-                    "query": item["query_id"][0],
-                    "class": int(item["cls"]),
-                    "supports": item["support_ids"][0].split(),
-                    "iou": {k: [*map(float, i), *map(float, u)] for k, (i, u) in iou.items()},
-                }
-            )
-        )
+        lines.append(json.dumps(record))
     return meters, lines, t_model
 
 
-ALL_BACKGROUND = (
-    0.05  # a model that answers some foreground in fewer episodes than this has collapsed
-)
+ALL_BACKGROUND = 0.05  # a model answering foreground in fewer episodes than this has collapsed
 
 
 def summarize(meters, seeds):
@@ -125,17 +126,16 @@ def summarize(meters, seeds):
             "class_iou": m.class_iou(),
             "foreground_answers": m.foreground_answers(),
         }
-        for s, m in zip(seeds, meters)
+        for s, m in zip(seeds, meters, strict=True)
     ]
-    std = lambda key: (
-        float(np.std([r[key] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
-    )
+    mious = [r["miou"] for r in per_seed]
+    fb_ious = [r["fb_iou"] for r in per_seed]
     classes = per_seed[0]["class_iou"]
     return {
-        "miou": float(np.mean([r["miou"] for r in per_seed])),
-        "miou_std": std("miou"),
-        "fb_iou": float(np.mean([r["fb_iou"] for r in per_seed])),
-        "fb_iou_std": std("fb_iou"),
+        "miou": float(np.mean(mious)),
+        "miou_std": float(np.std(mious, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "fb_iou": float(np.mean(fb_ious)),
+        "fb_iou_std": float(np.std(fb_ious, ddof=1)) if len(per_seed) > 1 else 0.0,
         "class_iou": {c: float(np.mean([r["class_iou"][c] for r in per_seed])) for c in classes},
         "all_background": all(r["foreground_answers"] < ALL_BACKGROUND for r in per_seed),
         "per_seed": per_seed,
@@ -145,10 +145,12 @@ def summarize(meters, seeds):
 def evaluate_seeds(
     args, data, predict, decide, episodes=None, seeds=None, classes=None, dtype=None
 ):
-    """common.run_episodes per seed (default args.seeds x args.episodes, novel classes), shared over
+    """run_episodes per seed (default args.seeds x args.episodes, novel classes), shared over
     the processes, predict autocast in `dtype`; prints each seed, the speed, mean +- std; appends
     --episode-log. -> {name: summary}"""
-    episodes, seeds, classes = episodes or args.episodes, seeds or args.seeds, classes or args.novel
+    episodes = episodes or args.episodes
+    seeds = seeds or args.seeds
+    classes = classes or args.novel
     if args.dataset == "coco" and episodes < 10000:
         print(
             f"warning: {episodes} COCO episodes see few of a fold's 12640-26052 val images, so "
@@ -156,24 +158,23 @@ def evaluate_seeds(
             "8.2, 8.4)"
         )
     timed = functools.partial(autocast_call, torch.device(args.device), dtype, predict)
-    runs, t0, spent = [], time.perf_counter(), 0.0
+    runs = []  # per seed: {name: FewShotIoU summed over the processes}
+    t0 = time.perf_counter()
+    spent = 0.0  # seconds in the model
     for seed in seeds:
         meters, lines, t = run_episodes(
             args, data, seed, episodes, timed, decide, classes, (rank(), world())
         )
-        runs.append({k: m.reduce(all_reduce_sum) for k, m in meters.items()})
+        summed = {k: m.reduce(all_reduce_sum) for k, m in meters.items()}
+        runs.append(summed)
         if getattr(args, "episode_log", None):  # every rank's episodes, in episode order
             lines = sorted(sum(gathered(lines), []), key=lambda x: json.loads(x)["index"])
             if is_main():
                 with open(args.episode_log, "a") as f:
                     f.writelines(f"{x}\n" for x in lines)
         spent += t
-        print(
-            f"seed {seed}: "
-            + "; ".join(
-                f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}" for k, m in runs[-1].items()
-            )
-        )
+        scores = [f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}" for k, m in summed.items()]
+        print(f"seed {seed}: " + "; ".join(scores))
     total = time.perf_counter() - t0
     print(
         f"speed: {len(seeds) * episodes / total:.1f} episodes/s, {100 * spent / total:.0f}% of "
@@ -181,12 +182,11 @@ def evaluate_seeds(
     )
     out = {name: summarize([r[name] for r in runs], seeds) for name in decide}
     for name, r in out.items():
+        collapsed = ", ALL BACKGROUND (a collapsed model)" if r["all_background"] else ""
+        class_iou = " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items())
         print(
             f"{name}: mIoU {r['miou']:.2f} +- {r['miou_std']:.2f}, FB-IoU {r['fb_iou']:.2f} +- "
-            f"{r['fb_iou_std']:.2f} over {len(seeds)} seeds"
-            + ", ALL BACKGROUND (a collapsed model)" * r["all_background"]
-            + "; class IoU "
-            + " ".join(f"{c}:{v:.1f}" for c, v in r["class_iou"].items())
+            f"{r['fb_iou_std']:.2f} over {len(seeds)} seeds{collapsed}; class IoU {class_iou}"
         )
     return out
 
@@ -230,6 +230,21 @@ def write_results(path, summary, args, data=None, **fields):
         print(f"wrote {path}")
 
 
+def bcpt_words(a):
+    """The start of a BCPT row name: K, the reading of Eq. 4, and each choice off the paper's."""
+    alpha = a.get("alpha", 0.1)
+    words = ["bcpt"]
+    if a.get("no_guidance"):
+        words.append("no-guidance")
+    words.append(f"K={a['K']}")
+    if alpha != 0.1:  # the paper's alpha goes unnamed
+        words.append(f"alpha={alpha:g}")
+    words.append(f"Eq4={a.get('loss_scale', 'sum')}")  # files from before --loss-scale: sum
+    if a.get("eq3") == "base":
+        words.append("Eq3=base")
+    return words
+
+
 def pretrain_label(weights):
     """Table row name of a backbone source: imagenet, none, BAM's base learner, or
     pretrain_bcpt.py's method with every choice that changes it (head, K, alpha, Eqs. 3-4, guidance,
@@ -242,30 +257,18 @@ def pretrain_label(weights):
         return "standard (BAM best.pth)" if "state_dict" in ckpt else os.path.basename(weights)
     if a["method"] == "generic":
         return "imagenet stand-in"
-    tail = (
-        " drop-novel" * (a.get("novel_images") == "drop")
-        + " best-val" * (ckpt.get("select") == "best-val")
-        + " from stand-in" * (a.get("init_label") == "imagenet stand-in")
-    )
-    if a["method"] != "bcpt":
-        return f"standard {a.get('head', 'linear')}{tail}"  # files from before --head: linear
-    alpha, scale = (
-        a.get("alpha", 0.1),
-        a.get("loss_scale", "sum"),
-    )  # files from before --loss-scale: sum
-    return (
-        "bcpt"
-        + (" no-guidance" if a.get("no_guidance") else "")
-        + f" K={a['K']}"
-        + (f" alpha={alpha:g}" if alpha != 0.1 else "")
-        + f" Eq4={scale}"  # the paper's alpha goes unnamed
-        + (" Eq3=base" if a.get("eq3") == "base" else "")
-        + tail
-    )
+    # files from before --head: linear
+    words = bcpt_words(a) if a["method"] == "bcpt" else ["standard", a.get("head", "linear")]
+    if a.get("novel_images") == "drop":
+        words.append("drop-novel")
+    if ckpt.get("select") == "best-val":
+        words.append("best-val")
+    if a.get("init_label") == "imagenet stand-in":
+        words.append("from stand-in")
+    return " ".join(words)
 
 
-# ============ 4. Tables: results files of both tests in the paper's layout, beside the paper's
-# numbers ============
+# ============ 4. Tables: both tests' results files in the paper's layout, beside its numbers ====
 TABLE_METRICS = {
     "threshold": "miou",
     "base-threshold": "miou_base_threshold",  # a non-parametric file's cell
@@ -273,30 +276,42 @@ TABLE_METRICS = {
 }
 
 
+def paper_pretraining(label):
+    """The paper's name (ImageNet, Standard, BCPT) of a row's pre-training, or None."""
+    if label == "imagenet":
+        return "ImageNet"
+    if re.fullmatch(r"standard (psp|linear|\(BAM best.pth\))( best-val)?", label):
+        return "Standard"
+    if re.fullmatch(r"bcpt K=6 Eq4=\w+( Eq3=base)?( best-val)?", label):
+        return "BCPT"
+    return None
+
+
 def paper_row(r):
     """The reference_numbers key of a results file of either test, or None: the paper's pre-training
     (ImageNet, Standard, BCPT K=6 alpha 0.1 with guidance, either reading of Eqs. 3-4) on its
     backbone (ResNet-50: either stem) and test geometry."""
-    label = r["pretrained"]
     table = "paper-table2" if r.get("method") == "non-parametric prior" else "paper-table1"
-    kind = (
-        "ImageNet"
-        if label == "imagenet"
-        else "Standard"
-        if re.fullmatch(r"standard (psp|linear|\(BAM best.pth\))( best-val)?", label)
-        else "BCPT"
-        if re.fullmatch(r"bcpt K=6 Eq4=\w+( Eq3=base)?( best-val)?", label)
-        else None
-    )
-    key = (
-        table,
-        r["dataset"],
-        {"resnet50v2": "resnet50"}.get(r["backbone"], r["backbone"]),
-        kind,
-        r["shot"],
-    )
+    backbone = {"resnet50v2": "resnet50"}.get(r["backbone"], r["backbone"])
+    key = (table, r["dataset"], backbone, paper_pretraining(r["pretrained"]), r["shot"])
     pfenet = r.get("protocol", {}).get("test_geometry", "pfenet") == "pfenet"
     return key if reference(*key) and pfenet else None
+
+
+def cell(files):
+    """A table cell: mean (+-std over several files), how many were all background; - for none."""
+    if not files:
+        return "-"
+    values = [v for _, v in files]
+    collapsed = sum(bool(r.get("all_background")) for r, _ in files)
+    text = f"{np.mean(values):.2f}"
+    if len(files) > 1:
+        text += f"+-{np.std(values, ddof=1):.2f}"
+    if collapsed and len(files) == 1:
+        text += " (all background)"
+    elif collapsed:
+        text += f" ({collapsed} of {len(files)} all background)"
+    return text
 
 
 def format_table(paths, metric="threshold"):
@@ -304,59 +319,43 @@ def format_table(paths, metric="threshold"):
     folds 0-3 and mean per shot, a cell of several files (training seeds) as mean+-std; then the
     paper beside ours (table_vs_paper). metric: what a non-parametric file shows (TABLE_METRICS); a
     metatrain.py model's file shows its mIoU."""
-    cells, shots, files = {}, set(), {}
+    cells = {}  # {(row, shot, fold): [(results, the value shown) per file]}
+    files = {}  # {row: [results]}
     for p in paths:
         r = read_json(p, "--table")
         try:
             geometry = r.get("protocol", {}).get("test_geometry", "pfenet")
-            row = (
-                r["dataset"],
-                r["backbone"],
-                r.get("method", "?"),
-                r["pretrained"] + f" @{geometry}" * (geometry != "pfenet"),
-            )
+            pretrained = r["pretrained"]
+            if geometry != "pfenet":
+                pretrained += f" @{geometry}"
+            row = (r["dataset"], r["backbone"], r.get("method", "?"), pretrained)
             pick = TABLE_METRICS[metric] if r.get("method") == "non-parametric prior" else "miou"
             value = pick(r) if callable(pick) else r[pick]
         except (KeyError, TypeError, AttributeError) as e:
             raise KitError(f"--table {p}: not a results file of this kit (no {e})") from None
-        cells.setdefault(row, {}).setdefault((r["shot"], r["fold"]), []).append(
-            (value, r.get("all_background"))
-        )
+        cells.setdefault((row, r["shot"], r["fold"]), []).append((r, value))
         files.setdefault(row, []).append(r)
-        shots.add(r["shot"])
-
-    def cell(v):
-        flat = (
-            " (all background)"
-            if any(c for _, c in v) and len(v) == 1
-            else f" ({sum(bool(c) for _, c in v)} of "
-            f"{len(v)} all background)" * any(c for _, c in v)
-        )
-        return (
-            "-"
-            if not v
-            else f"{np.mean([x for x, _ in v]):.2f}"
-            + (f"+-{np.std([x for x, _ in v], ddof=1):.2f}" if len(v) > 1 else "")
-            + flat
-        )
-
-    head = ["Dataset", "Backbone", "Method", "Pre-train"] + [
-        f"{s}-shot {c}"
-        for s in sorted(shots)
-        for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")
+    shots = sorted({shot for _, shot, _ in cells})
+    head = ["Dataset", "Backbone", "Method", "Pre-train"]
+    head += [
+        f"{s}-shot {c}" for s in shots for c in ("Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean")
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row, got in sorted(cells.items()):
-        vals = []
-        for s in sorted(shots):
-            folds = [got.get((s, f), []) for f in range(4)]
-            means = [np.mean([x for x, _ in v]) for v in folds if v]
-            vals += [cell(v) for v in folds] + [
-                f"{np.mean(means):.2f}" + "*" * (len(means) < 4) if means else "-"
-            ]
-        lines.append("| " + " | ".join(list(row) + vals) + " |")
+    for row in sorted(files):
+        texts = list(row)
+        for s in shots:
+            folds = [cells.get((row, s, f), []) for f in range(4)]
+            texts += [cell(fold) for fold in folds]
+            means = [np.mean([v for _, v in fold]) for fold in folds if fold]
+            mean = f"{np.mean(means):.2f}" if means else "-"
+            if 0 < len(means) < 4:
+                mean += "*"
+            texts.append(mean)
+        lines.append("| " + " | ".join(texts) + " |")
     lines.append("mIoU in %; * = mean over the folds present only.")
-    return "\n".join(lines + [line for rs in files.values() for line in table_vs_paper(rs, metric)])
+    for results in files.values():
+        lines += table_vs_paper(results, metric)
+    return "\n".join(lines)
 
 
 def table_vs_paper(results, metric):
@@ -364,9 +363,8 @@ def table_vs_paper(results, metric):
     spread (training seeds if several files, else evaluation seeds) with the paper inside or not,
     and BAM test.py's best seed."""
     key = paper_row(results[0])
-    if key is None or (
-        key[0] == "paper-table2" and metric != "threshold"
-    ):  # Table 2 at one threshold only
+    # Table 2 at one threshold only
+    if key is None or (key[0] == "paper-table2" and metric != "threshold"):
         return []
     paper = reference(*key)
     lines = [f"Beside the paper (Table {key[0][-1]}, {key[1]} {key[2]} {key[3]} {key[4]}-shot):"]

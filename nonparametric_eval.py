@@ -1,10 +1,10 @@
-"""nonparametric_eval.py: score a pre-trained backbone with no meta-training at all (paper Sec. 3.2,
-Table 2).
+"""nonparametric_eval.py: score a pre-trained backbone with no meta-training at all (paper
+Sec. 3.2, Table 2).
 
 Following PFENet, the prior mask of the backbone's last layer (common.prior_mask: max cosine
 similarity to the support foreground, min-max normalised; K shots averaged) is thresholded at
 --threshold into a segmentation mask, on the same deterministic episodes and test geometry as
-evaluate.py (common.py section 8). The paper uses "the same threshold" for every pre-training
+evaluate.py (evaluation.py). The paper uses "the same threshold" for every pre-training
 without giving its value: 0.5 is our choice, so a sweep over thresholds is scored from the same
 priors and saved too, and so is the threshold that is best on base-class episodes of the val images:
 a choice made without looking at any novel class.
@@ -15,7 +15,8 @@ Outputs: per seed and mean +- std mIoU / FB-IoU; --json FILE (evaluate.py's fiel
 which `python evaluate.py --table FILE...` prints as Table 2 (--table-metric: at which threshold).
 
 Full run (PASCAL-5i fold 0, ResNet-50 pre-trained by BCPT):
-    python nonparametric_eval.py --dataset pascal --data-root ROOT --fold 0 --pretrained runs/bcpt-f0/last.pt
+    python nonparametric_eval.py --dataset pascal --data-root ROOT --fold 0 \
+        --pretrained runs/bcpt-f0/last.pt
 CPU smoke run on the built-in synthetic benchmark:
     python nonparametric_eval.py --pretrained none --episodes 100 --seeds 510
 """
@@ -53,7 +54,8 @@ def parse_args(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser(dataset_of(argv)).parse_args(argv)
     if (args.support or args.query) and args.weights not in ("none", "imagenet"):
-        made = dict(zip(("dataset", "backbone"), weights_made_for(args.weights)))
+        dataset, backbone = weights_made_for(args.weights)
+        made = {"dataset": dataset, "backbone": backbone}
         for key, value in made.items():
             if value and typed(argv, "--" + key) and getattr(args, key) != value:
                 raise KitError(
@@ -63,29 +65,25 @@ def parse_args(argv):
         if made["dataset"] and not typed(argv, "--dataset"):
             args = parser(made["dataset"]).parse_args(argv + ["--dataset", made["dataset"]])
         args.backbone = made["backbone"] or args.backbone
-    return finish_args(
-        args,
-        needs_data=not (args.support or args.query),
-        outputs=[("--json", False), ("--episode-log", False), ("--out", True)],
-    )
+    outputs = [("--json", False), ("--episode-log", False), ("--out", True)]
+    return finish_args(args, needs_data=not (args.support or args.query), outputs=outputs)
 
 
 def parser(ds):
-    p = add_own_image_args(add_eval_args(add_common_args(KitParser(__doc__), ds, "nonparametric")))
+    """The flags, with the defaults of dataset `ds`."""
+    p = add_common_args(KitParser(__doc__), ds, "nonparametric")
+    p = add_own_image_args(add_eval_args(p))
     g = p.add_argument_group("non-parametric test (paper Sec. 3.2, Table 2)")
-    add_flag(g, ds, "--shot", 1, "supports per episode (Table 2 is 1-shot)", type=POSITIVE)
-    add_flag(
-        g,
-        ds,
+    add = functools.partial(add_flag, g, ds)
+    add("--shot", 1, "supports per episode (Table 2 is 1-shot)", type=POSITIVE)
+    add(
         "--threshold",
         0.5,
         "prior > threshold is foreground, the same for every backbone (paper Sec. "
         "3.2 gives no value: our choice)",
         type=UNIT,
     )
-    add_flag(
-        g,
-        ds,
+    add(
         "--sweep",
         [round(0.1 * i, 1) for i in range(1, 10)],
         "thresholds also scored from the same "
@@ -97,57 +95,60 @@ def parser(ds):
 
 
 # ============ the prior of the last layer (PFENet), one backbone pass per image ============
-CACHE_BYTES = (
-    2 << 30
-)  # layer-4 features kept for reuse: ~130 kB an image on a 64-px synthetic canvas
+# layer-4 features kept for reuse: ~130 kB an image on a 64-px synthetic canvas
+CACHE_BYTES = 2 << 30
 
 
 @torch.no_grad()
 def predict_prior(backbone, item, cache=None):
-    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the test
-    canvas (the cosines of the prior in float32 under mixed precision, common.fp32). The frozen
-    backbone runs on one image at a time; with `cache` (a dict) each image's layer 4 (a support's
-    under its class mask) is computed once per run and reused by every later episode, seed and the
-    base-class pass: the same numbers, fewer passes."""
+    """PFENet's prior mask from the last layer, K shots averaged: (1, 1, s, s) in [0, 1] on the
+    test canvas (the cosines of the prior in float32 under mixed precision, common.fp32). The
+    frozen backbone runs on one image at a time; with `cache` (a dict) each image's layer 4 (a
+    support's under its class mask) is computed once per run and reused by every later episode,
+    seed and the base-class pass: the same numbers, fewer passes."""
     device = next(backbone.parameters()).device
-    ids, cls = (
-        [*item.get("query_id", [None]), *item.get("support_ids", [""])[0].split()],
-        int(item.get("cls", -1)),
-    )
-    q_high = remember(
-        cache, (ids[0], None), lambda: frozen_features(backbone, item["query"].to(device))[1]
-    )
-    shots = [
-        remember(
-            cache,
-            (ids[1 + k] if len(ids) > 1 else None, cls),
-            lambda k=k: frozen_features(
-                backbone,
-                item["support"][:, k].to(device),
-                (item["support_mask"][:, k, None].to(device) == 1).float(),
-            )[1::2],
-        )
-        for k in range(item["support"].shape[1])
-    ]  # (layer 4 (1, C, h, w), mask (1, 1, h, w)) per shot; 255 -> 0
-    s_high, m_high = torch.cat([h for h, _ in shots]), torch.cat([m for _, m in shots])
-    return resize(
-        shot_prior(q_high, s_high, m_high, len(shots)), item["query"].shape[-2:]
-    )  # (1, 1, s, s)
+    n_shots = item["support"].shape[1]
+    query_id = item.get("query_id", [None])[0]  # your own images carry no ids: nothing is kept
+    support_ids = item.get("support_ids", [""])[0].split() or [None] * n_shots
+    cls = int(item.get("cls", -1))
+    query = item["query"].to(device)  # (1, 3, s, s)
+    q_high = remember(cache, (query_id, None), functools.partial(query_layer4, backbone, query))
+    shots = []  # (layer 4 (1, C, h, w), its mask (1, 1, h, w)) per shot
+    for k, support_id in enumerate(support_ids):
+        image = item["support"][:, k].to(device)  # (1, 3, s, s)
+        mask = (item["support_mask"][:, k, None].to(device) == 1).float()  # 255 -> 0
+        compute = functools.partial(support_layer4, backbone, image, mask)
+        shots.append(remember(cache, (support_id, cls), compute))
+    s_high = torch.cat([high for high, _ in shots])
+    m_high = torch.cat([mask for _, mask in shots])
+    prior = shot_prior(q_high, s_high, m_high, n_shots)  # (1, 1, h, w)
+    return resize(prior, item["query"].shape[-2:])  # (1, 1, s, s)
+
+
+def query_layer4(backbone, query):
+    """The query's layer 4 (1, C, h, w)."""
+    return frozen_features(backbone, query)[1]
+
+
+def support_layer4(backbone, image, mask):
+    """A support's layer 4 under its class mask, and the mask at that size (PFENet)."""
+    _, high, _, mask_high = frozen_features(backbone, image, mask)
+    return high, mask_high
 
 
 def remember(cache, key, compute):
-    """compute(), kept in cache[key] while the cache holds less than CACHE_BYTES (none for your own
-    images)."""
+    """compute(), kept in cache[key] while the cache holds less than CACHE_BYTES (none for your
+    own images)."""
     if cache is None or key[0] is None:
         return compute()
     if key not in cache:
         value = compute()
-        size = sum(
-            t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,))
-        )
+        tensors = value if isinstance(value, tuple) else (value,)
+        size = sum(t.numel() * t.element_size() for t in tensors)
         if cache.setdefault("bytes", 0) + size > CACHE_BYTES:
             return value
-        cache[key], cache["bytes"] = value, cache["bytes"] + size
+        cache[key] = value
+        cache["bytes"] += size
     return cache[key]
 
 
@@ -170,20 +171,20 @@ def main(argv=None):
     seed_everything(args.seed)  # a random (--pretrained none) backbone depends on the seed
     device = torch.device(args.device)
     own = bool(args.support or args.query)  # the user's images: the fold does not matter
-    backbone = build_backbone(
-        args.backbone,
-        args.weights,
-        expect={"dataset": args.dataset, **({} if own else {"fold": args.fold})},
-    )
+    expect = {"dataset": args.dataset}
+    if not own:
+        expect["fold"] = args.fold
+    backbone = build_backbone(args.backbone, args.weights, expect=expect)
     backbone = backbone.to(device).eval()
     if own:
-        decide = lambda prior: (
-            (prior[0] > args.threshold).numpy().astype(np.uint8),
-            prior[0].numpy(),
-        )  # (H, W) each
-        return segment_own_images(
-            args, functools.partial(predict_prior, backbone), AMP_DTYPES[args.amp], decide
-        )
+
+        def decide(prior):
+            """The prior (1, H, W) at the query's size -> (mask, heat map), each (H, W)."""
+            mask = (prior[0] > args.threshold).numpy().astype(np.uint8)
+            return mask, prior[0].numpy()
+
+        predict = functools.partial(predict_prior, backbone)
+        return segment_own_images(args, predict, AMP_DTYPES[args.amp], decide)
     label = args.label or pretrain_label(args.weights)
     thresholds = sorted(set(args.sweep) | {args.threshold})
     print(
@@ -197,16 +198,18 @@ def main(argv=None):
 
     # ============ every threshold scored from the same prior, on novel-class episodes ============
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
-    predict, dtype = functools.partial(predict_prior, backbone, cache={}), AMP_DTYPES[args.amp]
+    predict = functools.partial(predict_prior, backbone, cache={})
+    dtype = AMP_DTYPES[args.amp]
     results = evaluate_seeds(args, data, predict, rules, dtype=dtype)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))
     # ============ the threshold chosen on base-class episodes only ============
     chosen, base_sweep = choose_threshold_on_base_classes(args, data, predict, rules, dtype)
+    at_chosen = results[chosen]
     print(
         f"threshold chosen on base-class episodes: {chosen:g} (base mIoU "
-        f"{base_sweep[chosen]:.2f}); novel mIoU there {results[chosen]['miou']:.2f} +- "
-        f"{results[chosen]['miou_std']:.2f}"
+        f"{base_sweep[chosen]:.2f}); novel mIoU there {at_chosen['miou']:.2f} +- "
+        f"{at_chosen['miou_std']:.2f}"
     )
     result = results[args.threshold]
     if args.json:
@@ -222,8 +225,8 @@ def main(argv=None):
             threshold=args.threshold,
             sweep=sweep,
             base_threshold=chosen,
-            miou_base_threshold=results[chosen]["miou"],
-            miou_base_threshold_std=results[chosen]["miou_std"],
+            miou_base_threshold=at_chosen["miou"],
+            miou_base_threshold_std=at_chosen["miou_std"],
             base_sweep={f"{t:g}": v for t, v in base_sweep.items()},
         )
     return result

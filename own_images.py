@@ -64,16 +64,17 @@ def read_user_mask(path, image_path, shape):
     above half its maximum. 255 beside other non-zero values is void."""
     try:
         with Image.open(path) as im:
-            mode, lossy, m = im.mode, im.format == "JPEG", np.array(im)
+            mode = im.mode
+            lossy = im.format == "JPEG"
+            m = np.array(im)
     except Exception as e:
         raise KitError(
             f"cannot read mask {path} ({type(e).__name__}): missing, corrupt or not an image"
         ) from None
     if m.ndim == 3 and mode in ("RGBA", "LA", "PA") and m[..., -1].min() < m[..., -1].max():
         m = m[..., -1]  # the alpha channel marks the object
-    m = m.reshape(m.shape[0], m.shape[1], -1)[..., :3].max(
-        -1
-    )  # (H, W): a colour mask's brightest channel
+    # (H, W): a colour mask's brightest channel
+    m = m.reshape(m.shape[0], m.shape[1], -1)[..., :3].max(-1)
     labels = mode == "P" or (not lossy and len(np.unique(m)) <= 8)
     mask = ((m > 0) if labels else (m > m.max() / 2)).astype(np.uint8)
     if labels and m.max() == 255 and ((m > 0) & (m < 255)).any():
@@ -89,15 +90,12 @@ def read_user_mask(path, image_path, shape):
 
 
 def weights_made_for(path):
-    """(dataset, backbone) of a weight file: a kit checkpoint's flags, else the backbone of its keys
-    (dataset None)."""
+    """(dataset, backbone) of weights: a kit checkpoint's flags, else (None, its keys' backbone)."""
     ckpt = load_checkpoint(path)
     flags = ckpt.get("args", {})
-    return (
-        (flags.get("dataset"), flags["backbone"])
-        if "backbone" in flags
-        else (None, backbone_kind(split_state(ckpt, path) or ckpt))
-    )
+    if "backbone" in flags:
+        return flags.get("dataset"), flags["backbone"]
+    return None, backbone_kind(split_state(ckpt, path) or ckpt)
 
 
 # ============ 2. Your episodes, in the benchmark's test geometry ============
@@ -107,24 +105,25 @@ def own_episodes(supports, queries, test_size, geometry="pfenet"):
     of EpisodeDataset, in the benchmark's test geometry, PROTOCOL.md 5.1; the query (H, W, 3); the
     supports [(image, mask)])."""
     fix = "pass an image file"
-    pairs = [
-        (img, read_user_mask(m, i, img.shape[:2]))
-        for i, m in supports
-        for img in [read_image(i, fix)]
-    ]
+    pairs = []
+    for image_path, mask_path in supports:
+        img = read_image(image_path, fix)
+        pairs.append((img, read_user_mask(mask_path, image_path, img.shape[:2])))
     xs = [test_transform(img, m, test_size, geometry) for img, m in pairs]
     support = {
-        "support": torch.stack([x for x, _ in xs])[None],
-        "support_mask": torch.stack([y for _, y in xs])[None],
+        "support": torch.stack([x for x, _ in xs])[None],  # (1, S, 3, s, s)
+        "support_mask": torch.stack([y for _, y in xs])[None],  # (1, S, s, s)
     }
-    names, episodes = set(), []  # (1, S, 3, s, s), (1, S, s, s)
+    names = set()
+    episodes = []
     for path in queries:
-        q, stem = read_image(path, fix), os.path.splitext(os.path.basename(path))[0]
-        name = next(
-            n
-            for n in [stem] + [f"{stem}-{k}" for k in range(2, len(queries) + 2)]
-            if n not in names
-        )
+        q = read_image(path, fix)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = stem
+        k = 1
+        while name in names:  # a second a.jpg (from another folder) is a-2, a third a-3
+            k += 1
+            name = f"{stem}-{k}"
         names.add(name)
         xq, _ = test_transform(q, np.zeros(q.shape[:2], np.uint8), test_size, geometry)  # (3, s, s)
         episodes.append((name, {"query": xq[None], **support}, q, pairs))
@@ -136,45 +135,40 @@ def at_query_size(scores, query, geometry="pfenet"):
     scores them (logits_at_label_size to max(H, W), then the query's top-left part; hsnet: resized
     to (H, W))."""
     h, w = query.shape[:2]
+    scores = scores.float().cpu()
     if geometry == "hsnet":
-        return resize(scores.float().cpu(), (h, w))[0]
-    return logits_at_label_size(scores.float().cpu(), torch.zeros(h, w, dtype=torch.long))[0][
-        0, :, :h, :w
-    ]
+        return resize(scores, (h, w))[0]
+    # pfenet: to the L x L canvas of the label, L = max(H, W), where the query is the top-left part
+    canvas, _ = logits_at_label_size(scores, torch.zeros(h, w, dtype=torch.long))  # (1, C, L, L)
+    return canvas[0, :, :h, :w]
 
 
 # ============ 3. The predictions: masks at the original size, pictures ============
+def _tint(img, m, colour):
+    """The image with its mask's foreground (m == 1) blended towards `colour`."""
+    return np.where(m[..., None] == 1, 0.45 * img + 0.55 * np.array(colour), img)
+
+
 def write_user_prediction(out, name, query, pred, pairs, heat=None):
     """NAME_mask.png (0/255, the query's size) and NAME_overlay.png (the query with the prediction
     tinted, the supports with their masks beside it, Fig. 2 style); NAME_prior.png from `heat` (H,
     W) in [0, 1] if given."""
     os.makedirs(out, exist_ok=True)
     h = query.shape[0]
-    tint = lambda img, m, colour: np.where(
-        m[..., None] == 1, 0.45 * img + 0.55 * np.array(colour), img
-    )
-    panels = [tint(query[:, :, ::-1], pred, (255, 80, 0))] + [  # BGR
-        cv2.resize(
-            tint(img[:, :, ::-1], m, (0, 200, 255)),
-            (max(1, round(img.shape[1] * h / img.shape[0])), h),
-            interpolation=cv2.INTER_AREA,
-        )
-        for img, m in pairs
-    ]
+    panels = [_tint(query[:, :, ::-1], pred, (255, 80, 0))]  # BGR, as cv2 writes
+    for img, m in pairs:  # each support at the query's height
+        w = max(1, round(img.shape[1] * h / img.shape[0]))
+        tinted = _tint(img[:, :, ::-1], m, (0, 200, 255))
+        panels.append(cv2.resize(tinted, (w, h), interpolation=cv2.INTER_AREA))
     cv2.imwrite(os.path.join(out, f"{name}_mask.png"), (255 * pred).astype(np.uint8))
-    cv2.imwrite(
-        os.path.join(out, f"{name}_overlay.png"),
-        np.clip(np.concatenate(panels, 1), 0, 255).astype(np.uint8),
-    )
+    overlay = np.clip(np.concatenate(panels, 1), 0, 255).astype(np.uint8)
+    cv2.imwrite(os.path.join(out, f"{name}_overlay.png"), overlay)
+    wrote = f"wrote {os.path.join(out, name)}_mask.png and _overlay.png"
     if heat is not None:
-        cv2.imwrite(
-            os.path.join(out, f"{name}_prior.png"),
-            cv2.applyColorMap((255 * heat).astype(np.uint8), cv2.COLORMAP_JET),
-        )
-    print(
-        f"wrote {os.path.join(out, name)}_mask.png and _overlay.png"
-        + " and _prior.png" * (heat is not None)
-    )
+        heat_map = cv2.applyColorMap((255 * heat).astype(np.uint8), cv2.COLORMAP_JET)
+        cv2.imwrite(os.path.join(out, f"{name}_prior.png"), heat_map)
+        wrote += " and _prior.png"
+    print(wrote)
 
 
 # ============ 4. The flags and the loop both tests share ============
@@ -211,9 +205,8 @@ def segment_own_images(args, predict, dtype, decide):
         )
     if not is_main():  # under torchrun, rank 0 does it all
         return
-    for name, item, query, pairs in own_episodes(
-        args.support, args.query, args.test_size, args.test_geometry
-    ):
+    episodes = own_episodes(args.support, args.query, args.test_size, args.test_geometry)
+    for name, item, query, pairs in episodes:
         scores = autocast_call(torch.device(args.device), dtype, predict, item)  # (1, C, s, s)
         mask, heat = decide(at_query_size(scores, query, args.test_geometry))  # (H, W) each
         write_user_prediction(args.out, name, query, mask, pairs, heat)

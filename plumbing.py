@@ -1,7 +1,6 @@
 """plumbing.py: how the BCPT kit runs: flags, the data a stage opens, processes, precision, files,
-run folders and run records, the training loop both training stages share, the entry point. The
-science is common.py, which never imports this file; the evaluation and its results files are
-evaluation.py's."""
+run folders and records, the training loop both training stages share, the entry point. The science
+is common.py, which never imports it; the evaluation and its results files are evaluation.py's."""
 
 import argparse
 import atexit
@@ -66,13 +65,19 @@ class KitParser(argparse.ArgumentParser):
 def bounded(kind, lo=None, hi=None, open_lo=False):
     """An argparse type: a finite `kind` in [lo, hi] (lo excluded if open_lo), so a bad value stops
     the run at once."""
+    if hi is not None:
+        want = f"in [{lo}, {hi}]"
+    elif open_lo:
+        want = f"> {lo}"
+    else:
+        want = f">= {lo}"
 
     def check(text):
         v = kind(text)
         if not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"value {text} is not a finite number")
-        if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
-            want = f"in [{lo}, {hi}]" if hi is not None else f"> {lo}" if open_lo else f">= {lo}"
+        too_low = lo is not None and (v < lo or (open_lo and v == lo))
+        if too_low or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"value {text} is not allowed: it must be {want}")
         return v
 
@@ -80,12 +85,11 @@ def bounded(kind, lo=None, hi=None, open_lo=False):
     return check
 
 
-POSITIVE, NON_NEGATIVE, SIZE = (
-    bounded(int, 1),
-    bounded(int, 0),
-    bounded(int, 16),
-)  # SIZE: image sides
-UNIT, POSITIVE_FLOAT = bounded(float, 0.0, 1.0), bounded(float, 0.0, open_lo=True)
+POSITIVE = bounded(int, 1)
+NON_NEGATIVE = bounded(int, 0)
+SIZE = bounded(int, 16)  # image sides
+UNIT = bounded(float, 0.0, 1.0)
+POSITIVE_FLOAT = bounded(float, 0.0, open_lo=True)
 
 
 def dataset_of(argv):
@@ -94,9 +98,8 @@ def dataset_of(argv):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="synthetic")
     dataset = pre.parse_known_args(argv)[0].dataset
-    return (
-        dataset if dataset in N_CLASSES else "synthetic"
-    )  # a wrong name is refused by the full parser
+    # a wrong name is refused by the full parser
+    return dataset if dataset in N_CLASSES else "synthetic"
 
 
 def typed(argv, flag):
@@ -111,92 +114,71 @@ def add_flag(group, dataset, flags, default, help, **kw):
     if dataset is None:
         default = None
     elif isinstance(default, dict):
-        key = (
-            dataset if dataset in default else "synthetic"
-        )  # the synthetic worlds share unless told
+        key = dataset if dataset in default else "synthetic"  # synthetic worlds share unless told
         others = "; ".join(
             f"{d} {'required' if v is None else v}" for d, v in default.items() if d != key
         )
         default = default[key]
-        help += (
-            f" ({'required' if default is None else 'default %(default)s'} for --dataset "
-            f"{dataset}; {others})"
-        )
+        this = "required" if default is None else "default %(default)s"
+        help += f" ({this} for --dataset {dataset}; {others})"
     elif default is not None:
         help += " (default %(default)s)"
     group.add_argument(*flags.split(), default=default, help=help, **kw)
 
 
+def flag_group(parser, title, dataset):
+    """A new argument group -> add(flags, default, help, **kw): add_flag in it for `dataset`."""
+    if dataset is None:
+        title += "; default: the checkpoint's"
+    return functools.partial(add_flag, parser.add_argument_group(title), dataset)
+
+
 def add_data_args(parser, dataset, stage):
     """The data flags of a stage: pretrain, metatrain, evaluate, nonparametric or verify; dataset
     None: no defaults."""
-    g = parser.add_argument_group(
-        "data (PROTOCOL.md 1-3)" + "; default: the checkpoint's" * (dataset is None)
-    )
-    add_flag(
-        g,
-        dataset,
+    add = flag_group(parser, "data (PROTOCOL.md 1-3)", dataset)
+    add(
         "--dataset",
         "synthetic",
         "pascal, coco, or a built-in synthetic benchmark world",
         choices=list(N_CLASSES),
     )
-    add_flag(
-        g,
-        dataset,
+    add(
         "--data-root",
         dict(pascal=None, coco=None, **SYNTHETIC_ROOTS),
         "VOC-layout root (python prepare_data.py makes one; the synthetic one is drawn on first "
         "use)",
     )
     if stage != "verify":
-        add_flag(
-            g,
-            dataset,
-            "--fold",
-            0,
-            "fold i of PASCAL-5i / COCO-20i",
-            type=int,
-            choices=[0, 1, 2, 3],
-        )
-    add_flag(
-        g,
-        dataset,
+        add("--fold", 0, "fold i of PASCAL-5i / COCO-20i", type=int, choices=[0, 1, 2, 3])
+    add(
         "--train-pool",
         dict(pascal="oslsm", coco="aug", synthetic="aug"),
         "aug: every mask not in val.txt (10582 on VOC + SBD); oslsm: train.txt + "
         "train_noval.txt, PFENet/BAM's 5953 (PROTOCOL.md 2.2)",
         choices=["aug", "oslsm"],
     )
-    add_flag(
-        g,
-        dataset,
+    add(
         "--coco-split",
         "interleaved",
         "COCO-20i folds: interleaved is PFENet/BAM/HSNet's (PROTOCOL.md 1.2)",
         choices=["interleaved", "contiguous"],
     )
     if stage != "pretrain":  # the pixel rule and the test geometry belong to episodes
-        add_flag(
-            g,
-            dataset,
+        add(
             "--min-pixels",
             dict(pascal=2048, coco=2048, synthetic=128),
             "pixel rule of the support pools (PROTOCOL.md 3.1)",
             type=POSITIVE,
         )
     if stage not in ("pretrain", "verify"):
-        add_flag(
-            g,
-            dataset,
+        add(
             "--test-size",
             dict(pascal=473, coco=641, synthetic=64),
             "test canvas side (PROTOCOL.md 5.1)",
             type=SIZE,
         )
-        add_flag(
-            g,
-            dataset,
+        add(
             "--test-geometry",
             "pfenet",
             "pfenet: keep the aspect, longer side to --test-size, score at the original label "
@@ -208,22 +190,17 @@ def add_data_args(parser, dataset, stage):
 
 
 def add_common_args(parser, dataset, stage):
-    """Data, model and run flags (dataset None: no data or model defaults); --seed but for
-    evaluate."""
+    """Data, model and run flags (dataset None: no data/model defaults); --seed but in evaluate."""
     add_data_args(parser, dataset, stage)
-    g = parser.add_argument_group("model" + "; default: the checkpoint's" * (dataset is None))
-    add_flag(
-        g,
-        dataset,
+    add = flag_group(parser, "model", dataset)
+    add(
         "--backbone",
         dict(pascal="resnet50", coco="resnet50", synthetic="resnet18"),
         "resnet50v2 (PFENet/BAM's deep stem), resnet50 (torchvision's) or vgg16 (paper Sec. "
         "3.1); resnet18 for CPU runs",
         choices=BACKBONES,
     )
-    add_flag(
-        g,
-        dataset,
+    add(
         "--weights --pretrained",
         dict(pascal="imagenet", coco="imagenet", synthetic="none"),
         "backbone init: imagenet, none, a state-dict file or pretrain_bcpt.py's last.pt",
@@ -235,9 +212,10 @@ def add_common_args(parser, dataset, stage):
         default="auto",
         help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...",
     )
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     g.add_argument(
         "--workers",
         type=NON_NEGATIVE,
@@ -267,73 +245,44 @@ def add_common_args(parser, dataset, stage):
 def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     """Optimisation and run-control flags of both training stages; defaults (lr: (default, help))
     from `source`."""
-    g = parser.add_argument_group(f"optimisation ({source})")
-    add_flag(
-        g,
-        dataset,
-        "--epochs",
-        epochs,
-        "passes over the training data (paper Sec. 3.1)",
-        type=POSITIVE,
-    )
-    add_flag(g, dataset, "--batch", batch, "samples per iteration", type=POSITIVE)
-    add_flag(g, dataset, "--lr", lr[0], lr[1], type=POSITIVE_FLOAT)
-    add_flag(g, dataset, "--crop", crop, "training crop side (PROTOCOL.md 4.2)", type=SIZE)
-    add_flag(
-        g,
-        dataset,
-        "--scale",
-        scale,
-        "RandScale range (PROTOCOL.md 4.2)",
-        type=POSITIVE_FLOAT,
-        nargs=2,
-    )
-    add_flag(g, dataset, "--momentum", 0.9, "SGD momentum (PROTOCOL.md 7.1)", type=UNIT)
-    add_flag(
-        g, dataset, "--wd", 1e-4, "SGD weight decay (PROTOCOL.md 7.1)", type=bounded(float, 0.0)
-    )
-    add_flag(
-        g,
-        dataset,
+    add = flag_group(parser, f"optimisation ({source})", dataset)
+    add("--epochs", epochs, "passes over the training data (paper Sec. 3.1)", type=POSITIVE)
+    add("--batch", batch, "samples per iteration", type=POSITIVE)
+    add("--lr", lr[0], lr[1], type=POSITIVE_FLOAT)
+    add("--crop", crop, "training crop side (PROTOCOL.md 4.2)", type=SIZE)
+    add("--scale", scale, "RandScale range (PROTOCOL.md 4.2)", type=POSITIVE_FLOAT, nargs=2)
+    add("--momentum", 0.9, "SGD momentum (PROTOCOL.md 7.1)", type=UNIT)
+    add("--wd", 1e-4, "SGD weight decay (PROTOCOL.md 7.1)", type=bounded(float, 0.0))
+    add(
         "--power",
         0.9,
         "power of the poly lr schedule, per iteration (PROTOCOL.md 7.1)",
         type=bounded(float, 0.0),
     )
     g = parser.add_argument_group("run control")
-    g.add_argument(
-        "--out", help="run folder: last.pt, log.jsonl (default runs/<stage>-<dataset>-fold<F>...)"
-    )
+    add = functools.partial(add_flag, g, dataset)
+    add("--out", None, "run folder: last.pt, log.jsonl (default runs/<stage>-<dataset>-fold<F>...)")
     g.add_argument(
         "--max-iters",
         type=POSITIVE,
         help="stop after this many iterations; the lr schedule is unchanged",
     )
-    add_flag(g, dataset, "--log-every", 20, "iterations between progress lines", type=POSITIVE)
-    add_flag(g, dataset, "--save-every", 200, "iterations between checkpoints", type=POSITIVE)
+    add("--log-every", 20, "iterations between progress lines", type=POSITIVE)
+    add("--save-every", 200, "iterations between checkpoints", type=POSITIVE)
     g.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its last.pt (a fresh start "
         "if none yet); a folder holding a checkpoint is never started again without it",
     )
-    add_flag(
-        g,
-        dataset,
+    add(
         "--select",
         "last",
         "last: the final model (honest); best-val: also keep best.pt, the best "
         "validation on the val images, as BAM and PFENet do (PROTOCOL.md 8.1)",
         choices=["last", "best-val"],
     )
-    add_flag(
-        g,
-        dataset,
-        "--benchmark",
-        0,
-        "time N steps (data / network, peak memory) and exit",
-        type=NON_NEGATIVE,
-    )
+    add("--benchmark", 0, "time N steps (data / network, peak memory) and exit", type=NON_NEGATIVE)
 
 
 def add_eval_args(parser):
@@ -386,8 +335,7 @@ def finish_args(args, out_name=None, needs_data=True, outputs=()):
 
 
 def check_paths(args, outputs=(), inputs=()):
-    """outputs: (flag, is a folder) of every path the run will write; inputs: the flags naming files
-    it reads."""
+    """outputs: (flag, is a folder) per path the run writes; inputs: flags naming files it reads."""
     for flag, folder in outputs:
         if (path := getattr(args, flag[2:].replace("-", "_"))) is None:
             continue
@@ -399,9 +347,9 @@ def check_paths(args, outputs=(), inputs=()):
         near = os.path.abspath(path)
         while not os.path.exists(near):
             near = os.path.dirname(near)
-        if not (os.path.isdir(near) or near == os.path.abspath(path)) or not os.access(
-            near, os.W_OK
-        ):
+        # the path itself (an existing file) or the folder it would be made in
+        writable = os.path.isdir(near) or near == os.path.abspath(path)
+        if not writable or not os.access(near, os.W_OK):
             raise KitError(
                 f"{flag} {path} cannot be written ({near} is not a writable folder): choose "
                 "another path"
@@ -423,23 +371,21 @@ def open_data(args, splits=("train", "val"), kind="benchmark"):
             f"world: {args.dataset} {made.get('kind', 'from your images')} at {args.data_root}, "
             f"checksum {args.world_checksum}"
         )
-    pools = dict(
-        zip(("train", "val"), image_pools(args.data_root, args.train_pool, "train" in splits))
-    )
+    train, val = image_pools(args.data_root, args.train_pool, "train" in splits)
+    pools = {"train": train, "val": val}
     n = N_CLASSES[args.dataset]
     data = {
         k: (pools[k], class_pixel_counts(args.data_root, pools[k], n, args.workers)) for k in splits
     }
+    sizes = ", ".join(f"{k} {len(ids)} images" for k, (ids, _) in data.items())
     print(
-        f"data: {args.data_root} "
-        + ", ".join(f"{k} {len(ids)} images" for k, (ids, _) in data.items())
-        + f" (train pool {args.train_pool}); fold {args.fold} novel {args.novel}"
+        f"data: {args.data_root} {sizes} (train pool {args.train_pool}); fold {args.fold} novel "
+        f"{args.novel}"
     )
     return data
 
 
-# ============ 2. Several processes (torchrun): one process per device, rank 0 prints and writes
-# ============
+# ============ 2. Several processes (torchrun): one per device; rank 0 prints and writes ===
 def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -461,38 +407,38 @@ def setup_device(flag):
             f"--device {flag}: under torchrun each process takes cuda:LOCAL_RANK; pass --device "
             "cuda, cpu or auto (and choose the GPUs with CUDA_VISIBLE_DEVICES)"
         )
+    name = flag
+    if flag == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
-        )
+        device = torch.device(name)
     except RuntimeError:
         raise KitError(f"--device {flag}: not a device; pass auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        choices = "cpu or cuda:0" if count else "cpu"
         raise KitError(
-            f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s) that "
-            "torch can use; pass --device cpu" + " or cuda:0" * (torch.cuda.device_count() > 0)
+            f"--device {flag}: this machine has {count} CUDA device(s) that torch can use; pass "
+            f"--device {choices}"
         )
     if launched and device.type == "cuda":
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
     if launched and world() == 1:
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl")
-        atexit.register(
-            dist.destroy_process_group
-        )  # else gloo's threads may abort the process as it exits
+        # else gloo's threads may abort the process as it exits
+        atexit.register(dist.destroy_process_group)
     if rank() != 0:
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
     return str(device)
 
 
 def all_reduce_sum(t):
-    """t summed over the processes (t itself for one process), on t's device; NCCL reduces on the
-    GPU."""
+    """t summed over the processes (t itself for one), on t's device; NCCL reduces on the GPU."""
     if world() == 1:
         return t
-    x = t.to(
-        f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    ).clone()
+    where = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    x = t.to(where).clone()
     dist.all_reduce(x)
     return x.to(t.device)
 
@@ -513,17 +459,13 @@ def wrap_ddp(model, device, sync_bn=False):
         return model
     if sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = (
-        torch.nn.parallel.DistributedDataParallel
-    )  # torch >= 2.14 names the option forward_sync_buffers
-    option = next(
-        o
-        for o in ("forward_sync_buffers", "broadcast_buffers")
-        if o in inspect.signature(ddp).parameters
-    )
-    return ddp(
-        model, device_ids=[device.index] if device.type == "cuda" else None, **{option: False}
-    )
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch >= 2.14 names the option forward_sync_buffers
+    option = "broadcast_buffers"
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        option = "forward_sync_buffers"
+    device_ids = [device.index] if device.type == "cuda" else None
+    return ddp(model, device_ids=device_ids, **{option: False})
 
 
 def global_mean(loss, logits, target, n=None):
@@ -536,42 +478,36 @@ def global_mean(loss, logits, target, n=None):
     return loss(logits, target, reduction="sum") / all_reduce_sum(n.float()).clamp(min=1)
 
 
-global_mean_ce = functools.partial(
-    global_mean, functools.partial(torch.nn.functional.cross_entropy, ignore_index=IGNORE)
-)  # cross-entropy ignoring 255
+ce_ignoring_255 = functools.partial(torch.nn.functional.cross_entropy, ignore_index=IGNORE)
+global_mean_ce = functools.partial(global_mean, ce_ignoring_255)  # cross-entropy ignoring 255
 
 
 def stream_batches(n, batch, seed, start_iter, total_iters, rank=0, world=1):
     """The index lists of iterations start_iter .. total_iters - 1: iteration t takes items t*B ..
     (t+1)*B - 1 of an endless stream of per-epoch permutations seeded by (seed, epoch), so a resumed
     run sees the batches a straight one would; rank r of W takes its B / W of each global batch."""
-    perm = functools.lru_cache(2)(
-        lambda epoch: torch.randperm(
-            n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)
-        )
-    )
+
+    @functools.lru_cache(2)  # a batch spans at most two epochs when it is no larger than one
+    def permutation(epoch):
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
     local = batch // world
-    for first in range(
-        start_iter * batch + rank * local, total_iters * batch, batch
-    ):  # its share of batch t
-        yield [
-            pos // n * n + int(perm(pos // n)[pos % n]) for pos in range(first, first + local)
-        ]  # (dataset: idx % n)
+    for first in range(start_iter * batch + rank * local, total_iters * batch, batch):
+        positions = range(first, first + local)  # this rank's share of batch t in the stream
+        # position pos is item pos % n of epoch pos // n (the dataset takes the index % n)
+        yield [pos // n * n + int(permutation(pos // n)[pos % n]) for pos in positions]
 
 
 def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device):
-    """The batches of iterations start_iter .. total_iters - 1 (this rank's share of each, under
-    torchrun)."""
+    """Batches of iterations start_iter .. total_iters - 1 (under torchrun, this rank's share)."""
     if batch % world():
         raise KitError(
             f"--batch {batch} is the global batch: it must split evenly over the {world()} "
             "processes"
         )
     batches = stream_batches(len(dataset), batch, seed, start_iter, total_iters, rank(), world())
-    cuda, own = (
-        device.type == "cuda",
-        torch.Generator().manual_seed(seed),
-    )  # the workers' base seed: not the global RNG
+    cuda = device.type == "cuda"
+    own = torch.Generator().manual_seed(seed)  # the workers' base seed: not the global RNG
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -582,8 +518,7 @@ def stream_loader(dataset, batch, seed, start_iter, total_iters, workers, device
     )
 
 
-# ============ 3. Precision: autocast in a dtype; the sensitive steps stay float32 (common.fp32)
-# ============
+# ============ 3. Precision: autocast in a dtype, the sensitive steps in float32 (common.fp32) ===
 def precision_of(precision, device):
     """--precision resolved: auto is bf16 (float32's range, fp16's is 6.5e4) on a GPU that has it,
     else fp32."""
@@ -596,11 +531,8 @@ def precision_of(precision, device):
     return precision
 
 
-AMP_DTYPES = {
-    "fp32": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}  # autocast dtype of a resolved --precision
+# autocast dtype of a resolved --precision
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_call(device, dtype, fn, *a):
@@ -638,9 +570,8 @@ def seed_everything(seed):
 
 
 def rng_state():
-    name, keys, pos, has_gauss, cached = (
-        np.random.get_state()
-    )  # lists, not arrays: weights_only loads them
+    # lists, not arrays: weights_only loads them
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [name, keys.tolist(), pos, has_gauss, cached],
@@ -658,35 +589,44 @@ def set_rng_state(state):
 
 
 # ============ 5. Run folders, locks and run records ============
-def check_run_folder(args, stage, keys):
+# The flags a resumed run may change: where and how fast it runs, never what is trained or how.
+MAY_CHANGE_ON_RESUME = {"out", "resume", "max_iters", "log_every", "save_every", "workers"}
+MAY_CHANGE_ON_RESUME |= {"device", "data_root", "benchmark", "vis_clusters"}
+
+
+def check_run_folder(args, stage):
     """Before anything is written: a folder holding a checkpoint is continued only by the same
-    stage, with --resume and the same `keys` flags; another stage's folder is refused. -> the
-    checkpoint to resume from, or None."""
-    path, record, fresh = (
-        os.path.join(args.out, "last.pt"),
-        os.path.join(args.out, "args.json"),
-        "choose a new --out",
-    )
-    other = (
-        read_json(record, "--out").get("stage", stage)
-        if os.path.isfile(record) and os.path.getsize(record)
-        else stage
-    )
+    stage, with --resume and the same flags but those MAY_CHANGE_ON_RESUME; another stage's folder
+    is refused. -> the checkpoint to resume from, or None."""
+    path = os.path.join(args.out, "last.pt")
+    record = os.path.join(args.out, "args.json")
+    fresh = "choose a new --out"
+    other = stage
+    if os.path.isfile(record) and os.path.getsize(record):
+        other = read_json(record, "--out").get("stage", stage)
     if other != stage:
         raise KitError(f"--out {args.out} holds a {other} run, not a {stage} run: {fresh}")
     if not os.path.isfile(path):
         return None
     ckpt = load_checkpoint(path)
-    what = (
-        f"a {ckpt.get('stage')} run at iteration {ckpt.get('iter')} of "
-        f"{ckpt.get('args', {}).get('total_iters')} ({path}, "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(path)))})"
-    )
-    if ckpt.get("stage") != stage:
+    other = ckpt.get("stage")
+    total = ckpt.get("args", {}).get("total_iters")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+    what = f"a {other} run at iteration {ckpt.get('iter')} of {total} ({path}, {when})"
+    if other != stage:
         raise KitError(f"--out {args.out} holds {what}, not a {stage} run: {fresh}")
     if not args.resume:
         raise KitError(f"--out {args.out} holds {what}: add --resume to continue it, or {fresh}")
-    return load_checkpoint(path, {k: getattr(args, k) for k in keys})
+    saved = ckpt["args"].get("flags", ckpt["args"])  # the flags as parsed, before derived values
+    for key, value in args.flags.items():
+        if key in MAY_CHANGE_ON_RESUME or saved.get(key, value) == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise KitError(
+            f"--resume: {path} was made with {flag} {saved[key]} but this run has {flag} {value}: "
+            f"a resumed run is the run it continues; pass {flag} {saved[key]}, or {fresh}"
+        )
+    return ckpt
 
 
 @contextlib.contextmanager
@@ -694,10 +634,11 @@ def run_folder(out):
     """One run per folder: rank 0 holds an exclusive lock on OUT/.lock (naming its process) while
     the run lasts; a second run stops at once; a killed run's lock (freed by the kernel) is taken
     over, its temp files removed."""
-    f, err = None, None
+    f = None
+    err = None
     if is_main():
         os.makedirs(out, exist_ok=True)
-        f = open(os.path.join(out, ".lock"), "a+")
+        f = open(os.path.join(out, ".lock"), "a+")  # noqa: SIM115 (locked while it is open)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -717,9 +658,8 @@ def run_folder(out):
             print(
                 f"note: {f.name} was left by {previous}, which is no longer running; taking it over"
             )
-        for name in os.listdir(
-            out
-        ):  # a killed run's half-written files (write_atomic's names); nothing else
+        # a killed run's half-written files (write_atomic's names); nothing else
+        for name in os.listdir(out):
             if re.fullmatch(r"(last\.pt|best\.pt|args\.json|log\.jsonl)\.tmp\d+", name):
                 os.remove(os.path.join(out, name))
         f.truncate(0)  # (appends go to the end of the file)
@@ -728,25 +668,25 @@ def run_folder(out):
         yield out
     finally:
         if f:
-            f.truncate(
-                0
-            )  # an empty lock file means a clean end; the file stays so lockers share one inode
+            # an empty lock file means a clean end; the file stays so lockers share one inode
+            f.truncate(0)
             f.close()
+
+
+def git(*args):
+    """The output of a git command run on the kit's own folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True)
+    return done.stdout.strip()
 
 
 def run_record(args, data=None):
     """What ran where: UTC time, host, versions, device, world size, the kit's git commit and
     whether its tree was dirty, the data root, its pool sizes and world checksum (args.json, and
     "run" in results files)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *a: subprocess.run(
-        ["git", "-C", here, *a], capture_output=True, text=True
-    ).stdout.strip()
     try:
-        commit, dirty = (
-            git("rev-parse", "HEAD") or None,
-            bool(git("status", "--porcelain", "--untracked-files=no")),
-        )
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except OSError:  # no git on this machine
         commit, dirty = None, None
     device = torch.device(args.device)
@@ -779,38 +719,36 @@ class Trainer:
     autocast, gradient scaling, the NaN stop every process agrees on, best.pt, progress lines and
     log.jsonl, checkpoints, Ctrl-C and --benchmark."""
 
-    def __init__(self, args, stage, model, opt, base_lrs, keys):
-        self.args, self.stage, self.model, self.opt, self.base_lrs, self.keys = (
-            args,
-            stage,
-            model,
-            opt,
-            base_lrs,
-            keys,
-        )
-        self.device, self.dtype = torch.device(args.device), AMP_DTYPES[args.amp]
+    def __init__(self, args, stage, model, opt, base_lrs):
+        self.args = args
+        self.stage = stage
+        self.model = model
+        self.opt = opt
+        self.base_lrs = base_lrs  # one per parameter group
+        self.device = torch.device(args.device)
+        self.dtype = AMP_DTYPES[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.path, self.best = os.path.join(args.out, "last.pt"), {"miou": -1.0, "iter": 0}
-        self.log, self.skipped, self.saved = os.path.join(args.out, "log.jsonl"), False, 0
+        self.path = os.path.join(args.out, "last.pt")
+        self.log = os.path.join(args.out, "log.jsonl")
+        self.best = {"miou": -1.0, "iter": 0}
+        self.skipped = False  # whether the last optimise() met a non-finite loss
+        self.saved = 0  # the iteration of the last checkpoint
 
     def optimise(self, loss):
-        """The optimiser step (fp16: scaled; the gradient summed over the processes) when the loss
-        is finite on every process, which all agree on so none hangs. -> whether a step was
-        taken."""
+        """The optimiser step (fp16: scaled; the gradient summed over the processes) if the loss is
+        finite on every process, as all agree so none hangs. -> whether a step was taken."""
         self.skipped = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))])).item() > 0
         if not self.skipped:
             self.opt.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=False):
-                self.scaler.scale(
-                    loss * world()
-                ).backward()  # DDP averages the ranks' gradients: this makes it a sum
+                # DDP averages the ranks' gradients: this makes it a sum
+                self.scaler.scale(loss * world()).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
         return not self.skipped
 
     def save(self, t, path=None, **extra):
-        """Every process calls it: their RNG states are gathered, rank 0 writes the file, all wait
-        for it."""
+        """Called by every process: RNG states gathered, rank 0 writes the file, all wait for it."""
         states = gathered(rng_state())
         if is_main():
             save_checkpoint(
@@ -837,80 +775,75 @@ class Trainer:
         """Iterations 0 (or the checkpoint's) .. stop - 1 of step(batch); every log line adds
         log_extra()'s fields; validate() -> (mIoU, {other scores}) every val_every iterations and at
         the end under --select best-val."""
-        args, argv = self.args, sys.argv[1:] if argv is None else list(argv)
-        ckpt = check_run_folder(
-            args, self.stage, self.keys
-        )  # nothing is written before every check has passed
+        args = self.args
+        argv = sys.argv[1:] if argv is None else list(argv)
+        # nothing is written before every check has passed
+        ckpt = check_run_folder(args, self.stage)
         with run_folder(args.out):
             if ckpt is None and os.path.isfile(self.path):  # another run wrote it since the check
-                ckpt = check_run_folder(args, self.stage, self.keys)
+                ckpt = check_run_folder(args, self.stage)
             if is_main():
                 derived = {
                     k: v for k, v in vars(args).items() if k not in args.flags and k != "flags"
                 }
-                write_atomic(
-                    os.path.join(args.out, "args.json"),
-                    save_text,
-                    {
-                        "stage": self.stage,
-                        "argv": argv,
-                        "flags": args.flags,
-                        "derived": derived,
-                        "run": run_record(args, data),
-                    },
-                )
+                record = {
+                    "stage": self.stage,
+                    "argv": argv,
+                    "flags": args.flags,
+                    "derived": derived,
+                    "run": run_record(args, data),
+                }
+                write_atomic(os.path.join(args.out, "args.json"), save_text, record)
             if ckpt:
-                for part, obj in (
-                    ("model", self.model),
-                    ("optimizer", self.opt),
-                    ("scaler", self.scaler),
-                ):
-                    obj.load_state_dict(ckpt[part])
-                self.best, self.saved = ckpt.get("best", self.best), ckpt["iter"]
-                print(f"resumed from {self.path} at iteration {ckpt['iter']}")
-                ranks = ckpt.get(
-                    "rng_ranks", [ckpt["rng"]]
-                )  # every RNG where a straight run has it, each rank's own
-                if len(ranks) != world():
-                    print(
-                        f"note: {self.path} was written by {len(ranks)} processes, this run has "
-                        f"{world()}: every rank continues from rank 0's RNG state, so the run is "
-                        "not an exact continuation"
-                    )
-                set_rng_state(ranks[rank()] if len(ranks) == world() else ranks[0])
+                self.resume(ckpt)
             elif args.resume:
                 print(f"--resume: no {self.path} yet, starting from iteration 0")
-            batches = iter(
-                stream_loader(
-                    dataset, args.batch, args.seed, self.saved, stop, args.workers, self.device
-                )
+            loader = stream_loader(
+                dataset, args.batch, args.seed, self.saved, stop, args.workers, self.device
             )
+            batches = iter(loader)
             self.start_log()
             self.model.train()
             try:
                 self.loop(batches, stop, step, validate, val_every, log_extra)
             except KeyboardInterrupt:
                 script = {"pretrain": "pretrain_bcpt.py", "metatrain": "metatrain.py"}[self.stage]
-                last = (
-                    f"the last checkpoint is {self.path} (iteration {self.saved})"
-                    if self.saved
-                    else "no checkpoint was written yet (the first comes at iteration "
-                    f"{args.save_every})"
-                )
+                if self.saved:
+                    last = f"the last checkpoint is {self.path} (iteration {self.saved})"
+                else:
+                    last = "no checkpoint was written yet (the first comes at iteration "
+                    last += f"{args.save_every})"
+                command = argv if args.resume else argv + ["--resume"]
                 raise KeyboardInterrupt(
-                    f"interrupted: {last}; continue with: python {script} "
-                    + shlex.join(argv + ["--resume"] * (not args.resume))
+                    f"interrupted: {last}; continue with: python {script} {shlex.join(command)}"
                 ) from None
             print(f"saved {self.path}")
 
+    def resume(self, ckpt):
+        """Model, optimiser, scaler, best validation and every RNG where a straight run has it, each
+        rank's own."""
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.best = ckpt.get("best", self.best)
+        self.saved = ckpt["iter"]
+        print(f"resumed from {self.path} at iteration {ckpt['iter']}")
+        ranks = ckpt.get("rng_ranks", [ckpt["rng"]])
+        if len(ranks) == world():
+            set_rng_state(ranks[rank()])
+            return
+        print(
+            f"note: {self.path} was written by {len(ranks)} processes, this run has {world()}: "
+            "every rank continues from rank 0's RNG state, so the run is not an exact continuation"
+        )
+        set_rng_state(ranks[0])
+
     def loop(self, batches, stop, step, validate, val_every, log_extra):
-        """The iterations: poly lr, the step, the NaN stop, progress lines, validation and
-        checkpoints."""
+        """The iterations: poly lr, step, NaN stop, progress lines, validation, checkpoints."""
         args = self.args
         for t, batch in enumerate(batches, self.saved):
-            for group, base_lr in zip(
-                self.opt.param_groups, self.base_lrs
-            ):  # poly, every iteration (PROTOCOL.md 7.1)
+            # poly, every iteration (PROTOCOL.md 7.1)
+            for group, base_lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base_lr * (1 - t / args.total_iters) ** args.power
             good = {k: v.clone() for k, v in self.model.named_buffers()}  # BN statistics, centres
             loss, metrics = autocast_call(self.device, self.dtype, step, batch)
@@ -921,43 +854,30 @@ class Trainer:
                     f"{self.save(t)}; lower --lr (now {args.lr}) and rerun with --resume"
                 )
             loss = all_reduce_sum(loss.detach().float().reshape(1)).item()
-            if (t + 1) % args.log_every == 0 or t + 1 == stop:
-                self.progress(
-                    t + 1,
-                    stop,
-                    loss=loss,
-                    lr=self.opt.param_groups[0]["lr"],
-                    **metrics,
-                    **log_extra(),
-                )
-            if (
-                validate
-                and args.select == "best-val"
-                and ((t + 1) % val_every == 0 or t + 1 == args.total_iters)
-            ):
-                self.keep_best(t + 1, *validate())
-            if (t + 1) % args.save_every == 0 or t + 1 == stop:
-                self.save(t + 1)
-                self.saved = t + 1
+            done = t + 1
+            if done % args.log_every == 0 or done == stop:
+                lr = self.opt.param_groups[0]["lr"]
+                self.progress(done, stop, loss=loss, lr=lr, **metrics, **log_extra())
+            best_val = validate and args.select == "best-val"
+            if best_val and (done % val_every == 0 or done == args.total_iters):
+                self.keep_best(done, *validate())
+            if done % args.save_every == 0 or done == stop:
+                self.save(done)
+                self.saved = done
 
     def start_log(self):
-        """Cut log.jsonl back to the steps <= the start (a line a kill cut off dropped with a note),
-        so a resumed run logs no step twice and a fresh one starts empty; start the clock of the
-        progress lines."""
-        self.t0, self.start = time.time(), self.saved
+        """Cut log.jsonl back to steps <= the start (lines a kill cut off dropped with a note): a
+        resumed run logs no step twice, a fresh one starts empty; start the progress clock."""
+        self.t0 = time.time()
+        self.start = self.saved
         if is_main() and os.path.exists(self.log):
             with open(self.log) as f:
                 records = [(line, parse_json_line(line)) for line in f]
-            if any(r is None for _, r in records):
-                print(
-                    f"note: {self.log}: dropped {sum(r is None for _, r in records)} line(s) cut "
-                    "off by a kill"
-                )
-            write_atomic(
-                self.log,
-                save_text,
-                "".join(l for l, r in records if r and r.get("step", 0) <= self.start),
-            )
+            cut = sum(r is None for _, r in records)
+            if cut:
+                print(f"note: {self.log}: dropped {cut} line(s) cut off by a kill")
+            kept = [line for line, r in records if r and r.get("step", 0) <= self.start]
+            write_atomic(self.log, save_text, "".join(kept))
 
     def progress(self, t, total, **metrics):
         """The line after step t of total, with rate and ETA, also appended to log.jsonl."""
@@ -976,8 +896,7 @@ class Trainer:
                 f.write(json.dumps(fields) + "\n")
 
     def keep_best(self, t, miou, scores):
-        """--select best-val, after a validation at iteration t: log it, and save best.pt if it is
-        the best."""
+        """--select best-val, after validating at iteration t: log it; best.pt if it is the best."""
         print(
             f"validation at iteration {t}: mIoU {miou:.2f} (best "
             f"{max(self.best['miou'], miou):.2f})"
@@ -991,40 +910,46 @@ class Trainer:
         """Time --benchmark steps after a warm-up: batch wait (data) against step (network), peak
         memory, host time in the functions `inner` (cProfile), one sample's load time and so the
         workers needed. Prints two lines; -> ms."""
-        n, batch, cuda = self.args.benchmark, self.args.batch, self.device.type == "cuda"
+        n = self.args.benchmark
+        batch = self.args.batch
+        cuda = self.device.type == "cuda"
         sample_ms = 1000 * timeit.timeit(lambda: [dataset[i] for i in range(8)], number=1) / 8
-        batches = iter(
-            stream_loader(dataset, batch, self.args.seed, 0, n + 1, self.args.workers, self.device)
+        loader = stream_loader(
+            dataset, batch, self.args.seed, 0, n + 1, self.args.workers, self.device
         )
+        batches = iter(loader)
         self.model.train()
         call = functools.partial(autocast_call, self.device, self.dtype, step)
-        spent, prof = np.zeros(2), cProfile.Profile()
-        for k in range(n + 1):  # step 0 warms up and is not counted
+        call(next(batches))  # a warm-up step, not counted
+        if cuda:
+            torch.cuda.synchronize()
+        spent = np.zeros(2)  # seconds waiting for batches, seconds in the step
+        prof = cProfile.Profile()
+        for _ in range(n):
             t0 = time.perf_counter()
             item = next(batches)
             t1 = time.perf_counter()
-            prof.runcall(call, item) if k else call(item)
-            torch.cuda.synchronize() if cuda else None
-            spent += np.array([t1 - t0, time.perf_counter() - t1]) * (k > 0)
+            prof.runcall(call, item)
+            if cuda:
+                torch.cuda.synchronize()
+            spent += [t1 - t0, time.perf_counter() - t1]
         data, net = 1000 * spent / n
         inside = 1000 * sum(s[3] for f, s in pstats.Stats(prof).stats.items() if f[2] in inner) / n
-        mem = (
-            torch.cuda.max_memory_allocated() / 2**20
-            if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        )
-        share = f", of which {'/'.join(inner)} {inside:.2f} ms = {100 * inside / net:.2f}%" * bool(
-            inner
-        )
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux counts KiB)
+        if cuda:
+            mem = torch.cuda.max_memory_allocated() / 2**20
+        share = ""
+        if inner:
+            share = f", of which {'/'.join(inner)} {inside:.2f} ms = {100 * inside / net:.2f}%"
         print(
             f"benchmark {what} on {self.device}: {data + net:.1f} ms/step = data {data:.1f} + "
             f"network {net:.1f}{share}; peak memory {mem:.0f} MiB",
             flush=True,
         )
+        workers = math.ceil(batch * sample_ms / net)
         print(
             f"one sample takes {sample_ms:.1f} ms to load and augment on one core: {batch} per "
-            f"step need {math.ceil(batch * sample_ms / net)} workers to keep up with this "
-            f"{net:.0f} ms step"
+            f"step need {workers} workers to keep up with this {net:.0f} ms step"
         )
         return {"data": data, "network": net, "inner": inside, "sample": sample_ms}
 
@@ -1037,10 +962,9 @@ def run(main):
     try:
         main(sys.argv[1:])
     except KitError as e:
-        print(
-            "error: " + str(e).strip().splitlines()[-1].replace("common.KitError: ", ""),
-            file=sys.stderr,
-        )
+        # a worker's KitError arrives as a traceback whose last line is its message
+        message = str(e).strip().splitlines()[-1].replace("common.KitError: ", "")
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"stopped: {str(e) or 'interrupted; nothing of this run was saved'}", file=sys.stderr)

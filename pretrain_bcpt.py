@@ -1,29 +1,34 @@
-"""pretrain_bcpt.py: pre-train the backbone on a fold's base classes, "Standard" or BCPT (paper Sec.
-2).
+"""pretrain_bcpt.py: pre-train the backbone on a fold's base classes, "Standard" or BCPT (paper
+Sec. 2).
 
-  standard  softmax cross-entropy over background + base classes: the paper's "Standard" row, with BAM's
-            base learner head (--head psp, PSPNet) or a linear layer on the last layer (--head linear).
-  bcpt      the merged background represented by K cluster centres P (a buffer) updated online (Eq. 1),
-            trained with the background mining loss (Eq. 2) and the base-class loss (Eq. 3) combined as
-            Eq. 4, the centres guided by k-means over the base-class vectors (Eqs. 5-7). The equations
-            themselves are section 1 of common.py; bcpt_step below calls them in the paper's order.
-  generic   the "ImageNet" stand-in: the undilated backbone (output stride 32) trained as a multi-label classifier
-            of every class (global average pooling, a linear layer, binary cross-entropy, labels from the masks)
-            on a separate root, fold-free; a synthetic world's companion root is drawn on first use.
+  standard  softmax cross-entropy over background + base classes: the paper's "Standard" row,
+            with BAM's base learner head (--head psp, PSPNet) or a linear layer on the last layer
+            (--head linear).
+  bcpt      the merged background represented by K cluster centres P (a buffer) updated online
+            (Eq. 1), trained with the background mining loss (Eq. 2) and the base-class loss
+            (Eq. 3) combined as Eq. 4, the centres guided by k-means over the base-class vectors
+            (Eqs. 5-7). The equations themselves are section 1 of common.py; bcpt_step below calls
+            them in the paper's order.
+  generic   the "ImageNet" stand-in: the undilated backbone (output stride 32) trained as a
+            multi-label classifier of every class (global average pooling, a linear layer, binary
+            cross-entropy, labels from the masks) on a separate root, fold-free; a synthetic
+            world's companion root is drawn on first use.
 
 Writes <out>/last.pt (resumable: model, optimiser, iteration, centres, RNG states, flags),
 <out>/log.jsonl, with --select best-val <out>/best.pt (BAM's selection) and with --vis-clusters
-<out>/clusters/*.png; standard and bcpt end with the base-class mIoU on the val images (beside BAM's
-on PASCAL). Later stages take --pretrained last.pt.
+<out>/clusters/*.png; standard and bcpt end with the base-class mIoU on the val images (beside
+BAM's on PASCAL). Later stages take --pretrained last.pt.
 
 Full run (one CUDA GPU, BAM's base pre-training settings, PROTOCOL.md 7.3):
-    python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 --backbone resnet50v2 \
-        --weights initmodel/resnet50_v2.pth --out runs/bcpt-f0
-CPU run on the built-in synthetic benchmark, from the world's ImageNet stand-in (--max-iters 20: a smoke test):
+    python pretrain_bcpt.py --method bcpt --dataset pascal --data-root ROOT --fold 0 \
+        --backbone resnet50v2 --weights initmodel/resnet50_v2.pth --out runs/bcpt-f0
+CPU run on the built-in synthetic benchmark, from the world's ImageNet stand-in
+(--max-iters 20: a smoke test):
     python pretrain_bcpt.py --method generic --out runs/standin
     python pretrain_bcpt.py --method bcpt --fold 0 --weights runs/standin/last.pt --vis-clusters 4
 """
 
+import functools
 import math
 import os
 
@@ -79,31 +84,12 @@ from plumbing import (
 )
 from reference_numbers import reference
 
-RESUME_KEYS = (
-    "method",
-    "head",
-    "dataset",
-    "fold",
-    "backbone",
-    "K",
-    "mu",
-    "alpha",
-    "loss_scale",
-    "eq3",
-    "batch",
-    "crop",
-    "epochs",
-    "seed",
-    "no_guidance",
-    "select",
-    "novel_images",
-)
-
 
 def parse_args(argv):
     ds = dataset_of(argv)
     p = add_common_args(KitParser(__doc__), ds, "pretrain")
     g = p.add_argument_group("pre-training method (paper Sec. 2)")
+    add = functools.partial(add_flag, g, ds)
     g.add_argument(
         "--method",
         default="bcpt",
@@ -112,9 +98,7 @@ def parse_args(argv):
         "bcpt: Eqs. 1-7; generic: the ImageNet stand-in, a multi-label classifier of every "
         "class on another root (default %(default)s)",
     )
-    add_flag(
-        g,
-        ds,
+    add(
         "--head",
         dict(pascal="psp", coco="psp", synthetic="linear"),
         "head of --method standard: psp = BAM's base learner (PSPNet, PROTOCOL.md 9.6), loss on "
@@ -122,44 +106,31 @@ def parse_args(argv):
         "BCPT always uses W on the last layer (Sec. 2.2)",
         choices=["psp", "linear"],
     )
-    add_flag(
-        g,
-        ds,
-        "--K",
-        6,
-        "number of background cluster centres K (Sec. 2.1, Table 4)",
-        type=bounded(int, 2),
+    add(
+        "--K", 6, "number of background cluster centres K (Sec. 2.1, Table 4)", type=bounded(int, 2)
     )
-    # deviation: the synthetic run is ~250x shorter (200 vs ~50k iterations): the centres' 1 / (1 -
-    # mu) 10x shorter
-    add_flag(
-        g,
-        ds,
+    # deviation: the synthetic run is ~250x shorter (200 vs ~50k iterations): the centres'
+    # memory 1 / (1 - mu) 10x shorter
+    add(
         "--mu",
         dict(pascal=0.999, coco=0.999, synthetic=0.99),
         "momentum mu of Eqs. 1 and 7 (paper Sec. 2.1)",
         type=UNIT,
     )
-    add_flag(
-        g,
-        ds,
+    add(
         "--alpha",
         0.1,
         "weight alpha of the background mining loss in Eq. 4 (paper Sec. 2.2)",
         type=bounded(float, 0.0),
     )
-    add_flag(
-        g,
-        ds,
+    add(
         "--loss-scale",
         "sum",
         "Eq. 4's scale, left open by the paper: sum = both sums / (N_base + "
         "N_bg); mean = each sum / its own pixel count",
         choices=["sum", "mean"],
     )
-    add_flag(
-        g,
-        ds,
+    add(
         "--eq3",
         "centres",
         "Eq. 3's softmax, left open by the paper: over the base vectors and the K "
@@ -211,51 +182,60 @@ def parse_args(argv):
                 f"--head psp is for --method standard: {args.method}'s loss is on the last layer"
             )
         args.head = "linear"
-    if args.method == "generic":  # fold-free, every class a label, on the stand-in root
-        bad = [flag for flag in ("--fold", "--select", "--novel-images") if typed(argv, flag)]
-        if bad:
-            raise KitError(
-                f"{bad[0]}: --method generic has no folds, no val images and no novel classes"
-            )
-        own = (
-            dict(data_root=STANDIN_ROOTS[args.dataset], epochs=30, lr=0.03)
-            if args.dataset in STANDIN_ROOTS
-            else {}
-        )
-        for key, value in dict(
-            train_pool="aug", **own
-        ).items():  # from random weights 2 epochs teach it nothing
-            if not typed(argv, "--" + key.replace("_", "-")):
-                setattr(args, key, value)
-    name = f"pretrain-{args.method}-{args.dataset}" + f"-fold{args.fold}" * (
-        args.method != "generic"
-    )
-    args = finish_args(args, name, outputs=[("--out", True)])
+    name = f"pretrain-{args.method}-{args.dataset}"
     if args.method == "generic":
-        args.fold, args.base, args.novel = None, list(range(1, N_CLASSES[args.dataset] + 1)), []
+        generic_defaults(args, argv)
+    else:
+        name += f"-fold{args.fold}"
+    args = finish_args(args, name, outputs=[("--out", True)])
+    if args.method == "generic":  # fold-free: every class is a label
+        args.fold = None
+        args.base = list(range(1, N_CLASSES[args.dataset] + 1))
+        args.novel = []
     return args
 
 
-# ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> W or BAM's PSPNet head
-# ============
+def generic_defaults(args, argv):
+    """--method generic: fold-free, on the stand-in root; its flags' defaults, unless typed."""
+    for flag in ("--fold", "--select", "--novel-images"):
+        if typed(argv, flag):
+            raise KitError(
+                f"{flag}: --method generic has no folds, no val images and no novel classes"
+            )
+    if not typed(argv, "--train-pool"):
+        args.train_pool = "aug"
+    if args.dataset not in STANDIN_ROOTS:
+        return
+    # a world: its companion root, and from random weights 2 epochs teach it nothing (RESULTS.md)
+    if not typed(argv, "--data-root"):
+        args.data_root = STANDIN_ROOTS[args.dataset]
+    if not typed(argv, "--epochs"):
+        args.epochs = 30
+    if not typed(argv, "--lr"):
+        args.lr = 0.03
+
+
+# ============ The network: backbone -> pixel embeddings I (B, D, h, w) -> W or PSPNet ============
 class PretrainNet(nn.Module):
     """Backbone + W (1x1 conv, no bias, Sec. 2.2) or the PSPNet head. standard: background + base
-    columns; bcpt: base columns only, the background the buffer `centers` P (D, K), `guidance` G (D,
-    K-1) warm-starts the next k-means; generic: a linear layer (with bias) from the pooled last
-    layer to every class."""
+    columns; bcpt: base columns only, the background the buffer `centers` P (D, K), `guidance`
+    G (D, K-1) warm-starts the next k-means; generic: a linear layer (with bias) from the pooled
+    last layer to every class."""
 
     def __init__(self, backbone, n_base, method, K, head):
         super().__init__()
-        self.backbone, self.method = backbone, method
+        self.backbone = backbone
+        self.method = method
         d = backbone.channels[4]
         if head == "psp":
             self.psp = PSPHead(d, n_base + 1)
         else:
-            self.W = nn.Conv2d(d, n_base + (method == "standard"), 1, bias=method == "generic")
+            # standard scores background too; BCPT's background is the centres
+            columns = n_base + 1 if method == "standard" else n_base
+            self.W = nn.Conv2d(d, columns, 1, bias=method == "generic")
         if method == "bcpt":
-            self.register_buffer(
-                "centers", F.normalize(torch.randn(d, K), dim=0)
-            )  # random init (Sec. 2.3)
+            centers = F.normalize(torch.randn(d, K), dim=0)  # random unit vectors (Sec. 2.3)
+            self.register_buffer("centers", centers)
             self.register_buffer("guidance", torch.zeros(d, K - 1))
 
     def w(self):
@@ -271,15 +251,15 @@ class PretrainNet(nn.Module):
         return self.W(emb)
 
     def logits(self, emb):
-        """Scores of background + base classes (B, 1 + n_base, h, w); BCPT's background is its best
-        centre."""
+        """Scores of background + base classes (B, 1 + n_base, h, w); BCPT's background is its
+        best centre."""
         if hasattr(self, "psp"):
             return self.psp(emb)
         if self.method == "standard":
             return self.W(emb)
-        return torch.cat(
-            [torch.einsum("dk,bdhw->bkhw", self.centers, emb).amax(1, keepdim=True), self.W(emb)], 1
-        )
+        centre_scores = torch.einsum("dk,bdhw->bkhw", self.centers, emb)  # (B, K, h, w)
+        background = centre_scores.amax(1, keepdim=True)  # (B, 1, h, w)
+        return torch.cat([background, self.W(emb)], 1)
 
 
 def downsample_labels(y, size):
@@ -288,59 +268,55 @@ def downsample_labels(y, size):
 
 
 # ============ One iteration, in the paper's order (Sec. 2) ============
+def cluster_shares(assign, K):
+    """Each centre's share of this batch's background pixels, rounded for the log: K numbers
+    summing to 1 (a collapse shows as [1, 0, ...])."""
+    shares = torch.bincount(assign, minlength=K).float() / max(len(assign), 1)
+    return [round(s, 3) for s in shares.tolist()]
+
+
 def bcpt_step(net, x, y, args, optimise):
-    """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update (Eq.
-    1). x (B, 3, H, W), y (B, H, W): this process's share of the batch (net may be wrapped in
+    """Guidance (Eqs. 5-7), embeddings, assignment, losses (Eqs. 2-4), SGD step, centre update
+    (Eq. 1). x (B, 3, H, W), y (B, H, W): this process's share of the batch (net may be wrapped in
     DistributedDataParallel; the counts and sums below are then the whole batch's). optimise(loss)
     takes the SGD step (plumbing.Trainer: mixed precision, the NaN check, several processes) and
     says whether it did."""
     m = getattr(net, "module", net)  # the network itself: W, the centres P, the guidance G
-    if not args.no_guidance:  # 1. Eqs. 5-7 (W is the same on every process: so are G and P)
+    # 1. Eqs. 5-7, the guidance (W is the same on every process: so are G and P)
+    if not args.no_guidance:
         G, P = guidance_step(m.w().detach(), m.guidance, m.centers, args.mu)
         m.guidance.copy_(G)
         m.centers.copy_(P)
-    emb = net(x)  # 2. pixel embeddings (B, D, h, w)
-    I_base, y_base, I_bg = split_pixels(
-        emb, downsample_labels(y, emb.shape[-2:])
-    )  # (D, N_base), (N_base,), (D, N_bg)
-    assign = cluster_assign(m.centers, I_bg.detach())  # 3. S = P^T I_bg, hard assignment A (N_bg,)
-    counts = all_reduce_sum(
-        torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])])
-    )  # N_base, N_bg of the batch
-    loss, out = bcpt_loss(
-        I_base,
-        y_base,
-        I_bg,
-        assign,
-        m.w(),
-        m.centers,
-        args.alpha,
-        args.loss_scale,  # 4. Eqs. 2-4
-        args.eq3,
-        counts,
+    # 2. the pixel embeddings of the last layer: base pixels and the merged background
+    emb = net(x)  # (B, D, h, w)
+    labels = downsample_labels(y, emb.shape[-2:])  # (B, h, w)
+    I_base, y_base, I_bg = split_pixels(emb, labels)  # (D, N_base), (N_base,), (D, N_bg)
+    # 3. S = P^T I_bg and the hard assignment A
+    assign = cluster_assign(m.centers, I_bg.detach())  # (N_bg,)
+    # 4. Eqs. 2-4, scaled by the pixel counts of the whole batch
+    counts = all_reduce_sum(torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])]))
+    W = m.w()  # (D, C)
+    loss, metrics = bcpt_loss(
+        I_base, y_base, I_bg, assign, W, m.centers, args.alpha, args.loss_scale, args.eq3, counts
     )
-    shares = torch.bincount(assign, minlength=args.K).float() / max(
-        len(assign), 1
-    )  # a collapse: [1, 0, ...]
-    out["clusters"] = [
-        round(s, 3) for s in shares.tolist()
-    ]  # each cluster's share of the background pixels
-    if optimise(loss):  # 5. backward and SGD step
-        P_hat, n = cluster_sums(
-            I_bg.detach(), assign, args.K
-        )  # (D, K), (K,): this process's pixels
-        m.centers.copy_(
-            momentum_update(m.centers, all_reduce_sum(P_hat), all_reduce_sum(n), args.mu)
-        )  # 6. Eq. 1
-    return loss, out
+    metrics["clusters"] = cluster_shares(assign, args.K)
+    # 5. backward and SGD step; 6. Eq. 1, only when the step was taken
+    if optimise(loss):
+        P_hat, n = cluster_sums(I_bg.detach(), assign, args.K)  # (D, K), (K,): these pixels
+        P_hat = all_reduce_sum(P_hat)  # the whole batch's
+        n = all_reduce_sum(n)
+        m.centers.copy_(momentum_update(m.centers, P_hat, n, args.mu))
+    return loss, metrics
 
 
 def standard_step(net, x, y, args, optimise):
     """The paper's "Standard": cross-entropy over background + base classes, on BAM's PSPNet head
     (logits upsampled to the crop) or on W at the last layer's resolution; then the SGD step."""
-    m, emb = getattr(net, "module", net), net(x)  # (B, D, h, w)
+    m = getattr(net, "module", net)
+    emb = net(x)  # (B, D, h, w)
     if args.head == "psp":
-        loss = global_mean_ce(resize(m.psp(emb).float(), y.shape[-2:]), y)
+        logits = resize(m.psp(emb).float(), y.shape[-2:])  # (B, 1 + n_base, H, W)
+        loss = global_mean_ce(logits, y)
     else:
         loss = global_mean_ce(m.linear(emb), downsample_labels(y, emb.shape[-2:]))
     optimise(loss)
@@ -349,36 +325,31 @@ def standard_step(net, x, y, args, optimise):
 
 def generic_step(net, x, y, args, optimise):
     """The ImageNet stand-in: every class present in the crop's mask is a positive label of the
-    image; binary cross-entropy of the linear layer on the globally pooled last layer; then the SGD
-    step."""
-    m, emb = getattr(net, "module", net), net(x)  # (B, D, h, w), h = H / 32 (undilated)
+    image; binary cross-entropy of the linear layer on the globally pooled last layer; then the
+    SGD step."""
+    m = getattr(net, "module", net)
+    emb = net(x)  # (B, D, h, w), h = H / 32 (undilated)
     n = len(args.base)  # every class; 0 background and 255 void are no label
-    present = torch.zeros(len(y), n + 2, device=y.device).scatter_(
-        1, y.flatten(1).clamp(max=n + 1), 1
-    )[:, 1:-1]
-    logits = m.linear(emb.mean((2, 3), keepdim=True))[
-        :, :, 0, 0
-    ]  # (B, C), present (B, C) in {0, 1}
-    loss = global_mean(
-        F.binary_cross_entropy_with_logits, logits, present, torch.tensor(present.numel())
-    )
+    # column v of `seen` is 1 where value v occurs in the crop (void 255 clamped to n + 1)
+    seen = torch.zeros(len(y), n + 2, device=y.device)
+    seen.scatter_(1, y.flatten(1).clamp(max=n + 1), 1)
+    present = seen[:, 1:-1]  # (B, C) in {0, 1}: classes 1..n
+    logits = m.linear(emb.mean((2, 3), keepdim=True))[:, :, 0, 0]  # (B, C)
+    bce = F.binary_cross_entropy_with_logits
+    loss = global_mean(bce, logits, present, torch.tensor(present.numel()))
     optimise(loss)
-    return loss, {
-        "top1": present.gather(1, logits.argmax(1, keepdim=True)).mean().item()
-    }  # best class is present
+    top1 = present.gather(1, logits.argmax(1, keepdim=True)).mean()  # best class is present
+    return loss, {"top1": top1.item()}
 
 
 # ============ Training ============
 def build(args, device):
-    """-> the network on `device` and SGD: the head at 10x --lr, the backbone at --backbone-lr-mult
-    x --lr (BAM)."""
-    backbone = build_backbone(
-        args.backbone, args.weights, {"dataset": args.dataset}, dilate=args.method != "generic"
-    )
+    """-> the network on `device` and SGD: the head at 10x --lr, the backbone at
+    --backbone-lr-mult x --lr (BAM)."""
+    dilate = args.method != "generic"  # the stand-in is trained as ImageNet weights are
+    backbone = build_backbone(args.backbone, args.weights, {"dataset": args.dataset}, dilate)
     net = PretrainNet(backbone, len(args.base), args.method, args.K, args.head)
-    net = net.to(device).to(
-        memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    )
+    net = net.to(device).to(memory_format=memory_format(device))
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
     groups = [
         {"params": net.backbone.parameters(), "lr": args.lr * args.backbone_lr_mult},
@@ -388,8 +359,8 @@ def build(args, device):
 
 
 def base_learner_check(args, miou):
-    """The final base-class mIoU on the val images, beside BAM's base learner's for that fold where
-    it exists."""
+    """The final base-class mIoU on the val images, beside BAM's base learner's for that fold
+    where it exists."""
     backbone = args.backbone.replace("50v2", "50")  # either ResNet-50 stem
     bam = reference("bam-base-learner", args.dataset, backbone, "standard")  # PROTOCOL.md 11.2
     line = f"base-class mIoU on the val images: {miou:.2f}"
@@ -408,17 +379,14 @@ def validate_base(net, val_set, args, device):
     scored on the padded label; IoU of each class summed over the images. -> (mIoU of the base
     classes, with background)."""
     net.eval()
-    n, conf = len(args.base) + 1, torch.zeros((len(args.base) + 1) ** 2, dtype=torch.long)
-    shard = torch.utils.data.Subset(
-        val_set, range(rank(), len(val_set), world())
-    )  # every world-th image
+    n = len(args.base) + 1  # background and the base classes
+    conf = torch.zeros(n * n, dtype=torch.long)
+    shard = torch.utils.data.Subset(val_set, range(rank(), len(val_set), world()))  # every world-th
+    loader = torch.utils.data.DataLoader(shard, batch_size=args.batch, num_workers=args.workers)
     with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move the training RNG
-        for x, y in torch.utils.data.DataLoader(
-            shard, batch_size=args.batch, num_workers=args.workers
-        ):
-            pred = (
-                resize(net.logits(net(x.to(device)).float()), x.shape[-2:]).argmax(1).cpu()
-            )  # (B, s, s)
+        for x, y in loader:
+            logits = net.logits(net(x.to(device)).float())
+            pred = resize(logits, x.shape[-2:]).argmax(1).cpu()  # (B, s, s)
             valid = y != IGNORE
             conf += torch.bincount(y[valid] * n + pred[valid], minlength=n * n)
     conf = all_reduce_sum(conf).view(n, n).double()  # rows: truth, columns: prediction
@@ -427,20 +395,27 @@ def validate_base(net, val_set, args, device):
     return 100 * iou[1:].mean().item(), {"val_miou_with_background": 100 * iou.mean().item()}
 
 
+def training_images(args):
+    """The data a pre-training reads, and its training images as a BaseClassDataset."""
+    if args.method == "generic":
+        data = open_data(args, ("train",), "standin")
+    else:
+        data = open_data(args, ("train", "val"), "benchmark")
+    ids, counts = data["train"]
+    if args.novel_images == "drop":  # the ablation: no novel object left in the merged background
+        novel_pixels = counts[:, args.novel].sum(1)
+        ids = [i for i, c in zip(ids, novel_pixels, strict=True) if c == 0]
+    dataset = BaseClassDataset(
+        args.data_root, ids, args.dataset, args.base, args.crop, args.scale, args.seed
+    )
+    return data, dataset
+
+
 def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
-    generic = args.method == "generic"
-    data = open_data(
-        args, ("train",) if generic else ("train", "val"), "standin" if generic else "benchmark"
-    )
-    ids, counts = data["train"]
-    if args.novel_images == "drop":  # the ablation: no novel object left in the merged background
-        ids = [i for i, c in zip(ids, counts[:, args.novel].sum(1)) if c == 0]
-    dataset = BaseClassDataset(
-        args.data_root, ids, args.dataset, args.base, args.crop, args.scale, args.seed
-    )
+    data, dataset = training_images(args)
     args.init_label = pretrain_label(args.weights)
     args.iters_per_epoch = math.ceil(len(dataset) / args.batch)
     args.total_iters = args.epochs * args.iters_per_epoch
@@ -457,100 +432,81 @@ def main(argv=None):
             "be written"
         )
     net, opt = build(args, device)
-    trainer = Trainer(
-        args, "pretrain", net, opt, [args.lr * args.backbone_lr_mult, 10 * args.lr], RESUME_KEYS
-    )
-    model = wrap_ddp(
-        net, device, sync_bn=True
-    )  # several processes: BN trains, so SyncBatchNorm on CUDA
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    train_step = {"bcpt": bcpt_step, "standard": standard_step, "generic": generic_step}[
-        args.method
-    ]
+    base_lrs = [args.lr * args.backbone_lr_mult, 10 * args.lr]  # backbone, head
+    trainer = Trainer(args, "pretrain", net, opt, base_lrs)
+    # several processes: BN trains, so SyncBatchNorm on CUDA
+    model = wrap_ddp(net, device, sync_bn=True)
+    steps = {"bcpt": bcpt_step, "standard": standard_step, "generic": generic_step}
+    train_step = steps[args.method]
 
     def step(batch):
-        x, y = batch[0].to(device, memory_format=memory_format), batch[1].to(device)
+        x = batch[0].to(device, memory_format=memory_format(device))
+        y = batch[1].to(device)
         return train_step(model, x, y, args, trainer.optimise)
 
     if args.benchmark:
-        return trainer.benchmark(
-            dataset,
-            step,
-            f"pretrain {args.method} {args.backbone} crop {args.crop} batch "
-            f"{args.batch} {args.precision}",
-            ("guidance_step", "cluster_assign", "momentum_update"),
+        what = f"pretrain {args.method} {args.backbone} crop {args.crop} batch {args.batch}"
+        inner = ("guidance_step", "cluster_assign", "momentum_update")
+        return trainer.benchmark(dataset, step, f"{what} {args.precision}", inner)
+    val_set = None
+    validate = None
+    if args.method != "generic":
+        val_ids = data["val"][0]
+        val_set = BaseClassDataset(
+            args.data_root, val_ids, args.dataset, args.base, None, None, args.seed, args.crop
         )
-    val_set = not generic and BaseClassDataset(
-        args.data_root,
-        data["val"][0],
-        args.dataset,
-        args.base,
-        None,
-        None,
-        args.seed,
-        test_size=args.crop,
-    )
-    trainer.fit(
-        dataset,
-        step,
-        stop,
-        argv,
-        data,
-        validate=lambda: validate_base(net, val_set, args, device),
-        val_every=args.iters_per_epoch,
-    )
+        validate = functools.partial(validate_base, net, val_set, args, device)
+    trainer.fit(dataset, step, stop, argv, data, validate, val_every=args.iters_per_epoch)
     if val_set:  # is the base learner trained right? (BAM's criterion, PROTOCOL.md 2.5)
-        print(base_learner_check(args, validate_base(net, val_set, args, device)[0]))
-    if (
-        args.method == "bcpt" and world() > 1
-    ):  # Eq. 1 all-reduced, Eqs. 5-7 from the same W: one set of centres
-        if any(not torch.equal(c, net.centers.cpu()) for c in gathered(net.centers.detach().cpu())):
-            raise KitError("the cluster centres differ between the processes: please report this")
-        print(f"centres bit-identical on the {world()} processes")
+        print(base_learner_check(args, validate()[0]))
+    if args.method == "bcpt" and world() > 1:
+        check_centres_agree(net)
     if args.vis_clusters and args.method == "bcpt" and is_main():
         visualise_clusters(net, dataset, args, device)
 
 
+def check_centres_agree(net):
+    """Eq. 1 all-reduced and Eqs. 5-7 from the same W give one set of centres on every process."""
+    mine = net.centers.detach().cpu()
+    if any(not torch.equal(theirs, mine) for theirs in gathered(mine)):
+        raise KitError("the cluster centres differ between the processes: please report this")
+    print(f"centres bit-identical on the {world()} processes")
+
+
+def memory_format(device):
+    """channels_last on CUDA (faster convolutions), the default layout on the CPU."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 @torch.no_grad()
 def visualise_clusters(net, dataset, args, device):
-    """Fig. 1b: training crops with each background pixel coloured by its cluster centre, drawn at
-    least 256 px high, with a key naming each colour's centre and its share of the picture's
+    """Fig. 1b: training crops with each background pixel coloured by its cluster centre, drawn
+    at least 256 px high, with a key naming each colour's centre and its share of the picture's
     background."""
     net.eval()
-    colours = cv2.applyColorMap(
-        np.linspace(0, 255, args.K).astype(np.uint8)[:, None], cv2.COLORMAP_JET
-    )[:, 0]
+    grey_levels = np.linspace(0, 255, args.K).astype(np.uint8)[:, None]
+    colours = cv2.applyColorMap(grey_levels, cv2.COLORMAP_JET)[:, 0]  # (K, 3) BGR
     folder = os.path.join(args.out, "clusters")
     os.makedirs(folder, exist_ok=True)
     for i in range(args.vis_clusters):
         x, y = dataset[i]
         emb = net(x[None].to(device))[0].float()  # (D, h, w)
-        assign = (
-            cluster_assign(net.centers, emb.flatten(1)).reshape(emb.shape[1:]).cpu().numpy()
-        )  # (h, w)
-        assign = cv2.resize(
-            assign.astype(np.uint8), x.shape[-1:] * 2, interpolation=cv2.INTER_NEAREST
-        )  # (s, s)
-        img, bg = to_bgr_image(x), y.numpy() == 0  # (s, s, 3), (s, s)
+        assign = cluster_assign(net.centers, emb.flatten(1)).reshape(emb.shape[1:])  # (h, w)
+        assign = assign.cpu().numpy().astype(np.uint8)
+        assign = cv2.resize(assign, x.shape[-1:] * 2, interpolation=cv2.INTER_NEAREST)  # (s, s)
+        img = to_bgr_image(x)  # (s, s, 3)
+        bg = y.numpy() == 0  # (s, s)
         over = np.where(bg[..., None], 0.4 * img + 0.6 * colours[assign], img).astype(np.uint8)
         zoom = -(-256 // img.shape[0])  # ceil: at least 256 px high
-        pic = cv2.resize(
-            np.concatenate([img, over], 1), None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST
-        )
+        side_by_side = np.concatenate([img, over], 1)
+        pic = cv2.resize(side_by_side, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
         shares = np.bincount(assign[bg], minlength=args.K) / max(bg.sum(), 1)
         key = np.full((22 * args.K + 6, pic.shape[1], 3), 255, np.uint8)
         for k in range(args.K):
             cv2.rectangle(key, (6, 22 * k + 6), (24, 22 * k + 22), colours[k].tolist(), -1)
-            cv2.putText(
-                key,
-                f"centre {k}: {100 * shares[k]:.0f}% of the background",
-                (32, 22 * k + 20),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.45,
-                (0, 0, 0),
-                1,
-                cv2.LINE_AA,
-            )
+            text = f"centre {k}: {100 * shares[k]:.0f}% of the background"
+            font = cv2.FONT_HERSHEY_SIMPLEX
+            cv2.putText(key, text, (32, 22 * k + 20), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.imwrite(os.path.join(folder, f"{i:03d}.png"), np.concatenate([pic, key], 0))
     print(
         f"wrote {args.vis_clusters} cluster maps to {folder} (left: crop; right: background by "

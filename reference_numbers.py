@@ -1,13 +1,15 @@
-"""reference_numbers.py: every number the kit prints beside its own, in one table, each with its
-source.
+"""reference_numbers.py: every number the kit prints beside its own, in one table, with sources.
 
-  paper-table1..4  the BCPT paper's ASPP-PFENet rows, mIoU (and FB-IoU) in % (PROTOCOL.md 11.1); Table 3's rows
-                   are its components (Standard = neither, BMC = background mining only, BMC+OCG = BCPT),
-                   Table 4's the number of centres K; both are ResNet-50, 5-shot
-  bam-base-learner the base-class mIoU of BAM's released PSPNet base learners on the val images (PROTOCOL.md 11.2)
-  bam-train-list   images in BAM's released fss training lists (novel-containing images dropped, 2048-pixel
-  bam-val-list     rule) and val lists, PASCAL-5i on the 5953-image pool (PROTOCOL.md 2.4)
-  list-size        images in the official lists that prepare_data.py writes (PROTOCOL.md 2.2-2.3)
+  paper-table1..4   the BCPT paper's ASPP-PFENet rows, mIoU (and FB-IoU) in % (PROTOCOL.md 11.1);
+                    Table 3's rows are its components (Standard = neither, BMC = background mining
+                    only, BMC+OCG = BCPT), Table 4's the number of centres K; both are ResNet-50,
+                    5-shot
+  bam-base-learner  the base-class mIoU of BAM's released PSPNet base learners on the val images
+                    (PROTOCOL.md 11.2)
+  bam-train-list    images in BAM's released fss training lists (novel-containing images dropped,
+  bam-val-list      2048-pixel rule) and val lists, PASCAL-5i on the 5953-image pool (PROTOCOL.md
+                    2.4)
+  list-size         images in the official lists that prepare_data.py writes (PROTOCOL.md 2.2-2.3)
 
 Columns: folds 0-3, then "all" (the mean over the folds as printed in the paper, or a whole list's
 size) and FB-IoU; "-" where the source gives no number. Three of the paper's printed means are not

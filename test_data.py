@@ -1,5 +1,6 @@
 """Tests of the data: the synthetic worlds (worlds.py) and the data stage (prepare_data.py) on small
-inputs in the real VOC, SBD and COCO layouts, written here."""
+inputs in the real VOC, SBD and COCO layouts, written here. The sections follow worlds.py's, then
+prepare_data.py's."""
 
 import glob
 import json
@@ -7,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,6 +25,7 @@ from conftest import (
     VOC_MASKS,
     H,
     W,
+    assert_scores_add_up,
     box,
     lists,
     mask_with,
@@ -34,10 +37,11 @@ from conftest import (
     write_p_png,
 )
 
-# ---------- prepare_data.py: the synthetic benchmark ----------
-N_TRAIN, N_VAL, SIZE = 100, 80, 96
-
-
+# ---------- worlds.py 2-3. The two worlds: what their images and masks hold ----------
+# one small world of each kind, shared by the read-only tests
+N_TRAIN = 100
+N_VAL = 80
+SIZE = 96
 WORLDS = ["synthetic", "synthetic2"]
 
 
@@ -67,37 +71,50 @@ def _mtimes(root):
     }
 
 
+def mask_bytes(root, name):
+    """The bytes of one mask file of a world."""
+    return Path(root, "SegmentationClassAug", name).read_bytes()
+
+
+def marker(root):
+    """The world's marker: its parameters and checksum."""
+    with open(os.path.join(root, ".complete")) as f:
+        return json.load(f)
+
+
 def test_layout_and_counts(root):
     assert len(glob.glob(os.path.join(root, "JPEGImages", "*.jpg"))) == N_TRAIN + N_VAL
-    assert len(_masks(root, "train")) == N_TRAIN and len(_masks(root, "val")) == N_VAL
+    assert len(_masks(root, "train")) == N_TRAIN
+    assert len(_masks(root, "val")) == N_VAL
     with open(os.path.join(root, "ImageSets", "Segmentation", "val.txt")) as f:
         ids = f.read().split()
     assert ids == sorted(ids) == [f"val_{i:06d}" for i in range(N_VAL)]
     assert not any(i.startswith("train_") for i in ids)
-    with open(os.path.join(root, ".complete")) as f:
-        world = json.load(f)["world"]
-    with open(os.path.join(root, ".complete")) as f:
-        marker = json.load(f)
-    assert re.fullmatch("[0-9a-f]{16}", marker.pop("checksum"))
-    assert marker == dict(
+    params = marker(root)
+    world = params["world"]
+    assert re.fullmatch("[0-9a-f]{16}", params.pop("checksum"))
+    assert params == dict(
         world=world, kind="benchmark", n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0
     )
     names = {
         "synthetic": worlds.SYNTHETIC_CLASS_NAMES,
         "synthetic2": worlds.SYNTHETIC2_CLASS_NAMES,
     }[world]
-    assert world in root and len(names) == 20 == len(set(names))
+    assert world in root
+    assert len(names) == 20 == len(set(names))
 
 
 def test_mask_format_and_content(root):
     for split in ("train", "val"):
         for name, m in _masks(root, split).items():
-            assert m.dtype == np.uint8 and m.shape == (SIZE, SIZE), name
+            assert m.dtype == np.uint8, name
+            assert m.shape == (SIZE, SIZE), name
             vals = set(np.unique(m).tolist())
             assert vals <= set(range(21)) | {255}, (name, vals)
             assert ((m > 0) & (m < 255)).any(), f"{name} has no object pixel"
             img = cv2.imread(os.path.join(root, "JPEGImages", name + ".jpg"), cv2.IMREAD_UNCHANGED)
-            assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+            assert img.shape == (SIZE, SIZE, 3)
+            assert img.dtype == np.uint8
             assert img.std() > 10  # textured, not blank
 
 
@@ -105,7 +122,8 @@ def test_void_band_is_thin(root):
     total = interior = 0
     for m in _masks(root, "val").values():
         void = (m == 255).astype(np.uint8)
-        assert void.any() and void.mean() < 0.25
+        assert void.any()
+        assert void.mean() < 0.25
         # void pixels with no non-void 8-neighbour exist only where bands of touching objects merge
         interior += cv2.erode(void, np.ones((3, 3), np.uint8), borderValue=0).sum()
         total += void.sum()
@@ -130,16 +148,16 @@ def test_foreground_fraction_plausible(root):
     assert 0.1 < fg < 0.5
 
 
+# ---------- worlds.py 4. Writing a world: seeded, pinned, its stand-in, one per folder ----------
 @pytest.mark.parametrize("world", WORLDS)
 def test_determinism(tmp_path, world):
     a = worlds.make_synthetic(str(tmp_path / "a"), n_train=20, n_val=10, seed=3, world=world)
     b = worlds.make_synthetic(str(tmp_path / "b"), n_train=20, n_val=10, seed=3, world=world)
     c = worlds.make_synthetic(str(tmp_path / "c"), n_train=20, n_val=10, seed=4, world=world)
-    read = lambda r, n: open(os.path.join(r, "SegmentationClassAug", n), "rb").read()  # noqa: E731
     names = sorted(os.listdir(os.path.join(a, "SegmentationClassAug")))
     assert names == sorted(os.listdir(os.path.join(b, "SegmentationClassAug")))
-    assert all(read(a, n) == read(b, n) for n in names)
-    assert sum(read(a, n) != read(c, n) for n in names) > len(names) // 2
+    assert all(mask_bytes(a, n) == mask_bytes(b, n) for n in names)
+    assert sum(mask_bytes(a, n) != mask_bytes(c, n) for n in names) > len(names) // 2
 
 
 CHECKSUMS = {
@@ -158,17 +176,17 @@ def test_world_checksums_are_pinned(tmp_path, world, kind):
     r = worlds.make_synthetic(
         str(tmp_path / "w"), 12, 6 if kind == "benchmark" else 0, world=world, kind=kind
     )
-    with open(os.path.join(r, ".complete")) as f:
-        assert json.load(f)["checksum"] == CHECKSUMS[world, kind]
+    assert marker(r)["checksum"] == CHECKSUMS[world, kind]
 
 
 def test_standin_root_is_another_draw_with_distractors(tmp_path):
     bench = worlds.make_synthetic(str(tmp_path / "b"), 30, 0, world="synthetic2")
     stand = worlds.make_synthetic(str(tmp_path / "s"), 30, 0, world="synthetic2", kind="standin")
-    a, b = _masks(bench, "train"), _masks(stand, "train")
-    assert a.keys() == b.keys() and all(
-        not np.array_equal(a[k], b[k]) for k in a
-    )  # other images, same names
+    a = _masks(bench, "train")
+    b = _masks(stand, "train")
+    # other images, same names
+    assert a.keys() == b.keys()
+    assert all(not np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(KitError, match="ImageNet stand-in of synthetic2, which has no val images"):
         worlds.ensure_synthetic(stand, "synthetic2")
 
@@ -183,16 +201,15 @@ def test_the_two_worlds_differ_and_each_stays_in_its_folder(tmp_path, capsys):
         KitError, match="holds the synthetic world, not synthetic2: pass --dataset synthetic"
     ):
         worlds.ensure_synthetic(one, "synthetic2")
+    # world 1 is never written over world 2
     with pytest.raises(
         KitError,
         match="holds a synthetic2 root made by this kit: did you mean --dataset synthetic2",
     ):
-        worlds.make_synthetic(
-            two, 40, 10, 48, flag="--out"
-        )  # world 1 is never written over world 2
+        worlds.make_synthetic(two, 40, 10, 48, flag="--out")
     import nonparametric_eval
 
-    nonparametric_eval.main(
+    r = nonparametric_eval.main(
         [
             "--dataset",
             "synthetic2",
@@ -211,6 +228,9 @@ def test_the_two_worlds_differ_and_each_stays_in_its_folder(tmp_path, capsys):
         ]
     )
     assert "synthetic2 fold 0" in capsys.readouterr().out
+    # scored on synthetic2's fold-0 novel classes, its numbers adding up
+    assert set(r["class_iou"]) == set(common.novel_classes("synthetic2", 0)) == {1, 2, 3, 4, 5}
+    assert_scores_add_up(r)
 
 
 def test_idempotent_no_rewrite(tmp_path):
@@ -225,8 +245,13 @@ def test_changed_parameters_regenerate(tmp_path):
     r = worlds.make_synthetic(str(tmp_path / "f"), n_train=10, n_val=5)
     worlds.make_synthetic(r, n_train=6, n_val=5)
     assert len(_masks(r, "train")) == 6
-    with open(os.path.join(r, ".complete")) as f:
-        assert json.load(f)["n_train"] == 6
+    assert marker(r)["n_train"] == 6
+    # the rebuilt world is the one a new folder gets with these parameters, file for file
+    fresh = worlds.make_synthetic(str(tmp_path / "fresh"), n_train=6, n_val=5)
+    assert marker(r) == marker(fresh)
+    names = sorted(os.listdir(os.path.join(fresh, "SegmentationClassAug")))
+    assert sorted(os.listdir(os.path.join(r, "SegmentationClassAug"))) == names
+    assert all(mask_bytes(r, n) == mask_bytes(fresh, n) for n in names)
 
 
 def test_two_processes_generate_one_world(tmp_path):
@@ -242,19 +267,21 @@ def test_two_processes_generate_one_world(tmp_path):
     ]
     procs = [subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate()[0].split()[-1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0] and outs == ["50", "50"]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == ["50", "50"]
     assert sorted(os.listdir(tmp_path)) == ["w"]  # no temporary folder left behind
     ref = worlds.make_synthetic(str(tmp_path / "ref"), 40, 10, 48)
-    read = lambda r, n: open(os.path.join(r, "SegmentationClassAug", n), "rb").read()  # noqa: E731
-    assert all(
-        read(root, n) == read(ref, n) for n in os.listdir(os.path.join(ref, "SegmentationClassAug"))
-    )
+    names = os.listdir(os.path.join(ref, "SegmentationClassAug"))
+    assert all(mask_bytes(root, n) == mask_bytes(ref, n) for n in names)
 
 
 def test_world_appears_whole_even_if_another_run_publishes_first(tmp_path, monkeypatch):
     """Deterministic version of the race: mid-generation, root is untouched; then another run
     publishes the same world first; this run keeps it and leaves no temporary folder."""
-    root, render, calls, seen = str(tmp_path / "w"), worlds._render, [], {}
+    root = str(tmp_path / "w")
+    render = worlds._render
+    calls = []
+    seen = {}
     spec = worlds.WORLDS["synthetic"]
 
     def spy(rng, size, *more):
@@ -288,11 +315,10 @@ def test_synthetic_world_without_marker_is_refused(tmp_path):
     with pytest.raises(KitError, match="looks like a prepared VOC/COCO root"):
         worlds.make_synthetic(r, n_train=10, n_val=5)
     assert tree_bytes(r) == before
+    # an empty folder is fine
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert worlds.make_synthetic(str(empty), n_train=4, n_val=2) == str(
-        empty
-    )  # an empty folder is fine
+    assert worlds.make_synthetic(str(empty), n_train=4, n_val=2) == str(empty)
 
 
 def test_rebuilding_a_world_never_deletes_the_users_files(tmp_path):
@@ -301,22 +327,23 @@ def test_rebuilding_a_world_never_deletes_the_users_files(tmp_path):
     (root / "my_notes.txt").write_text("mine")
     with pytest.raises(KitError, match=f"{root} holds my_notes.txt, which this kit did not write"):
         worlds.make_synthetic(str(root), 8, 3, 32)
-    assert (root / "my_notes.txt").read_text() == "mine" and len(
-        os.listdir(root / common.IMAGES)
-    ) == 9
+    assert (root / "my_notes.txt").read_text() == "mine"
+    assert len(os.listdir(root / common.IMAGES)) == 9
     (root / "my_notes.txt").unlink()
-    worlds.make_synthetic(
-        str(root), 8, 3, 32
-    )  # only the kit's own files there: the world is rebuilt
+    worlds.make_synthetic(str(root), 8, 3, 32)  # only the kit's own files there: it is rebuilt
     assert len(os.listdir(root / common.IMAGES)) == 11
 
 
+# ---------- prepare_data.py 1. PASCAL-5i / COCO-20i from the official downloads ----------
 def test_pascal_from_sbd_mat(voc, sbd, tmp_path, capsys):
     out = str(tmp_path / "out")
     counts = prepare_data.prepare_pascal(voc, sbd, out)
     assert counts == {"val": 2, "train": 2, "train_noval": 3, "trainaug": 4, "oslsm": 4, "masks": 6}
     text = capsys.readouterr().out
-    assert "WARNING" in text and "1449" in text and "5953" in text and "10582" in text
+    assert "WARNING" in text
+    assert "1449" in text
+    assert "5953" in text
+    assert "10582" in text
     L = lists(out)
     assert L["val"] == ["2007_000003", "2007_000004"]
     assert L["train"] == ["2007_000001", "2007_000002"]
@@ -344,7 +371,9 @@ def test_pascal_train_noval_file(voc, sbd, tmp_path):
     out = str(tmp_path / "out")
     counts = prepare_data.prepare_pascal(voc, sbd, out)
     assert lists(out)["train_noval"] == ["2008_000010"]
-    assert counts["train_noval"] == 1 and counts["oslsm"] == 3 and counts["trainaug"] == 4
+    assert counts["train_noval"] == 1
+    assert counts["oslsm"] == 3
+    assert counts["trainaug"] == 4
 
 
 def test_pascal_from_aug(voc, tmp_path):
@@ -370,7 +399,8 @@ def test_pascal_missing_folder(voc, tmp_path):
     os.rename(seg, seg + "_gone")
     with pytest.raises(KitError) as e:
         prepare_data.prepare_pascal(voc, None, str(tmp_path / "out"), aug=str(tmp_path))
-    assert seg in str(e.value) and "SegmentationClass/" in str(e.value)
+    assert seg in str(e.value)
+    assert "SegmentationClass/" in str(e.value)
     with pytest.raises(KitError) as e:
         prepare_data.prepare_pascal(
             os.path.join(voc, "nope"), None, str(tmp_path / "out"), aug=str(tmp_path)
@@ -390,7 +420,8 @@ def test_pascal_bad_value_rejected(voc, sbd, tmp_path):
     write_p_png(bad, mask_with(37))
     with pytest.raises(KitError) as e:
         prepare_data.prepare_pascal(voc, sbd, str(tmp_path / "out"))
-    assert bad in str(e.value) and "37" in str(e.value)
+    assert bad in str(e.value)
+    assert "37" in str(e.value)
 
 
 def test_pascal_bad_value_in_mat_rejected(voc, sbd, tmp_path):
@@ -400,7 +431,8 @@ def test_pascal_bad_value_in_mat_rejected(voc, sbd, tmp_path):
     scipy.io.savemat(bad, {"GTcls": {"Segmentation": mask_with(37)}})
     with pytest.raises(KitError) as e:
         prepare_data.prepare_pascal(voc, sbd, str(tmp_path / "out"))
-    assert bad in str(e.value) and "37" in str(e.value)
+    assert bad in str(e.value)
+    assert "37" in str(e.value)
 
 
 def test_pascal_rgb_mask_rejected(voc, tmp_path):
@@ -416,7 +448,8 @@ def test_pascal_no_scipy_message(voc, sbd, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)
     with pytest.raises(KitError) as e:
         prepare_data.prepare_pascal(voc, sbd, str(tmp_path / "out"))
-    assert "pip install scipy" in str(e.value) and "--aug" in str(e.value)
+    assert "pip install scipy" in str(e.value)
+    assert "--aug" in str(e.value)
 
 
 def test_coco(coco, tmp_path, capsys):
@@ -485,20 +518,24 @@ def test_prepare_refuses_a_foreign_out_and_reruns_into_its_own(voc, sbd, tmp_pat
         KitError, match="--out .*somewhere is not empty and was not made by this kit for pascal"
     ):
         prepare_data.prepare_pascal(voc, sbd, str(out))
-    assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "years of work"
+    assert os.listdir(out) == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "years of work"
     syn = worlds.make_synthetic(str(tmp_path / "syn"), 4, 2, 32)
     with pytest.raises(
         KitError, match="synthetic root made by this kit: did you mean --dataset synthetic"
     ):
         prepare_data.prepare_pascal(voc, sbd, syn)
     own = str(tmp_path / "own")
-    prepare_data.prepare_pascal(voc, sbd, own)
+    counts = prepare_data.prepare_pascal(voc, sbd, own)
     with open(os.path.join(own, common.PREPARED_MARKER)) as f:
         assert json.load(f)["dataset"] == "pascal"
-    prepare_data.prepare_pascal(voc, sbd, own)  # re-running into its own output is allowed
+    before = snapshot(own)
+    # re-running into its own output is allowed, and writes the same root
+    assert prepare_data.prepare_pascal(voc, sbd, own) == counts
+    assert snapshot(own) == before
 
 
-# ---------- prepare_data.py: verify and the command line ----------
+# ---------- prepare_data.py 2. verify, and the command line ----------
 def test_cli_make_synthetic_and_verify(tmp_path):
     root = str(tmp_path / "w")
     cmd = [sys.executable, os.path.join(HERE, "prepare_data.py")]
@@ -518,21 +555,20 @@ def test_cli_make_synthetic_and_verify(tmp_path):
         i: cv2.imread(os.path.join(root, common.MASKS, i + ".png"), cv2.IMREAD_UNCHANGED)
         for i in val_ids
     }
-    for fold in range(
-        4
-    ):  # val images with >= 64 pixels of a novel class, counted here independently
+    # val images with >= 64 pixels of a novel class, counted here independently
+    for fold in range(4):
         novel = range(5 * fold + 1, 5 * fold + 6)
         n = sum(any((m == c).sum() >= 64 for c in novel) for m in masks.values())
-        assert (
-            f"fold {fold}: train " in out
-            and f"val {n}" in out.split(f"fold {fold}:")[1].splitlines()[0]
-        )
+        assert f"fold {fold}: train " in out
+        assert f"val {n}" in out.split(f"fold {fold}:")[1].splitlines()[0]
     bad = subprocess.run(
         cmd + ["verify", "--dataset", "pascal", "--data-root", str(tmp_path / "none")],
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "--data-root" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2
+    assert "--data-root" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_verify_lists_every_bad_file(tmp_path):
@@ -554,20 +590,24 @@ def test_verify_lists_every_bad_file(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 2 and "verify: 3 of the 18 images or masks" in r.stderr
-    assert all(p in r.stdout for p in bad) and "val_000002.png has value 77" in r.stdout
+    assert r.returncode == 2
+    assert "verify: 3 of the 18 images or masks" in r.stderr
+    assert all(p in r.stdout for p in bad)
+    assert "val_000002.png has value 77" in r.stdout
 
 
 def test_verify_reads_the_roots_own_marker(voc, sbd, tmp_path, capsys):
     out = str(tmp_path / "pascal")
-    prepare_data.prepare_pascal(voc, sbd, out)
+    counts = prepare_data.prepare_pascal(voc, sbd, out)
     capsys.readouterr()
-    prepare_data.main(
-        ["verify", "--data-root", out]
-    )  # the PASCAL settings, not the synthetic defaults
+    prepare_data.main(["verify", "--data-root", out])  # the PASCAL settings, not the synthetic ones
     said = capsys.readouterr().out
-    assert __import__("re").search(
+    assert re.search(
         rf"pascal at {out}: train pool \d+ images \(oslsm\), val \d+; pixel rule >= 2048", said
     )
+    # the pools are those prepare_data.py wrote: 4 images in the oslsm pool, 2 in val
+    pools = f"train pool {counts['oslsm']} images (oslsm), val {counts['val']}; pixel rule >= 2048"
+    assert f"pascal at {out}: {pools}" in said
+    assert (counts["oslsm"], counts["val"]) == (4, 2)
     with pytest.raises(KitError, match="--dataset synthetic2: .* holds pascal data"):
         prepare_data.main(["verify", "--dataset", "synthetic2", "--data-root", out])

@@ -512,9 +512,9 @@ def claim_root(root, flag, kind):
 
 
 def read_list(path):
-    """The ids of a list file, one per line (a line's first word: VOC lists name nothing else)."""
+    """The ids of a list file, one per line, each the whole line (an id may hold a space)."""
     with open(path) as f:
-        return [line.split()[0] for line in f if line.strip()]
+        return [line.strip() for line in f if line.strip()]
 
 
 def image_pools(root, train_pool="aug", need_train=True):
@@ -524,7 +524,10 @@ def image_pools(root, train_pool="aug", need_train=True):
     for sub in [root] + [os.path.join(root, name) for name in needed]:
         if not os.path.exists(sub):
             raise KitError(f"--data-root: {sub} does not exist ({LAYOUT_FIX})")
-    val = sorted(set(read_list(os.path.join(root, LISTS, "val.txt"))))
+    val_list = os.path.join(root, LISTS, "val.txt")
+    val = sorted(set(read_list(val_list)))
+    if not val:
+        raise KitError(f"--data-root {root}: {val_list} lists no image; {LAYOUT_FIX}")
     val_set = set(val)
     if not need_train:
         return None, val
@@ -826,11 +829,16 @@ class EpisodeDataset(torch.utils.data.Dataset):
             ids = [i for i, k in zip(ids, keep, strict=True) if k]
             counts = counts[keep]
         self.pools = class_index(ids, counts, self.classes, min_pixels)
+        # evaluation draws from the val list, training from the training pool
+        images = f"val images ({os.path.join(root, LISTS, 'val.txt')})"
+        if episodes is None:
+            images = f"training images of {root}"
         for c, pool in self.pools.items():
             if len(pool) < shot + 1:
                 raise KitError(
-                    f"class {c} has {len(pool)} images with >= {min_pixels} pixels; "
-                    f"a {shot}-shot episode needs {shot + 1}: lower --shot or --min-pixels"
+                    f"class {c} has {len(pool)} {images} with >= {min_pixels} pixels; a "
+                    f"{shot}-shot episode needs {shot + 1}: check the list and --data-root, or "
+                    "lower --shot or --min-pixels"
                 )
         kept = (counts[:, self.classes] >= min_pixels).any(1)
         self.data_list = [i for i, k in zip(ids, kept, strict=True) if k]
@@ -1076,10 +1084,21 @@ def _split_layers(net, name, dilate):
 # ============ 8. Checkpoint files: written atomically, loaded safely ============
 def write_atomic(path, save, obj):
     """save(obj, PATH.tmpPID), then one rename: no reader sees a half-written file; the only kind
-    the kit deletes."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save(obj, f"{path}.tmp{os.getpid()}")
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    the kit deletes. A write that fails (a full disk, a folder that vanished and cannot be made
+    again) leaves the previous file at `path` as it was and stops with one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous file there is kept" if os.path.exists(path) else "nothing was written"
+        raise KitError(
+            f"could not write {path} ({e.strerror or e}): {kept}; free space or choose "
+            "another path, then run the command again"
+        ) from None
 
 
 def save_checkpoint(path, checkpoint):
@@ -1089,16 +1108,27 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, expect=None):
-    """torch.load(weights_only=True); refuse a kit checkpoint whose args disagree with `expect`."""
+    """torch.load(weights_only=True) of a dict (a kit checkpoint or a state dict); refuse a kit
+    checkpoint whose args disagree with `expect`."""
+    if os.path.isdir(path):
+        raise KitError(f"checkpoint {path} is a folder: pass the file in it (e.g. {path}/last.pt)")
     if not os.path.isfile(path):
         raise KitError(f"checkpoint {path} does not exist: check the path (or use imagenet / none)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "Unsupported global" in str(e):  # a pickle of Python objects, not only tensors
+            raise KitError(
+                f"checkpoint {path} cannot be loaded safely: it holds Python objects beyond "
+                "tensors, numbers and strings; load it where you trust it and save its state_dict"
+            ) from None
         raise KitError(
-            f"checkpoint {path} cannot be loaded safely ({type(e).__name__}): "
-            "is it a state dict or a file written by this kit?"
+            f"checkpoint {path} is truncated or not a checkpoint ({type(e).__name__}): copy it "
+            "again, or pass a file written by torch.save"
         ) from None
+    if not isinstance(ckpt, dict):
+        kind = type(ckpt).__name__
+        raise KitError(f"checkpoint {path} holds a {kind}, not a checkpoint or a state dict")
     saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
     for key, want in (expect or {}).items():
         # a key the checkpoint leaves None matches anything (fold: the fold-free ImageNet stand-in)

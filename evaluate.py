@@ -39,6 +39,7 @@ from evaluation import (
 from own_images import add_own_image_args, segment_own_images
 from plumbing import (
     AMP_DTYPES,
+    CURVES_MARK,
     POSITIVE,
     KitParser,
     add_common_args,
@@ -176,9 +177,12 @@ def own_images(args, ckpt, model, dtype):
             f"note: this model was meta-trained {trained}-shot; it runs {shots}-shot here (mean "
             "over the supports)"
         )
-    segment_own_images(
-        args, functools.partial(predict_meta, model), dtype, lambda s: (s.argmax(0).numpy(), None)
-    )
+    segment_own_images(args, functools.partial(predict_meta, model), dtype, above_zero)
+
+
+def above_zero(score):
+    """The foreground-minus-background logit (H, W) -> (the mask: the argmax, no heat map)."""
+    return (score > 0).numpy().astype(np.uint8), None
 
 
 CURVES = [
@@ -235,7 +239,7 @@ def draw_curves(paths, out):
     axes[-1, 0].set_xlabel("iteration")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=90, metadata={"Software": CURVES_MARK})  # marks the file as the kit's
     plt.close(fig)
     titles = [title for _, title in panels]
     print(f"wrote {out}: " + ", ".join(titles))
@@ -310,10 +314,15 @@ def main(argv=None):
         return None
     if args.curves:
         args.out = args.out or "curves.png"
-        check_paths(args, outputs=[("--out", False)], inputs=["--curves"])
+        check_paths(args, outputs=[("--out", "curves")], inputs=["--curves"])
         return draw_curves(args.curves, args.out)
     ckpt = checkpoint_of(args)
-    outputs = [("--json", False), ("--episode-log", False), ("--vis", True), ("--out", True)]
+    outputs = [
+        ("--json", "results:ASPP-PFENet"),
+        ("--episode-log", "episodes"),
+        ("--vis", "pictures"),
+        ("--out", "own images"),
+    ]
     args = finish_args(args, needs_data=False, outputs=outputs)
     model = load_model(ckpt, torch.device(args.device))
     dtype = AMP_DTYPES[args.amp]

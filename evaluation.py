@@ -159,6 +159,7 @@ def evaluate_seeds(
         )
     timed = functools.partial(autocast_call, torch.device(args.device), dtype, predict)
     runs = []  # per seed: {name: FewShotIoU summed over the processes}
+    logged = []  # the --episode-log lines of the seeds so far
     t0 = time.perf_counter()
     spent = 0.0  # seconds in the model
     for seed in seeds:
@@ -169,9 +170,9 @@ def evaluate_seeds(
         runs.append(summed)
         if getattr(args, "episode_log", None):  # every rank's episodes, in episode order
             lines = sorted(sum(gathered(lines), []), key=lambda x: json.loads(x)["index"])
-            if is_main():
-                with open(args.episode_log, "a") as f:
-                    f.writelines(f"{x}\n" for x in lines)
+            logged += [f"{x}\n" for x in lines]
+            if is_main():  # the whole log so far, again: nothing is lost if its folder vanished
+                write_output(args.episode_log, save_text, "".join(logged))
         spent += t
         scores = [f"{k} mIoU {m.miou():.2f} FB-IoU {m.fb_iou():.2f}" for k, m in summed.items()]
         print(f"seed {seed}: " + "; ".join(scores))
@@ -226,8 +227,17 @@ def write_results(path, summary, args, data=None, **fields):
         "run": run_record(args, data),
     }
     if is_main():
-        write_atomic(path, save_text, out)
+        write_output(path, save_text, out)
         print(f"wrote {path}")
+
+
+def write_output(path, save, obj):
+    """write_atomic, saying so when the output's folder vanished during the run and is made again
+    (the results of a long evaluation are never thrown away for it)."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        print(f"note: {folder} is gone (removed during the run?): making it again for {path}")
+    write_atomic(path, save, obj)
 
 
 def bcpt_words(a):
@@ -321,8 +331,7 @@ def format_table(paths, metric="threshold"):
     metatrain.py model's file shows its mIoU."""
     cells = {}  # {(row, shot, fold): [(results, the value shown) per file]}
     files = {}  # {row: [results]}
-    for p in paths:
-        r = read_json(p, "--table")
+    for p, r in distinct_results(paths):
         try:
             geometry = r.get("protocol", {}).get("test_geometry", "pfenet")
             pretrained = r["pretrained"]
@@ -356,6 +365,46 @@ def format_table(paths, metric="threshold"):
     for results in files.values():
         lines += table_vs_paper(results, metric)
     return "\n".join(lines)
+
+
+def distinct_results(paths):
+    """[(path, results)], each file once: a file named twice, or two copies of one results file,
+    would count as two training seeds (a note says which were dropped)."""
+    seen = {}  # {real path or the results' identity: the path kept}
+    kept = []
+    for path in paths:
+        results = read_results(path)
+        identity = json.dumps([results.get("run"), results["per_seed"]], sort_keys=True)
+        earlier = seen.get(os.path.realpath(path)) or seen.get(identity)
+        if earlier:
+            print(f"note: --table {path} is {earlier} again: counted once")
+            continue
+        seen[os.path.realpath(path)] = path
+        seen[identity] = path
+        kept.append((path, results))
+    return kept
+
+
+def read_results(path):
+    """A results file of either test (--json), its fields checked: one line naming the file and
+    the field otherwise."""
+    r = read_json(path, "--table")
+    fix = "pass a --json file of evaluate.py or nonparametric_eval.py"
+    if not isinstance(r, dict):
+        raise KitError(f"--table {path}: not a results file of this kit; {fix}")
+    fields = {"dataset": str, "backbone": str, "pretrained": str, "shot": int, "fold": int}
+    fields.update(miou=float, per_seed=list)
+    for key, kind in fields.items():
+        value = r.get(key)
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise KitError(f"--table {path}: {key} is {value!r}, not a {kind.__name__}; {fix}")
+    for s in r["per_seed"]:
+        if not isinstance(s, dict) or type(s.get("miou")) not in (int, float):
+            raise KitError(f"--table {path}: per_seed holds {s!r}, not a seed's numbers; {fix}")
+    return r
 
 
 def table_vs_paper(results, metric):

@@ -90,7 +90,7 @@ def parse_args(argv):
     )
     args = p.parse_args(argv)
     name = f"metatrain-{args.dataset}-fold{args.fold}-{args.shot}shot"
-    return finish_args(args, name, outputs=[("--out", True)])
+    return finish_args(args, name, outputs=[("--out", "run")])
 
 
 # ============ the meta learner on a frozen backbone, and its optimiser ============

@@ -65,7 +65,11 @@ def parse_args(argv):
         if made["dataset"] and not typed(argv, "--dataset"):
             args = parser(made["dataset"]).parse_args(argv + ["--dataset", made["dataset"]])
         args.backbone = made["backbone"] or args.backbone
-    outputs = [("--json", False), ("--episode-log", False), ("--out", True)]
+    outputs = [
+        ("--json", "results:non-parametric prior"),
+        ("--episode-log", "episodes"),
+        ("--out", "own images"),
+    ]
     return finish_args(args, needs_data=not (args.support or args.query), outputs=outputs)
 
 
@@ -179,9 +183,9 @@ def main(argv=None):
     if own:
 
         def decide(prior):
-            """The prior (1, H, W) at the query's size -> (mask, heat map), each (H, W)."""
-            mask = (prior[0] > args.threshold).numpy().astype(np.uint8)
-            return mask, prior[0].numpy()
+            """The prior (H, W) at the query's size -> (mask, heat map), each (H, W)."""
+            mask = (prior > args.threshold).numpy().astype(np.uint8)
+            return mask, prior.numpy()
 
         predict = functools.partial(predict_prior, backbone)
         return segment_own_images(args, predict, AMP_DTYPES[args.amp], decide)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision
+from PIL import Image
 
 from common import (
     BACKBONES,
@@ -41,6 +42,7 @@ from common import (
     image_pools,
     load_checkpoint,
     novel_classes,
+    root_made_by,
     save_checkpoint,
     write_atomic,
 )
@@ -88,6 +90,7 @@ def bounded(kind, lo=None, hi=None, open_lo=False):
 POSITIVE = bounded(int, 1)
 NON_NEGATIVE = bounded(int, 0)
 SIZE = bounded(int, 16)  # image sides
+SEED = bounded(int, 0, 2**32 - 1)  # what numpy's and torch's generators take
 UNIT = bounded(float, 0.0, 1.0)
 POSITIVE_FLOAT = bounded(float, 0.0, open_lo=True)
 
@@ -234,7 +237,7 @@ def add_common_args(parser, dataset, stage):
     if stage != "evaluate":
         g.add_argument(
             "--seed",
-            type=int,
+            type=SEED,
             default=321,
             help="all randomness of the run: initialisation, "
             "augmentation, training episodes (PFENet/BAM's value) (default %(default)s)",
@@ -272,8 +275,11 @@ def add_training_args(parser, dataset, source, epochs, batch, lr, crop, scale):
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last.pt (a fresh start "
-        "if none yet); a folder holding a checkpoint is never started again without it",
+        help="continue the run in --out from its last.pt (a fresh start if none yet); a folder "
+        "holding a checkpoint is never started again without it. A resumed run is the run it "
+        "continues: every flag must be the checkpoint's but --max-iters, --log-every, "
+        "--save-every, --workers, --device, --data-root (the same data elsewhere), --benchmark "
+        "and --vis-clusters",
     )
     add(
         "--select",
@@ -297,7 +303,7 @@ def add_eval_args(parser):
     )
     g.add_argument(
         "--seeds",
-        type=int,
+        type=SEED,
         nargs="+",
         default=[510, 365, 382, 322, 988],
         help="one evaluation per seed, "
@@ -323,6 +329,16 @@ def finish_args(args, out_name=None, needs_data=True, outputs=()):
     (args.json)."""
     if args.data_root is None and needs_data:
         raise KitError(f"--data-root is required for --dataset {args.dataset} ({LAYOUT_FIX})")
+    seeds = getattr(args, "seeds", [])
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise KitError(
+            f"--seeds {' '.join(map(str, seeds))}: {repeated[0]} is given twice; each seed is one "
+            "evaluation of its own episodes, so pass distinct seeds"
+        )
+    scale = getattr(args, "scale", None)
+    if scale and scale[0] > scale[1]:
+        raise KitError(f"--scale {scale[0]} {scale[1]}: give the range low first (--scale MIN MAX)")
     if out_name and args.out is None:
         args.out = os.path.join("runs", out_name)
     check_paths(args, outputs)
@@ -334,36 +350,123 @@ def finish_args(args, out_name=None, needs_data=True, outputs=()):
     return args
 
 
+FOLDERS = {"run", "own images", "pictures"}  # what the kit writes into a folder
+
+
 def check_paths(args, outputs=(), inputs=()):
-    """outputs: (flag, is a folder) per path the run writes; inputs: flags naming files it reads."""
-    for flag, folder in outputs:
-        if (path := getattr(args, flag[2:].replace("-", "_"))) is None:
+    """outputs: (flag, what the kit writes there) per path the run writes; inputs: flags naming
+    files it reads. Before the work: every output can be written, no two share a path, and an
+    existing one is replaced only if the kit wrote it in an earlier run of the same kind
+    (replaceable); own images never replace a file (they take new names)."""
+    taken = {}
+    for flag, what in outputs:
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is None:
             continue
-        if os.path.exists(path) and os.path.isdir(path) != folder:
-            raise KitError(
-                f"{flag} {path} is a {'file' if folder else 'folder'}: pass the "
-                f"{'folder' if folder else 'file'} to write"
-            )
-        near = os.path.abspath(path)
-        while not os.path.exists(near):
-            near = os.path.dirname(near)
-        # the path itself (an existing file) or the folder it would be made in
-        writable = os.path.isdir(near) or near == os.path.abspath(path)
-        if not writable or not os.access(near, os.W_OK):
-            raise KitError(
-                f"{flag} {path} cannot be written ({near} is not a writable folder): choose "
-                "another path"
-            )
+        real = os.path.realpath(path)
+        if real in taken:
+            raise KitError(f"{flag} {path} is {taken[real]}'s path too: give each output its own")
+        taken[real] = flag
+        check_writable(flag, path, folder=what in FOLDERS)
+        if os.path.exists(path):
+            replaceable(flag, path, what)
     for flag in inputs:
         for path in getattr(args, flag[2:].replace("-", "_")) or []:
             if not os.path.isfile(path) or not os.access(path, os.R_OK):
                 raise KitError(f"{flag} {path}: no such readable file")
 
 
+def check_writable(flag, path, folder):
+    """A path the run can make: the right type if it exists, in a writable folder, not too long."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        want = "folder" if folder else "file"
+        raise KitError(
+            f"{flag} {path} is a {'file' if folder else 'folder'}: pass the {want} to write"
+        )
+    full = os.path.abspath(path)
+    near = full
+    while not os.path.exists(near):
+        near = os.path.dirname(near)
+    # the path itself (an existing file) or the folder it would be made in
+    writable = os.path.isdir(near) or near == full
+    if not writable or not os.access(near, os.W_OK):
+        raise KitError(
+            f"{flag} {path} cannot be written ({near} is not a writable folder): choose "
+            "another path"
+        )
+    folder_of_near = near if os.path.isdir(near) else os.path.dirname(near)
+    longest = max(len(part) for part in full.split(os.sep))
+    if longest > os.pathconf(folder_of_near, "PC_NAME_MAX"):
+        raise KitError(f"{flag}: a name in {path} is longer than this file system allows")
+    if len(full) >= os.pathconf(folder_of_near, "PC_PATH_MAX"):
+        raise KitError(f"{flag}: {path} is longer than this file system allows")
+
+
+RUN_FILES = ("last.pt", "best.pt", "args.json", "log.jsonl", ".lock")  # a run folder's own
+PICTURE = re.compile(r"episode\d{3}_class\d+\.png")  # evaluate.py --vis's file names
+CURVES_MARK = "BCPT kit: evaluate.py --curves"  # the PNG text of a training-curves picture
+
+
+def replaceable(flag, path, what):
+    """An existing output: stop with one line unless the kit wrote it in an earlier run of the
+    same kind (what: 'results:<method>', 'episodes', 'pictures', 'curves'); a run folder is
+    check_run_folder's, and own images never replace a file."""
+    if what in ("run", "own images"):
+        return
+    if what == "pictures":
+        strangers = [name for name in sorted(os.listdir(path)) if not PICTURE.fullmatch(name)]
+        if strangers:
+            raise KitError(
+                f"{flag} {path} holds {strangers[0]}, which evaluate.py --vis did not write: "
+                "choose a new or empty folder"
+            )
+        return
+    move = "choose another path, or move it away"
+    folder = os.path.dirname(os.path.abspath(path))
+    is_run = any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "args.json"))
+    if os.path.basename(path) in RUN_FILES and is_run:
+        raise KitError(f"{flag} {path} is a file of the run in {folder}: {move}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip container
+        raise KitError(f"{flag} {path} is a checkpoint: {move}")
+    if not written_by_kit(path, what):
+        kind = what.replace("results:", "results of ")
+        raise KitError(f"{flag} {path} exists and is not {kind} written by this kit: {move}")
+
+
+def written_by_kit(path, what):
+    """Whether an existing file is the kit's output of this kind."""
+    if what == "curves":
+        try:
+            with Image.open(path) as im:
+                return im.info.get("Software") == CURVES_MARK
+        except OSError:
+            return False
+    with open(path, errors="replace") as f:
+        first = f.readline()
+        rest = first + f.read() if what.startswith("results") else ""
+    if what == "episodes":  # an empty log, or one line per episode
+        record = parse_json_line(first) if first else {"phase": ""}
+        return isinstance(record, dict) and {"phase", "seed", "index"} <= set(record)
+    try:
+        results = json.loads(rest)
+    except ValueError:
+        return False
+    method = what.split(":", 1)[1]
+    return isinstance(results, dict) and "run" in results and results.get("method") == method
+
+
 def open_data(args, splits=("train", "val"), kind="benchmark"):
     """{split: (ids, per-class pixel counts)} of the splits a stage reads (no other list is opened);
     draws a synthetic world (kind benchmark or standin) on first use, and records its checksum in
     args.world_checksum."""
+    made_by = root_made_by(args.data_root)
+    if args.dataset not in SYNTHETIC_ROOTS and made_by and made_by != args.dataset:
+        raise KitError(
+            f"--data-root {args.data_root} holds {made_by} data (its marker says so), not "
+            f"{args.dataset}: pass --dataset {made_by}, or the --data-root of {args.dataset} data"
+        )
     if args.dataset in SYNTHETIC_ROOTS:
         made = ensure_synthetic(args.data_root, args.dataset, kind) or {}
         args.world_checksum = made.get("checksum")
@@ -609,6 +712,11 @@ def check_run_folder(args, stage):
     if not os.path.isfile(path):
         return None
     ckpt = load_checkpoint(path)
+    if "stage" not in ckpt or "args" not in ckpt:
+        raise KitError(
+            f"--out {args.out} holds {path}, which is not a checkpoint of a run of this kit (a "
+            f"state dict?): move it away, or {fresh}"
+        )
     other = ckpt.get("stage")
     total = ckpt.get("args", {}).get("total_iters")
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
@@ -625,6 +733,11 @@ def check_run_folder(args, stage):
         raise KitError(
             f"--resume: {path} was made with {flag} {saved[key]} but this run has {flag} {value}: "
             f"a resumed run is the run it continues; pass {flag} {saved[key]}, or {fresh}"
+        )
+    if total is not None and total != args.total_iters:  # the same flags, other data
+        raise KitError(
+            f"--resume: {path} is a run of {total} iterations but the data at --data-root "
+            f"{args.data_root} give {args.total_iters}: pass the run's data, or {fresh}"
         )
     return ckpt
 

@@ -187,7 +187,19 @@ def parse_args(argv):
         generic_defaults(args, argv)
     else:
         name += f"-fold{args.fold}"
-    args = finish_args(args, name, outputs=[("--out", True)])
+    args = finish_args(args, name, outputs=[("--out", "run")])
+    per_process = args.batch // world()
+    if args.head == "psp" and per_process < 2:
+        raise KitError(
+            f"--batch {args.batch}: the PSP head's BatchNorm needs at least 2 crops per process "
+            f"(its 1 x 1 pooling bin has one value per crop); pass --batch {2 * world()} or more"
+        )
+    guidance_vectors = args.K - 1  # Eq. 5's k-means over the base vectors
+    if args.method == "bcpt" and guidance_vectors > len(args.base):
+        print(
+            f"warning: --K {args.K} asks Eq. 5 for {guidance_vectors} guidance vectors from "
+            f"{len(args.base)} base classes: at most {len(args.base)} differ, the rest repeat"
+        )
     if args.method == "generic":  # fold-free: every class is a label
         args.fold = None
         args.base = list(range(1, N_CLASSES[args.dataset] + 1))

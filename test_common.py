@@ -5,7 +5,9 @@ and checkpoint files. The sections follow common.py's.
 Run every test file: python -m pytest -q
 """
 
+import argparse
 import os
+import re
 
 import cv2
 import numpy as np
@@ -327,6 +329,28 @@ def test_bad_inputs(tmp_path):
         common.read_mask(root, "t4", 20)
 
 
+def test_list_hints_name_the_list_the_root_and_the_whole_id(tmp_path):
+    """An id holding a space is read whole and named whole; an empty val.txt is named with its
+    root; a class without enough val images names the val list, not only the flags."""
+    root = make_root(tmp_path)
+    val_list = os.path.join(root, common.LISTS, "val.txt")
+    with open(val_list, "w") as f:
+        f.write("v0\nmy photo 1\n")
+    assert common.read_list(val_list) == ["v0", "my photo 1"]
+    with pytest.raises(KitError, match="my photo 1.png: missing or corrupt"):
+        common.read_mask(root, common.read_list(val_list)[1], 20)
+    with open(val_list, "w") as f:
+        f.write("\n")
+    with pytest.raises(KitError, match=f"{re.escape(val_list)} lists no image"):
+        common.image_pools(root)
+    with open(val_list, "w") as f:
+        f.write("v0\n")
+    ids, val = common.image_pools(root)
+    counts = common.class_pixel_counts(root, val, 20)
+    with pytest.raises(KitError, match=r"class 1 has 1 val images \(.*val.txt\) with >= 100"):
+        common.EpisodeDataset(root, val, counts, "synthetic", [1, 2], 1, 100, 0, episodes=2)
+
+
 def test_truncated_jpeg_stops_the_scan_naming_the_file(tmp_path):
     root = worlds.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
     img = os.path.join(root, common.IMAGES, "train_000004.jpg")
@@ -453,7 +477,7 @@ def test_episode_too_few_images(tmp_path):
     root = make_root(tmp_path)
     train, _ = common.image_pools(root)
     counts = common.class_pixel_counts(root, train, 20)
-    with pytest.raises(KitError, match="class 1 has 4 images.*5-shot"):
+    with pytest.raises(KitError, match="class 1 has 4 val images .*val.txt.*5-shot"):
         common.EpisodeDataset(
             root, train, counts, "pascal", [1], shot=5, min_pixels=1024, seed=0, episodes=3
         )
@@ -591,5 +615,45 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
         common.build_backbone("resnet50", path)
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(KitError, match="cannot be loaded safely"):
+    with pytest.raises(KitError, match="is truncated or not a checkpoint"):
         common.load_checkpoint(path)
+
+
+def test_checkpoint_hints_name_the_cause(tmp_path):
+    """A folder, a truncated file, a list, a pickle of Python objects: each named as such."""
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(3)}, good)
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(good.read_bytes()[:60])
+    a_list = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], a_list)
+    objects = tmp_path / "objects.pt"
+    torch.save({"args": argparse.Namespace(lr=1)}, objects)
+    cases = [
+        (tmp_path, "is a folder: pass the file in it"),
+        (truncated, "is truncated or not a checkpoint"),
+        (a_list, "holds a list, not a checkpoint or a state dict"),
+        (objects, "cannot be loaded safely: it holds Python objects"),
+    ]
+    for path, message in cases:
+        with pytest.raises(KitError, match=message):
+            common.load_checkpoint(str(path))
+    assert torch.equal(common.load_checkpoint(str(good))["w"], torch.zeros(3))
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    """write_atomic: a save that fails (a full disk) leaves the file there as it was, no temp file,
+    and one line saying so."""
+    path = str(tmp_path / "out.json")
+    common.write_atomic(path, plumbing.save_text, "first")
+
+    def full_disk(obj, tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(KitError, match="No space left on device.*the previous file there is kept"):
+        common.write_atomic(path, full_disk, "second")
+    with open(path) as f:
+        assert f.read() == "first"
+    assert os.listdir(tmp_path) == ["out.json"]

@@ -611,3 +611,14 @@ def test_verify_reads_the_roots_own_marker(voc, sbd, tmp_path, capsys):
     assert (counts["oslsm"], counts["val"]) == (4, 2)
     with pytest.raises(KitError, match="--dataset synthetic2: .* holds pascal data"):
         prepare_data.main(["verify", "--dataset", "synthetic2", "--data-root", out])
+
+
+def test_verify_fails_on_an_empty_val_list(tmp_path, capsys):
+    """A root whose val.txt lists nothing has no test: verify stops with one line naming the list
+    and exits non-zero (it used to print empty pools and exit 0)."""
+    root = worlds.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    val_list = os.path.join(root, common.LISTS, "val.txt")
+    with open(val_list, "w") as f:
+        f.write("")
+    with pytest.raises(KitError, match="val.txt lists no image"):
+        prepare_data.main(["verify", "--dataset", "synthetic", "--data-root", root])

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -269,6 +270,145 @@ def test_output_and_input_paths_checked_before_the_work(
             evaluate.main(argv)
     with pytest.raises(KitError, match="--json .* cannot be written"):
         nonparametric_eval.main(np_args(synthetic_root, pretrained["bcpt"], blocker / "n.json"))
+
+
+def _copy_checkpoint(src, folder):
+    """A run folder of our own holding a copy of a checkpoint (tests must never touch the
+    session's)."""
+    os.makedirs(folder, exist_ok=True)
+    dst = os.path.join(folder, "last.pt")
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        g.write(f.read())
+    return dst
+
+
+def test_outputs_never_replace_a_file_the_kit_did_not_write(synthetic_root, pretrained, tmp_path):
+    """--json and --episode-log are checked before the work: a checkpoint, a run folder's file, a
+    user's file or a results file of the other test is never replaced, and two outputs never share
+    a path; an earlier results file of the same test is replaced."""
+    import nonparametric_eval
+
+    run = tmp_path / "run"
+    checkpoint = _copy_checkpoint(pretrained["bcpt"], run)
+    with open(run / "args.json", "w") as f:
+        json.dump({"stage": "pretrain"}, f)
+    user = tmp_path / "notes.json"
+    user.write_text('{"mine": 1}')
+    other_kind = tmp_path / "evaluate.json"
+    other_kind.write_text(json.dumps({"method": "ASPP-PFENet", "run": {}, "miou": 1.0}))
+    before = tree_bytes(tmp_path)
+    cases = [
+        (["--json", checkpoint], "is a file of the run in"),
+        (["--json", str(tmp_path / "x.json"), "--episode-log", checkpoint], "is a file of the run"),
+        (["--json", str(user)], "is not results of non-parametric prior written by this kit"),
+        (["--json", str(other_kind)], "is not results of non-parametric prior"),
+        (["--json", str(tmp_path / "a.json"), "--episode-log", str(tmp_path / "a.json")], "too"),
+    ]
+    for extra, message in cases:
+        argv = np_args(synthetic_root, pretrained["bcpt"], tmp_path / "unused.json")[:-2] + extra
+        with pytest.raises(KitError, match=re.escape(message)):
+            nonparametric_eval.main(argv)
+    assert tree_bytes(tmp_path) == before  # nothing touched
+    results = tmp_path / "np.json"
+    nonparametric_eval.main(np_args(synthetic_root, pretrained["bcpt"], results))
+    first = json.loads(results.read_text())
+    nonparametric_eval.main(
+        np_args(synthetic_root, pretrained["bcpt"], results)
+    )  # its own: replaced
+    assert json.loads(results.read_text())["miou"] == first["miou"]
+
+
+def test_pictures_and_curves_replace_only_their_own_kind(metatrained, synthetic_root, tmp_path):
+    """--vis refuses a folder holding files evaluate.py --vis did not write; --curves replaces only
+    a picture it drew before (marked in the PNG), never a user's picture."""
+    import evaluate
+
+    user_folder = tmp_path / "photos"
+    user_folder.mkdir()
+    (user_folder / "holiday.png").write_bytes(b"not ours")
+    with pytest.raises(KitError, match="holiday.png, which evaluate.py --vis did not write"):
+        evaluate.main(
+            ["--checkpoint", metatrained[1], "--vis", str(user_folder), "--episodes", "2"]
+        )
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    picture = tmp_path / "curves.png"
+    cv2.imwrite(str(picture), np.zeros((4, 4, 3), np.uint8))  # a user's picture
+    before = picture.read_bytes()
+    with pytest.raises(KitError, match="is not curves written by this kit"):
+        evaluate.main(["--curves", str(log), "--out", str(picture)])
+    assert picture.read_bytes() == before
+    drawn = tmp_path / "drawn.png"
+    evaluate.main(["--curves", str(log), "--out", str(drawn)])
+    evaluate.main(["--curves", str(log), "--out", str(drawn)])  # the kit's own: replaced
+
+
+def test_inputs_that_contradict_each_other_are_refused(
+    synthetic_root, pretrained, voc, sbd, tmp_path
+):
+    """A root whose marker names another dataset, a seed given twice or below 0, a scale range
+    given high first, a name longer than the file system allows: one line each, nothing written."""
+    import nonparametric_eval
+    import pretrain_bcpt
+
+    pascal_root = str(tmp_path / "pascal")
+    prepare_data.prepare_pascal(str(voc), str(sbd), pascal_root)
+    synthetic_as_pascal = ["--dataset", "pascal", "--data-root", synthetic_root]
+    cases = [
+        (
+            nonparametric_eval,
+            [
+                *np_args(synthetic_root, "none", tmp_path / "a.json")[2:],
+                *synthetic_as_pascal,
+                "--backbone",
+                "resnet18",
+            ],
+            "holds synthetic data (its marker says so), not pascal",
+        ),
+        (
+            nonparametric_eval,
+            [*np_args(pascal_root, "none", tmp_path / "b.json"), "--dataset", "synthetic"],
+            "holds a pascal root",
+        ),
+        (
+            nonparametric_eval,
+            [*np_args(synthetic_root, "none", tmp_path / "c.json"), "--seeds", "510", "510"],
+            "510 is given twice",
+        ),
+        (
+            nonparametric_eval,
+            [*np_args(synthetic_root, "none", tmp_path / "d.json"), "--seeds", "-1"],
+            "--seeds: value -1 is not allowed",
+        ),
+        (
+            pretrain_bcpt,
+            [*pretrain_args(synthetic_root, tmp_path / "e"), "--scale", "1.5", "0.75"],
+            "--scale 1.5 0.75: give the range low first",
+        ),
+        (
+            pretrain_bcpt,
+            [*pretrain_args(synthetic_root, tmp_path / ("f" * 300))],
+            "longer than this file system allows",
+        ),
+    ]
+    for stage, argv, message in cases:
+        with pytest.raises(KitError, match=re.escape(message)):
+            stage.main(argv)
+    assert sorted(os.listdir(tmp_path)) == ["VOCdevkit", "benchmark_RELEASE", "pascal"]
+
+
+def test_a_few_settings_are_refused_or_warned_before_training(synthetic_root, tmp_path, capsys):
+    """--batch 1 with BAM's PSP head (BatchNorm over one value per channel) is refused before any
+    work; a K that asks Eq. 5 for more guidance vectors than there are base classes warns."""
+    import pretrain_bcpt
+
+    argv = pretrain_args(synthetic_root, tmp_path / "psp", "--method", "standard", "--head", "psp")
+    with pytest.raises(KitError, match="needs at least 2 crops per process"):
+        pretrain_bcpt.main(argv + ["--batch", "1"])
+    assert not os.path.exists(tmp_path / "psp")
+    args = pretrain_bcpt.parse_args(pretrain_args(synthetic_root, tmp_path / "k", "--K", "40"))
+    assert args.K == 40
+    assert "asks Eq. 5 for 39 guidance vectors from 15 base classes" in capsys.readouterr().out
 
 
 # ---------- plumbing.py 2. Several processes (torchrun): one per device, rank 0 writes ----------
@@ -729,6 +869,75 @@ def test_args_json_round_trip_and_log_without_duplicates(synthetic_root, tmp_pat
     assert j["run"]["pools"] == {"train": 200, "val": 200}
     assert j["stage"] == "pretrain"
     assert j["derived"]["amp"] == "fp32"
+
+
+def test_a_resumed_run_is_the_run_it_claims(synthetic_root, pretrained, tmp_path):
+    """--resume refuses every flag that changes what is trained or how (the initial weights, lr,
+    wd, momentum, scale, ... in both training stages) when it differs from the checkpoint's, and
+    accepts those that may change (--max-iters, --workers, --log-every)."""
+    import metatrain
+    import pretrain_bcpt
+
+    out = tmp_path / "pre"
+    pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--max-iters", "1", "--save-every", "1"))
+    changed = [
+        ["--lr", "0.5"],
+        ["--wd", "0.5"],
+        ["--scale", "0.5", "2.0"],
+        ["--weights", pretrained["standard"]],
+    ]
+    for extra in changed:
+        argv = pretrain_args(synthetic_root, out, "--max-iters", "2", "--resume", *extra)
+        with pytest.raises(KitError, match=f"was made with {extra[0]} .* but this run has"):
+            pretrain_bcpt.main(argv)
+    pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--max-iters", "2", "--resume"))
+    meta = tmp_path / "meta"
+    meta_argv = meta_args(synthetic_root, meta, pretrained["bcpt"], 1, "--max-iters", "1")
+    metatrain.main(meta_argv + ["--save-every", "1"])
+    for extra in (["--wd", "0.5"], ["--momentum", "0"]):
+        with pytest.raises(KitError, match=f"was made with {extra[0]}"):
+            metatrain.main(meta_argv + ["--resume", *extra])
+    ok = ["--resume", "--max-iters", "2", "--workers", "1", "--log-every", "2"]
+    metatrain.main(meta_argv[:-2] + ok)
+    assert torch.load(meta / "last.pt", weights_only=True)["iter"] == 2
+
+
+def test_a_state_dict_in_the_run_folder_is_named_as_such(synthetic_root, tmp_path):
+    import pretrain_bcpt
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"w": torch.zeros(1)}, out / "last.pt")
+    with pytest.raises(KitError, match="which is not a checkpoint of a run of this kit"):
+        pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--resume"))
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    """A checkpoint write that fails (the disk is full) stops with one line, leaves the previous
+    last.pt as it was, and the run continues from it with --resume."""
+    import errno
+
+    import pretrain_bcpt
+
+    out = tmp_path / "run"
+    argv = pretrain_args(synthetic_root, out, "--max-iters", "2", "--save-every", "1")
+    saves = []
+    real_save = torch.save
+
+    def save(obj, path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KitError, match="No space left on device.*the previous file there is kept"):
+        pretrain_bcpt.main(argv)
+    assert torch.load(out / "last.pt", weights_only=True)["iter"] == 1
+    assert [name for name in os.listdir(out) if ".tmp" in name] == []
+    monkeypatch.setattr(torch, "save", real_save)
+    pretrain_bcpt.main(argv + ["--resume"])
+    assert torch.load(out / "last.pt", weights_only=True)["iter"] == 2
 
 
 # ---------- plumbing.py 6. The training loop both training stages share ----------

@@ -580,6 +580,13 @@ def own_episode(synthetic_root, metatrained, tmp_path):
     return ds, tmp_path, query, support
 
 
+def legend_rows(overlay):
+    """The height of the white legend bar on top of a NAME_overlay.png (BGR): the rows white but
+    for their text."""
+    white_rows = (overlay == 255).all(-1).mean(1) > 0.5
+    return int(np.argmin(white_rows))  # the first row of the pictures
+
+
 def corrupt_middle(src, dst):
     """A JPEG with 100 bytes of its entropy-coded data overwritten: it decodes "successfully" into
     garbage."""

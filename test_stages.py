@@ -31,6 +31,7 @@ from conftest import (
     bam_best,
     blocks,
     corrupt_middle,
+    legend_rows,
     make_root,
     meta_args,
     np_args,
@@ -1036,6 +1037,44 @@ def test_own_images_bad_input_names_the_file(own_episode, metatrained, tmp_path)
         evaluate.main(base + ["--support", sup])
 
 
+def test_a_photo_passed_as_the_mask_is_refused_and_a_reversed_pair_named(own_episode, metatrained):
+    import evaluate
+
+    ds, d, query, support = own_episode
+    image = str(d / f"{support}.jpg")
+    mask = str(d / "support_mask.png")
+    photo_jpg = str(d / f"{query}.jpg")
+    photo_png = str(d / "photo.png")
+    cv2.imwrite(photo_png, cv2.imread(photo_jpg))  # lossless: many values, not a label image
+    shape = cv2.imread(image).shape[:2]
+    for photo in (photo_jpg, photo_png):
+        refused = (
+            rf"mask {re.escape(photo)} looks like a photo \(only \d+% of its pixels are at its "
+            r"two extreme levels.*\): pass the mask image \(0/1, 0/255, palette, RGB or "
+            r"transparent PNG\)"
+        )
+        with pytest.raises(KitError, match=refused):
+            own_images.read_user_mask(photo, image, shape)
+    reversed_pair = (
+        rf"--support {re.escape(mask)} {re.escape(image)}: {re.escape(mask)} looks like a mask and "
+        rf"{re.escape(image)} like a photo: pass the image first"
+    )
+    with pytest.raises(KitError, match=reversed_pair):
+        evaluate.main(
+            [
+                "--checkpoint",
+                metatrained[1],
+                "--support",
+                mask,
+                image,
+                "--query",
+                photo_jpg,
+                "--out",
+                str(d / "p"),
+            ]
+        )
+
+
 # ---------- own_images.py 2-4. Your episodes in the test geometry, the predictions ----------
 def test_own_images_give_the_benchmark_prediction(own_episode, metatrained):
     import evaluate
@@ -1059,9 +1098,10 @@ def test_own_images_give_the_benchmark_prediction(own_episode, metatrained):
     assert mask.shape == (h, w)
     assert set(np.unique(mask)) <= {0, 255}
     overlay = cv2.imread(str(d / "preds" / f"{query}_overlay.png"))
-    # the query, then the support beside it
-    assert overlay.shape[0] == h
-    assert overlay.shape[1] > w
+    # the query, then the support beside it, both drawn 256 px high, under the legend
+    pictures = overlay[legend_rows(overlay) :]
+    assert pictures.shape[0] == 256
+    assert pictures.shape[1] == 2 * 256 * w // h
     model = evaluate.load_model(common.load_checkpoint(metatrained[1]), torch.device("cpu"))
     item = torch.utils.data.default_collate([ds[0]])
     with torch.no_grad():
@@ -1177,6 +1217,142 @@ def test_own_images_need_only_the_checkpoint(tmp_path, capsys):
         nonparametric_eval.parse_args(
             own + ["--out", str(tmp_path / "o"), "--backbone", "resnet50"]
         )
+
+
+def test_own_images_never_replace_a_file_in_out(own_episode, metatrained, capsys):
+    """--query sup.jpg into the folder holding the user's sup_mask.png: the user's mask survives
+    byte for byte, the prediction goes to sup-2_*.png, and the line that reports it says why."""
+    import evaluate
+
+    ds, d, query, support = own_episode
+    os.replace(d / f"{support}.jpg", d / "sup.jpg")
+    os.replace(d / "support_mask.png", d / "sup_mask.png")
+    users_mask = (d / "sup_mask.png").read_bytes()
+    sup = str(d / "sup.jpg")
+    own = ["--checkpoint", metatrained[1], "--support", sup, str(d / "sup_mask.png")]
+    evaluate.main(own + ["--query", sup, "--out", str(d)])
+    assert (d / "sup_mask.png").read_bytes() == users_mask
+    assert {"sup-2_mask.png", "sup-2_overlay.png"} <= set(os.listdir(d))
+    said = capsys.readouterr().out
+    assert f"sup_mask.png exists: wrote {d / 'sup-2'}_mask.png and _overlay.png" in said
+
+
+def test_own_images_of_both_readme_examples_in_one_folder_keep_the_first(
+    own_episode, metatrained, pretrained, capsys
+):
+    """README 'Your own images': evaluate.py (two shots, two queries), then nonparametric_eval.py
+    on one of the same queries, both into preds/: the first run's files stay byte for byte, the
+    second's take the next free name."""
+    import shutil
+
+    import evaluate
+    import nonparametric_eval
+
+    ds, d, query, support = own_episode
+    for name, source in (("a", support), ("b", support), ("street", query), ("park", support)):
+        shutil.copy(d / f"{source}.jpg", d / f"{name}.jpg")
+    for name in ("a", "b"):
+        shutil.copy(d / "support_mask.png", d / f"{name}_mask.png")
+    preds = d / "preds"
+    evaluate.main(
+        [
+            "--checkpoint",
+            metatrained[1],
+            "--support",
+            str(d / "a.jpg"),
+            str(d / "a_mask.png"),
+            "--support",
+            str(d / "b.jpg"),
+            str(d / "b_mask.png"),
+            "--query",
+            str(d / "street.jpg"),
+            str(d / "park.jpg"),
+            "--out",
+            str(preds),
+        ]
+    )
+    first = {p.name: p.read_bytes() for p in preds.iterdir()}
+    assert set(first) == {f"{q}_{k}.png" for q in ("street", "park") for k in ("mask", "overlay")}
+    nonparametric_eval.main(
+        [
+            "--pretrained",
+            pretrained["bcpt"],
+            "--support",
+            str(d / "a.jpg"),
+            str(d / "a_mask.png"),
+            "--query",
+            str(d / "street.jpg"),
+            "--out",
+            str(preds),
+            "--test-size",
+            "64",
+        ]
+    )
+    after = {p.name: p.read_bytes() for p in preds.iterdir()}
+    assert {name: after[name] for name in first} == first
+    assert set(after) - set(first) == {f"street-2_{k}.png" for k in ("mask", "overlay", "prior")}
+    said = capsys.readouterr().out
+    wrote = f"wrote {preds / 'street-2'}_mask.png and _overlay.png and _prior.png"
+    assert f"street_mask.png exists: {wrote}" in said
+
+
+def test_own_images_overlay_has_a_legend_and_is_drawn_large_enough(own_episode, metatrained):
+    """A 64-px query: NAME_overlay.png is drawn at least 256 px high under a white bar whose dark
+    text sits above the query and above the support."""
+    import evaluate
+
+    ds, d, query, support = own_episode
+    evaluate.main(
+        [
+            "--checkpoint",
+            metatrained[1],
+            "--support",
+            str(d / f"{support}.jpg"),
+            str(d / "support_mask.png"),
+            "--query",
+            str(d / f"{query}.jpg"),
+            "--out",
+            str(d / "preds"),
+        ]
+    )
+    overlay = cv2.imread(str(d / "preds" / f"{query}_overlay.png"))
+    height, width = overlay.shape[:2]
+    bar = legend_rows(overlay)
+    assert bar > 0
+    assert height - bar >= 256
+    text = overlay[:bar].max(-1) < 100  # dark pixels in the bar
+    assert text[:, : width // 2].sum() > 50  # above the query
+    assert text[:, width // 2 :].sum() > 50  # above the support
+
+
+def test_own_images_large_query_costs_little_memory(own_episode, metatrained, tmp_path):
+    """A 2500 x 2500 query: the peak resident memory of evaluate.py stays within 300 MB of a 64-px
+    query's (it was ~1.5 GB more: full-size float copies, two-channel logits, a float64 overlay);
+    the mask is at the original size, the overlay drawn at most ~1024 px high."""
+    ds, d, query, support = own_episode
+    small = str(d / f"{query}.jpg")
+    big = str(d / "big.jpg")
+    cv2.imwrite(big, cv2.resize(cv2.imread(small), (2500, 2500), interpolation=cv2.INTER_CUBIC))
+    measure = (
+        "import resource, sys, evaluate; evaluate.main(sys.argv[1:]); "
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+
+    def peak_mb(q):
+        argv = ["--checkpoint", metatrained[1], "--support", str(d / f"{support}.jpg")]
+        argv += [str(d / "support_mask.png"), "--query", q, "--out", str(tmp_path / "o")]
+        r = subprocess.run(
+            [sys.executable, "-c", measure, *argv], capture_output=True, text=True, cwd=HERE
+        )
+        assert r.returncode == 0, r.stderr
+        return int(re.search(r"peak (\d+)", r.stdout).group(1)) / 1024  # ru_maxrss: kB
+
+    extra = peak_mb(big) - peak_mb(small)
+    assert extra < 300, f"a 2500 x 2500 query costs {extra:.0f} MB more than a 64-px one"
+    mask = cv2.imread(str(tmp_path / "o" / "big_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (2500, 2500)
+    overlay = cv2.imread(str(tmp_path / "o" / "big_overlay.png"))
+    assert overlay.shape[0] - legend_rows(overlay) == 1024
 
 
 # ---------- every stage: the peers' weight files, and RESULTS.md's commands ----------

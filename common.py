@@ -517,16 +517,17 @@ def read_list(path):
         return [line.strip() for line in f if line.strip()]
 
 
-def image_pools(root, train_pool="aug", need_train=True):
+def image_pools(root, train_pool="aug", need_train=True, need_val=True):
     """(train ids, val ids). 'aug': every mask not in val.txt; 'oslsm': train.txt +
-    train_noval.txt (5953 on VOC). Without need_train, no training list is read (train ids None)."""
+    train_noval.txt (5953 on VOC). Without need_train, no training list is read (train ids None);
+    without need_val, an empty val.txt is allowed (an ImageNet stand-in's root has no val image)."""
     needed = [IMAGES, MASKS, os.path.join(LISTS, "val.txt")]
     for sub in [root] + [os.path.join(root, name) for name in needed]:
         if not os.path.exists(sub):
             raise KitError(f"--data-root: {sub} does not exist ({LAYOUT_FIX})")
     val_list = os.path.join(root, LISTS, "val.txt")
     val = sorted(set(read_list(val_list)))
-    if not val:
+    if not val and need_val:
         raise KitError(f"--data-root {root}: {val_list} lists no image; {LAYOUT_FIX}")
     val_set = set(val)
     if not need_train:

@@ -167,7 +167,7 @@ def main(argv=None):
     if args.iters_per_epoch == 0:
         queries = len(dataset)
         raise KitError(
-            f"--batch {args.batch} is larger than the {queries} training queries: lower it"
+            f"--batch {args.batch} is larger than the {queries} training queries: lower --batch"
         )
     args.total_iters = args.epochs * args.iters_per_epoch
     args.val_every = args.val_every or args.iters_per_epoch

@@ -474,7 +474,7 @@ def open_data(args, splits=("train", "val"), kind="benchmark"):
             f"world: {args.dataset} {made.get('kind', 'from your images')} at {args.data_root}, "
             f"checksum {args.world_checksum}"
         )
-    train, val = image_pools(args.data_root, args.train_pool, "train" in splits)
+    train, val = image_pools(args.data_root, args.train_pool, "train" in splits, "val" in splits)
     pools = {"train": train, "val": val}
     n = N_CLASSES[args.dataset]
     data = {

@@ -9,7 +9,8 @@ root come from the checkpoint; a typed flag that disagrees is refused.
 
 Outputs: --json FILE (README "Results files"), --vis DIR (Fig. 2-style PNGs; with --compare, the two
 predictions side by side). --table FILE... prints Tables 1 and 2 from the JSON files of this script
-and of nonparametric_eval.py.
+and of nonparametric_eval.py, the paper's numbers beside their rows (Tables 1-4), and whether the
+gaps between rows are real (a paired bootstrap over classes, episodes and training seeds).
 
 Full run (PASCAL-5i, BAM's five seeds x 1000 episodes):
     python evaluate.py --checkpoint runs/meta-f0/last.pt --json results/bcpt-f0-1shot.json
@@ -87,7 +88,8 @@ def parse_args(argv):
         nargs="+",
         metavar="JSON",
         help="only print a paper-style table from results files of this script and "
-        "nonparametric_eval.py (Tables 1 and 2), with the paper's numbers beside its rows",
+        "nonparametric_eval.py (Tables 1 and 2), with the paper's numbers beside its rows "
+        "(Tables 1-4) and a 95%% interval for each of the paper's gaps between rows",
     )
     p.add_argument(
         "--table-metric",

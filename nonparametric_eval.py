@@ -11,7 +11,8 @@ a choice made without looking at any novel class.
 
 Inputs: --pretrained imagenet | none | pretrain_bcpt.py's <out>/last.pt (same dataset and fold).
 Outputs: per seed and mean +- std mIoU / FB-IoU; --json FILE (evaluate.py's fields plus "threshold",
-"sweep": {threshold: mIoU}, "base_threshold", "miou_base_threshold" (+ "_std") and "base_sweep"),
+"sweep": {threshold: mIoU}, "base_threshold", "miou_base_threshold" (+ "_std"), "base_sweep" and
+"per_episode_base_threshold": each episode at the base-chosen threshold),
 which `python evaluate.py --table FILE...` prints as Table 2 (--table-metric: at which threshold).
 
 Full run (PASCAL-5i fold 0, ResNet-50 pre-trained by BCPT):
@@ -232,6 +233,8 @@ def main(argv=None):
             miou_base_threshold=at_chosen["miou"],
             miou_base_threshold_std=at_chosen["miou_std"],
             base_sweep={f"{t:g}": v for t, v in base_sweep.items()},
+            # the episodes at the base-chosen threshold (those at --threshold: "per_episode")
+            per_episode_base_threshold=at_chosen["per_episode"],
         )
     return result
 

@@ -402,7 +402,7 @@ def check_writable(flag, path, folder):
         raise KitError(f"{flag}: {path} is longer than this file system allows")
 
 
-RUN_FILES = ("last.pt", "best.pt", "args.json", "log.jsonl", ".lock")  # a run folder's own
+RUN_FILES = ("last.pt", "best.pt", "args.json", "log.jsonl", "centres.json", ".lock")  # a run's
 PICTURE = re.compile(r"episode\d{3}_class\d+\.png")  # evaluate.py --vis's file names
 CURVES_MARK = "BCPT kit: evaluate.py --curves"  # the PNG text of a training-curves picture
 
@@ -773,7 +773,9 @@ def run_folder(out):
             )
         # a killed run's half-written files (write_atomic's names); nothing else
         for name in os.listdir(out):
-            if re.fullmatch(r"(last\.pt|best\.pt|args\.json|log\.jsonl)\.tmp\d+", name):
+            if re.fullmatch(
+                r"(last\.pt|best\.pt|args\.json|log\.jsonl|centres\.json)\.tmp\d+", name
+            ):
                 os.remove(os.path.join(out, name))
         f.truncate(0)  # (appends go to the end of the file)
         print(f"process {os.getpid()} on {platform.node()}", file=f, end="", flush=True)

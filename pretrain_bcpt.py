@@ -55,6 +55,7 @@ from common import (
     resize,
     split_pixels,
     to_bgr_image,
+    write_atomic,
 )
 from evaluation import pretrain_label
 from plumbing import (
@@ -77,6 +78,7 @@ from plumbing import (
     open_data,
     rank,
     run,
+    save_text,
     seed_everything,
     typed,
     world,
@@ -249,6 +251,8 @@ class PretrainNet(nn.Module):
             centers = F.normalize(torch.randn(d, K), dim=0)  # random unit vectors (Sec. 2.3)
             self.register_buffer("centers", centers)
             self.register_buffer("guidance", torch.zeros(d, K - 1))
+            # the background pixels each centre took over the whole run (0: a dead centre)
+            self.register_buffer("centre_pixels", torch.zeros(K, dtype=torch.long))
 
     def w(self):
         """W as the paper writes it, (D, C): column c is the projection vector w_c."""
@@ -305,6 +309,8 @@ def bcpt_step(net, x, y, args, optimise):
     I_base, y_base, I_bg = split_pixels(emb, labels)  # (D, N_base), (N_base,), (D, N_bg)
     # 3. S = P^T I_bg and the hard assignment A
     assign = cluster_assign(m.centers, I_bg.detach())  # (N_bg,)
+    taken = all_reduce_sum(torch.bincount(assign, minlength=args.K))  # (K,) the whole batch's
+    m.centre_pixels += taken
     # 4. Eqs. 2-4, scaled by the pixel counts of the whole batch
     counts = all_reduce_sum(torch.tensor([float(I_base.shape[1]), float(I_bg.shape[1])]))
     W = m.w()  # (D, C)
@@ -312,6 +318,7 @@ def bcpt_step(net, x, y, args, optimise):
         I_base, y_base, I_bg, assign, W, m.centers, args.alpha, args.loss_scale, args.eq3, counts
     )
     metrics["clusters"] = cluster_shares(assign, args.K)
+    metrics["centre_pixels"] = taken  # counted over each log window by main (dead centres)
     # 5. backward and SGD step; 6. Eq. 1, only when the step was taken
     if optimise(loss):
         P_hat, n = cluster_sums(I_bg.detach(), assign, args.K)  # (D, K), (K,): these pixels
@@ -451,16 +458,19 @@ def main(argv=None):
     steps = {"bcpt": bcpt_step, "standard": standard_step, "generic": generic_step}
     train_step = steps[args.method]
 
+    dead_centres = DeadCentres(net, args)
+
     def step(batch):
         x = batch[0].to(device, memory_format=memory_format(device))
         y = batch[1].to(device)
-        return train_step(model, x, y, args, trainer.optimise)
+        loss, metrics = train_step(model, x, y, args, trainer.optimise)
+        dead_centres.count(metrics)
+        return loss, metrics
 
     if args.benchmark:
         what = f"pretrain {args.method} {args.backbone} crop {args.crop} batch {args.batch}"
         inner = ("guidance_step", "cluster_assign", "momentum_update")
         return trainer.benchmark(dataset, step, f"{what} {args.precision}", inner)
-    val_set = None
     validate = None
     if args.method != "generic":
         val_ids = data["val"][0]
@@ -468,13 +478,49 @@ def main(argv=None):
             args.data_root, val_ids, args.dataset, args.base, None, None, args.seed, args.crop
         )
         validate = functools.partial(validate_base, net, val_set, args, device)
-    trainer.fit(dataset, step, stop, argv, data, validate, val_every=args.iters_per_epoch)
-    if val_set:  # is the base learner trained right? (BAM's criterion, PROTOCOL.md 2.5)
-        print(base_learner_check(args, validate()[0]))
+    trainer.fit(dataset, step, stop, argv, data, validate, args.iters_per_epoch, dead_centres)
+    if validate:
+        report_on_val_images(net, args, data, device, validate, trainer)
     if args.method == "bcpt" and world() > 1:
         check_centres_agree(net)
     if args.vis_clusters and args.method == "bcpt" and is_main():
         visualise_clusters(net, dataset, args, device)
+
+
+class DeadCentres:
+    """The progress line's count of dead centres: how many of the K took no pixel over the last
+    log window (from each step's centre_pixels) and over the whole run (the net's buffer)."""
+
+    def __init__(self, net, args):
+        self.net = net
+        self.bcpt = args.method == "bcpt"
+        self.window = torch.zeros(args.K, dtype=torch.long)
+
+    def count(self, metrics):
+        """Add a step's pixels per centre (popped: the log shows the counts, not the pixels)."""
+        if "centre_pixels" in metrics:
+            self.window += metrics.pop("centre_pixels").cpu()
+
+    def __call__(self):
+        if not self.bcpt:
+            return {}
+        dead = {"dead_centres": int((self.window == 0).sum())}
+        dead["dead_over_run"] = int((self.net.centre_pixels == 0).sum())
+        self.window.zero_()
+        return dead
+
+
+def report_on_val_images(net, args, data, device, validate, trainer):
+    """After pre-training: the base-class mIoU (BAM's criterion, PROTOCOL.md 2.5: is the base
+    learner trained right?), and what the centres hold, also written to <out>/centres.json."""
+    print(base_learner_check(args, validate()[0]))
+    held = what_the_centres_hold(net, args, data["val"][0], device)
+    if args.method == "bcpt":
+        dead = int((net.centre_pixels == 0).sum())
+        print(f"dead centres: {dead} of {args.K} took no background pixel in the whole run")
+        held["dead_over_run"] = dead
+    if is_main():  # beside log.jsonl, which holds the dead centres of every progress line
+        write_atomic(os.path.join(args.out, "centres.json"), save_text, held)
 
 
 def check_centres_agree(net):
@@ -488,6 +534,76 @@ def check_centres_agree(net):
 def memory_format(device):
     """channels_last on CUDA (faster convolutions), the default layout on the CPU."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+# ============ What the centres hold: the paper's mechanism, measured ============
+def centre_contents(assign, is_novel, K):
+    """Pixels of the merged background by centre and kind: assign (N,) the centre of each pixel,
+    is_novel (N,) whether it belongs to a novel object (else real background) -> (K, 2) counts,
+    [novel objects, real background] per centre."""
+    novel = torch.bincount(assign[is_novel], minlength=K)
+    background = torch.bincount(assign[~is_novel], minlength=K)
+    return torch.stack([novel, background], 1).double()
+
+
+def novel_as_background(called_background, is_novel):
+    """(novel-object pixels the network calls background, novel-object pixels): the merged
+    background problem (paper Fig. 1a), counted."""
+    novel_pixels = is_novel.sum()
+    return torch.stack([(called_background & is_novel).sum(), novel_pixels]).double()
+
+
+@torch.no_grad()
+def what_the_centres_hold(net, args, val_ids, device):
+    """On the val images, at the embedding resolution of training: the share of novel-object
+    pixels the network calls background (its best score is the background's; BCPT's background is
+    its best centre), and for BCPT per centre the share of its pixels that are novel objects and
+    that are real background. Prints them and returns them for log.jsonl."""
+    net.eval()
+    every_class = list(range(1, N_CLASSES[args.dataset] + 1))  # no remap: the labels as they are
+    raw = BaseClassDataset(
+        args.data_root, val_ids, args.dataset, every_class, None, None, args.seed, args.crop
+    )
+    shard = torch.utils.data.Subset(raw, range(rank(), len(raw), world()))
+    novel_classes = torch.tensor(args.novel, device=device)
+    contents = torch.zeros(args.K, 2, dtype=torch.float64, device=device)
+    called = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move the RNG
+        for x, y in torch.utils.data.DataLoader(shard, batch_size=args.batch):
+            emb = net(x.to(device)).float()  # (B, D, h, w)
+            labels = downsample_labels(y.to(device), emb.shape[-2:])  # (B, h, w)
+            is_novel = torch.isin(labels, novel_classes)
+            called_background = net.logits(emb).argmax(1) == 0
+            called += novel_as_background(called_background, is_novel)
+            if args.method == "bcpt":
+                merged = (labels == 0) | is_novel  # the merged background
+                pixels = emb.permute(0, 2, 3, 1)[merged].t()  # (D, N)
+                assign = cluster_assign(net.centers, pixels)
+                contents += centre_contents(assign, is_novel[merged], args.K)
+    called = all_reduce_sum(called).tolist()
+    contents = all_reduce_sum(contents)
+    net.train()
+    share = called[0] / max(called[1], 1)
+    print(f"novel-object pixels of the val images called background: {100 * share:.1f}%")
+    held = {"novel_as_background": share}
+    if args.method == "bcpt":
+        held["centres"] = describe_centres(contents)
+    return held
+
+
+def describe_centres(contents):
+    """Print each centre's share of the val images' merged background and what it holds ->
+    [[its share, novel share, real-background share] per centre]."""
+    total = contents.sum().clamp(min=1)
+    rows = []
+    for k, (novel, background) in enumerate(contents.tolist()):
+        pixels = max(novel + background, 1)
+        rows.append([(novel + background) / total.item(), novel / pixels, background / pixels])
+        print(
+            f"  centre {k}: {100 * rows[-1][0]:.1f}% of the merged background; of its pixels "
+            f"{100 * rows[-1][1]:.1f}% novel objects, {100 * rows[-1][2]:.1f}% real background"
+        )
+    return rows
 
 
 @torch.no_grad()

@@ -514,7 +514,8 @@ def test_torchrun_training_both_methods_resume_and_one_checkpoint(synthetic_root
             assert r.returncode == 0, r.stderr[-2000:]
         assert ("centres bit-identical on the 2 processes" in r.stdout) == (method == "bcpt")
         assert "resumed from" in r.stdout
-        assert sorted(os.listdir(out)) == [".lock", "args.json", "last.pt", "log.jsonl"]
+        files = [".lock", "args.json", "centres.json", "last.pt", "log.jsonl"]
+        assert sorted(os.listdir(out)) == files
         ckpt = common.load_checkpoint(str(out / "last.pt"))
         assert ckpt["iter"] == 3
         assert len(ckpt["rng_ranks"]) == 2

@@ -223,6 +223,59 @@ def test_bcpt_step_follows_the_papers_order(synthetic_root, tmp_path):
     assert torch.allclose(net.centers, common.momentum_update(P, P_hat, counts, args.mu), atol=0)
 
 
+def test_what_the_centres_hold_on_a_made_up_case():
+    """centre_contents and novel_as_background on pixels whose answer is counted by hand: six
+    background pixels on three centres, three of them novel objects."""
+    import pretrain_bcpt
+
+    assign = torch.tensor([0, 0, 1, 2, 2, 2])
+    is_novel = torch.tensor([True, False, True, False, False, True])
+    contents = pretrain_bcpt.centre_contents(assign, is_novel, 4)
+    expected = [[1, 1], [1, 0], [1, 2], [0, 0]]  # [novel, real background] per centre
+    assert contents.tolist() == expected
+    called_background = torch.tensor([True, True, False, True, False, False])
+    counted = pretrain_bcpt.novel_as_background(called_background, is_novel)
+    assert counted.tolist() == [1, 3]  # one of the three novel pixels called background
+    rows = pretrain_bcpt.describe_centres(contents)
+    assert rows[2] == pytest.approx([3 / 6, 1 / 3, 2 / 3])
+    assert rows[3] == [0.0, 0.0, 0.0]  # a dead centre
+
+
+def test_dead_centres_and_what_they_hold_are_logged(synthetic_root, tmp_path, capsys):
+    """A BCPT run logs, every progress line, how many centres took no pixel in the window and
+    over the run, and ends with the novel / real-background share of each centre on the val
+    images; both methods end with the share of novel pixels called background."""
+    import pretrain_bcpt
+
+    out = tmp_path / "bcpt"
+    pretrain_bcpt.main(pretrain_args(synthetic_root, out, "--max-iters", "4", "--log-every", "2"))
+    printed = capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = records
+    assert [r["step"] for r in steps] == [2, 4]
+    for r in steps:
+        window_dead = sum(share == 0 for share in r["clusters"])  # the window's last batch
+        assert 0 <= r["dead_centres"] <= window_dead
+        assert r["dead_over_run"] <= r["dead_centres"]
+    assert all("loss" in r for r in records)  # the log holds progress lines only
+    held = json.loads((out / "centres.json").read_text())
+    assert len(held["centres"]) == 6
+    shares = [row[0] for row in held["centres"]]
+    assert sum(shares) == pytest.approx(1.0)
+    for share, novel, background in held["centres"]:
+        if share:
+            assert novel + background == pytest.approx(1.0)
+    assert 0 <= held["novel_as_background"] <= 1
+    assert "novel-object pixels of the val images called background" in printed
+    assert f"dead centres: {held['dead_over_run']} of 6 took no background pixel" in printed
+    standard = tmp_path / "standard"
+    argv = pretrain_args(synthetic_root, standard, "--method", "standard", "--max-iters", "2")
+    pretrain_bcpt.main(argv)
+    last = json.loads((standard / "centres.json").read_text())
+    assert "centres" not in last
+    assert 0 <= last["novel_as_background"] <= 1
+
+
 # ---------- pretrain_bcpt.py: training (what a batch draws, last.pt, best-val, pictures) ----------
 @pytest.mark.parametrize("method", ["standard", "bcpt"])
 def test_pretrain_smoke(synthetic_root, tmp_path, method, capsys):

@@ -205,9 +205,11 @@ def main(argv=None):
     rules = {t: functools.partial(above, threshold=t) for t in thresholds}
     predict = functools.partial(predict_prior, backbone, cache={})
     dtype = AMP_DTYPES[args.amp]
+    print("== the test: novel-class episodes, every threshold (the rows named by threshold) ==")
     results = evaluate_seeds(args, data, predict, rules, dtype=dtype)
     sweep = {f"{t:g}": results[t]["miou"] for t in thresholds}
     print("threshold sweep, mIoU: " + "  ".join(f"{t}: {v:.2f}" for t, v in sweep.items()))
+    print("== choosing the threshold: base-class episodes of the val images, no novel class ==")
     # ============ the threshold chosen on base-class episodes only ============
     chosen, base_sweep = choose_threshold_on_base_classes(args, data, predict, rules, dtype)
     at_chosen = results[chosen]

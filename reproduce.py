@@ -276,10 +276,11 @@ def state_of(run):
 
 
 # ============ 3. The cost: a few timed steps of each kind of run on this machine ============
-def timed(command):
-    """Run a short command to its end; -> (its stdout, wall seconds); a failure stops the plan."""
+def timed(command, env):
+    """Run a short command to its end in a job's environment (its threads, its GPU); -> (its
+    stdout, wall seconds)."""
     t0 = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise KitError(f"timing {command[1]} failed: {last}")
@@ -308,7 +309,7 @@ def for_timing(argv):
     return probe
 
 
-def estimate(plan):
+def estimate(plan, jobs):
     """Each unfinished run's seconds: a training run's steps left times its seconds per step from
     --benchmark 2, a test's episodes over the speed of a 10-episode test of its kind, each plus
     the start-up those probes took. One probe per kind of run (its flags but outputs, weights
@@ -322,7 +323,7 @@ def estimate(plan):
             if kind not in probes:
                 print(f"timing {run.script} {shlex.join(kind[1:])} ...", flush=True)
                 try:
-                    probes[kind] = probe(run, scratch)
+                    probes[kind] = probe(run, scratch, environments(jobs)[0])
                 except KitError as e:  # the run itself will fail and be reported
                     print(f"note: no estimate for such runs: {e}")
                     probes[kind] = None
@@ -345,27 +346,27 @@ def iterations_done(run):
     return int(match.group(1)) if match else 0
 
 
-def probe(run, scratch):
+def probe(run, scratch, env):
     """(seconds per step or per episode, start-up seconds, steps or episodes of a whole run)."""
     python = [sys.executable]
     script = os.path.join(HERE, run.script)
     flags = for_timing(run.probe_argv or run.argv)
     if run.script in ("pretrain_bcpt.py", "metatrain.py"):
         benchmark = ["--weights", "none", "--benchmark", "2"]
-        out, wall = timed(python + [script, *flags, *benchmark])
+        out, wall = timed(python + [script, *flags, *benchmark], env)
         per_step = found(r"([\d.]+) ms/step", out) / 1000
         steps = found(r"running to (\d+)", out)
         return per_step, max(wall - 3 * per_step, 0.0), steps
     if run.script == "nonparametric_eval.py":
         json_path = os.path.join(scratch, "np.json")
         short = ["--pretrained", "none", "--episodes", "10", "--seeds", "0", "--json", json_path]
-        out, wall = timed(python + [script, *flags, *short])
+        out, wall = timed(python + [script, *flags, *short], env)
     else:  # evaluate.py: a one-step meta-training to test
         meta = os.path.join(scratch, "meta")
         one_step = ["--pretrained", "none", "--max-iters", "1", "--out", meta]
-        timed(python + [os.path.join(HERE, "metatrain.py"), *flags, *one_step])
+        timed(python + [os.path.join(HERE, "metatrain.py"), *flags, *one_step], env)
         test = ["--checkpoint", os.path.join(meta, "last.pt"), "--episodes", "10", "--seeds", "0"]
-        out, wall = timed(python + [script, *test])
+        out, wall = timed(python + [script, *test], env)
     speeds = [float(s) for s in re.findall(r"([\d.]+) episodes/s", out)]  # one per pass
     per_episode = sum(1 / s for s in speeds) / len(speeds)
     return per_episode, max(wall - 10 * len(speeds) * per_episode, 0.0), run.episodes
@@ -511,7 +512,7 @@ def main(argv=None):
             else:  # a test follows its model
                 run.state = "to do"
     if not args.no_estimate:
-        estimate(plan)
+        estimate(plan, args.jobs)
     print_plan(plan, args.jobs, commands=args.dry_run)
     if args.dry_run:
         return plan

@@ -993,6 +993,59 @@ def test_table_prints_the_papers_number_beside_ours(tmp_path, capsys):
     assert "| pascal | resnet50v2 | non-parametric prior | bcpt K=6 Eq4=sum | 38.33+-1.53 |" in out
 
 
+def test_results_of_a_test_survive_its_folder_vanishing(metatrained, tmp_path, monkeypatch, capsys):
+    """The output folder removed while the episodes run: it is made again, with a note, and the
+    results file and the whole episode log are written (no traceback, nothing lost)."""
+    import evaluate
+
+    out = tmp_path / "results"
+    out.mkdir()
+    run_episodes = evaluation.run_episodes
+
+    def remove_the_folder_first(*a, **k):
+        if out.exists():
+            for name in os.listdir(out):
+                os.remove(out / name)
+            out.rmdir()
+        return run_episodes(*a, **k)
+
+    monkeypatch.setattr(evaluation, "run_episodes", remove_the_folder_first)
+    argv = ["--checkpoint", metatrained[1], "--episodes", "3", "--seeds", "510", "365"]
+    argv += ["--json", str(out / "r.json"), "--episode-log", str(out / "e.jsonl"), "--workers", "0"]
+    evaluate.main(argv)
+    assert "is gone (removed during the run?): making it again" in capsys.readouterr().out
+    results = json.loads((out / "r.json").read_text())
+    assert [s["seed"] for s in results["per_seed"]] == [510, 365]
+    assert len((out / "e.jsonl").read_text().splitlines()) == 6  # both seeds' episodes
+
+
+def test_table_inputs_are_checked_and_counted_once(tmp_path, capsys):
+    """--table: a file named twice, or a copy of a file, counts once (a note says so); a file whose
+    numbers are strings, or without per_seed, stops with one line naming the file and the field."""
+    import evaluate
+
+    row = dict(dataset="pascal", backbone="resnet50v2", method="non-parametric prior", shot=1)
+    row.update(pretrained="bcpt K=6 Eq4=sum", fold=0, protocol={}, run={"utc": "1"})
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({**row, "miou": 40.0, "per_seed": [{"miou": 40.0}]}))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({**row, "miou": 30.0, "per_seed": [{"miou": 30.0}]}))
+    copy = tmp_path / "copy.json"
+    copy.write_text(a.read_text())
+    evaluate.main(["--table", str(a), str(a), str(copy), str(b)])
+    out = capsys.readouterr().out
+    assert f"note: --table {a} is {a} again: counted once" in out
+    assert f"note: --table {copy} is {a} again: counted once" in out
+    assert "| 35.00+-7.07 |" in out  # a and b: two training seeds, not four
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps({**row, "miou": "40.0", "per_seed": [{"miou": 40.0}]}))
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({**row, "miou": 40.0}))
+    for bad, message in ((strings, "miou is '40.0', not a float"), (missing, "per_seed is None")):
+        with pytest.raises(KitError, match=f"--table {re.escape(str(bad))}: {message}"):
+            evaluate.main(["--table", str(bad)])
+
+
 # ---------- own_images.py 1. Reading your images and masks ----------
 def test_every_common_way_of_storing_a_mask(tmp_path):
     m = np.zeros((40, 50), np.uint8)

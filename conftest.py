@@ -580,6 +580,12 @@ def own_episode(synthetic_root, metatrained, tmp_path):
     return ds, tmp_path, query, support
 
 
+def own_image_argv(folder, query, support, out):
+    """--support IMAGE MASK --query IMAGE --out DIR of the own_episode fixture's files."""
+    support_pair = [str(folder / f"{support}.jpg"), str(folder / "support_mask.png")]
+    return ["--support", *support_pair, "--query", str(folder / f"{query}.jpg"), "--out", str(out)]
+
+
 def legend_rows(overlay):
     """The height of the white legend bar on top of a NAME_overlay.png (BGR): the rows white but
     for their text."""

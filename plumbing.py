@@ -527,6 +527,8 @@ def setup_device(flag):
     if launched and device.type == "cuda":
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads())
     if launched and world() == 1:
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl")
         # else gloo's threads may abort the process as it exits
@@ -534,6 +536,17 @@ def setup_device(flag):
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
     return str(device)
+
+
+def cpu_threads():
+    """torch's threads on the CPU unless OMP_NUM_THREADS says: half the cores this process may use
+    (the other half feeds the data loaders), at least 1: torch's own default, one thread per core,
+    stalls when other work holds some of the cores."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def all_reduce_sum(t):
@@ -819,6 +832,7 @@ def run_record(args, data=None):
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "world_size": world(),
+        "threads": torch.get_num_threads(),
         "git_commit": commit,
         "git_dirty": dirty,
         "data_root": os.path.abspath(args.data_root) if args.data_root else None,

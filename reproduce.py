@@ -172,10 +172,12 @@ class Plan:
         if self.args.dataset not in ("synthetic", "synthetic2"):
             return "imagenet", None
         out = self.path("standin")
-        flags = ["--method", "generic", "--seed", str(self.args.seeds[0]), "--out", out]
-        run = self.add(
-            Run("standin", "pretrain_bcpt.py", self.common + flags + ["--resume"], out, [])
-        )
+        # on the world's stand-in root (its default): never the benchmark's --data-root
+        flags = ["--dataset", self.args.dataset, "--method", "generic"]
+        if self.args.backbone:
+            flags += ["--backbone", self.args.backbone]
+        flags += ["--seed", str(self.args.seeds[0]), "--out", out, "--resume"]
+        run = self.add(Run("standin", "pretrain_bcpt.py", flags, out, []))
         return os.path.join(out, "last.pt"), run
 
     def backbone(self, row, fold, seed):
@@ -374,13 +376,12 @@ def probe(run, scratch, env):
 
 # ============ 4. Running the grid: what is ready, up to --jobs at once ============
 def environments(jobs):
-    """One environment per job slot: a GPU each where there are enough, else single-thread CPU
-    jobs sharing the cores (one thread each when several run at once)."""
+    """One environment per job slot: a GPU each where there are enough, else CPU jobs sharing the
+    threads one CPU run would take (plumbing.cpu_threads), at least one each."""
     gpus = torch.cuda.device_count()
     if gpus and jobs <= gpus:
         return [{"CUDA_VISIBLE_DEVICES": str(k)} for k in range(jobs)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // jobs)
+    threads = max(1, plumbing.cpu_threads() // jobs)
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(jobs)]
 
 

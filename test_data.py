@@ -622,3 +622,15 @@ def test_verify_fails_on_an_empty_val_list(tmp_path, capsys):
         f.write("")
     with pytest.raises(KitError, match="val.txt lists no image"):
         prepare_data.main(["verify", "--dataset", "synthetic", "--data-root", root])
+
+
+def test_the_stand_in_never_trains_on_a_benchmark_root(tmp_path):
+    """pretrain_bcpt.py --method generic with a benchmark's --data-root would learn the novel
+    classes' labels as ImageNet never could: refused before any work."""
+    import pretrain_bcpt
+
+    root = worlds.make_synthetic(str(tmp_path / "w"), 12, 6, 48)
+    argv = ["--method", "generic", "--data-root", root, "--out", str(tmp_path / "run")]
+    with pytest.raises(KitError, match="the ImageNet stand-in must not see its novel classes"):
+        pretrain_bcpt.main(argv)
+    assert not os.path.exists(tmp_path / "run")

@@ -67,11 +67,14 @@ def test_tables_share_their_pretrainings(tmp_path):
     every table; Table 2 tests the backbones without meta-training; Tables 3 and 4 are 5-shot;
     a synthetic world's ImageNet row is its stand-in, trained once and tested once per fold."""
     argv = ["--table", "1", "2", "3", "4", "--seeds", "0", "1", "--runs", str(tmp_path)]
+    argv += ["--data-root", "data/fresh"]
     plan = reproduce.main([*argv, "--dry-run", "--no-estimate"])
     pretrain = sorted(n for n in plan.runs if n.startswith("pretrain/"))
     rows = ["bcpt", "bmc", "k2", "k3", "standard"]
     assert pretrain == [f"pretrain/{r}-f0-s{s}" for r in rows for s in (0, 1)]
     assert [n for n in plan.runs if n == "standin"] == ["standin"]
+    assert "--data-root" not in plan.runs["standin"].argv  # its own root, not the benchmark's
+    assert "--data-root data/fresh" in plan.runs["pretrain/bcpt-f0-s0"].shown()
     assert sorted(n for n in plan.runs if n.startswith("np/")) == [
         "np/bcpt-f0-s0",
         "np/bcpt-f0-s1",

@@ -501,6 +501,12 @@ def ensure_synthetic(root, world="synthetic", kind="benchmark"):
             f"--data-root {root} holds the ImageNet stand-in of {world}, which has no val "
             f"images: pass the benchmark's --data-root (default {SYNTHETIC_ROOTS[world]})"
         )
+    if kind == "standin" and params["kind"] != kind:  # it would learn the novel classes' labels
+        raise KitError(
+            f"--data-root {root} holds the {world} benchmark: the ImageNet stand-in must not see "
+            f"its novel classes' labels; leave --data-root out (the stand-in's root, "
+            f"{SYNTHETIC_ROOTS[world]}-standin) or pass another root"
+        )
     return params
 
 

@@ -494,7 +494,8 @@ def print_tables(plan):
         if not done:
             continue
         print(format_table(done))
-        if table == 2:  # also at the threshold chosen on the base classes
+        if table == 2:
+            print(f"\n== Table 2 at the threshold chosen on base classes ({len(done)} results) ==")
             print(format_table(done, "base-threshold"))
 
 

@@ -24,6 +24,7 @@ Runs live under --runs (default runs/reproduce/<dataset>), each with its own log
 """
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -37,7 +38,7 @@ import torch
 import plumbing
 from common import N_CLASSES, KitError
 from evaluation import format_table, read_results
-from plumbing import POSITIVE, SEED, KitParser
+from plumbing import POSITIVE, SEED, KitParser, read_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROW_FLAGS = {  # pretrain_bcpt.py's flags for each row's backbone (the ImageNet row has none)
@@ -499,6 +500,41 @@ def print_tables(plan):
             print(format_table(done, "base-threshold"))
 
 
+def print_centres(plan):
+    """What the pre-trainings' centres hold (pretrain_bcpt.py's centres.json and log.jsonl): the
+    share of the val images' novel-object pixels each backbone calls background, and for BCPT the
+    centres that hold at least 1% of the merged background there, their share of novel objects,
+    and the dead centres (no pixel in the last log window, in the whole run)."""
+    found = []
+    for run in plan.runs.values():
+        path = os.path.join(run.output, "centres.json")
+        if run.name.startswith("pretrain/") and os.path.isfile(path):
+            found.append((run, read_json(path, "centres.json")))
+    if not found:
+        return
+    print("\n== What the centres hold: the val images after pre-training ==")
+    for run, held in found:
+        called = 100 * held["novel_as_background"]
+        line = f"{run.name:28s} novel pixels called background {called:5.1f}%"
+        if "centres" in held:
+            live = [c for c in held["centres"] if c[0] >= 0.01]
+            novel = " ".join(f"{100 * c[1]:.0f}%" for c in live)
+            last = read_log_tail(os.path.join(run.output, "log.jsonl"))
+            line += f"; {len(live)} of {len(held['centres'])} centres hold >= 1% (novel: {novel})"
+            line += f"; dead: {last.get('dead_centres')} in the last window, "
+            line += f"{held['dead_over_run']} over the run"
+        print(line)
+
+
+def read_log_tail(path):
+    """The last progress record of a run's log.jsonl ({} if none)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     plan = Plan(args)
@@ -520,6 +556,7 @@ def main(argv=None):
         return plan
     execute(plan, args.jobs)
     print_tables(plan)
+    print_centres(plan)
     failed = [run.name for run in plan.runs.values() if run.state != "done"]
     if failed:
         raise KitError(

@@ -776,9 +776,10 @@ def bootstrap_sizes(gap):
     n_a, n_b = gap["training"]
     training = f"{n_a}" if n_a == n_b else f"{n_a} and {n_b}"
     seeds = "training seed" if n_a == n_b == 1 else "training seeds"
+    evaluation_seeds = "evaluation seed" if gap["seeds"] == 1 else "evaluation seeds"
     return (
         f"paired bootstrap over {gap['classes']} classes, {episodes} episodes x {gap['seeds']} "
-        f"seeds, {training} {seeds}"
+        f"{evaluation_seeds}, {training} {seeds}"
     )
 
 

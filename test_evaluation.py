@@ -152,7 +152,10 @@ def test_two_backbones_files_hold_the_same_episodes(synthetic_root, pretrained, 
     table = evaluation.format_table([str(p) for p in paths.values()])
     assert "synthetic resnet18 non-parametric prior: BCPT = bcpt K=6 Eq4=sum, Standard = " in table
     assert "  BCPT - Standard, fold 0, 1-shot: " in table
-    assert "(paired bootstrap over 5 classes, 5 episodes x 2 evaluation seeds, 1 training seed)" in table
+    assert (
+        "(paired bootstrap over 5 classes, 5 episodes x 2 evaluation seeds, 1 training seed)"
+        in table
+    )
 
 
 def test_evaluate_json_holds_the_episode_log(metatrained, tmp_path):
@@ -238,9 +241,10 @@ def test_table_prints_each_comparison_with_its_interval(tmp_path):
         "pascal resnet50v2 ASPP-PFENet: BCPT = bcpt K=6 Eq4=sum, Standard = standard psp"
     )
     assert gaps[1].startswith("  BCPT - Standard, fold 0, 1-shot: +10.0")
-    assert gaps[1].endswith(
-        "(paired bootstrap over 5 classes, 100 episodes x 2 evaluation seeds, 3 training seeds): excludes 0"
+    interval_note = (
+        "(paired bootstrap over 5 classes, 100 episodes x 2 evaluation seeds, 3 training seeds)"
     )
+    assert gaps[1].endswith(interval_note + ": excludes 0")
     assert gaps[2].startswith("  BCPT - Standard, fold 1, 1-shot: +10.0")
     assert gaps[3].startswith("  BCPT - Standard, mean of folds 0, 1, 1-shot: +10.0")
     assert gaps[3].endswith("(paired bootstrap within each fold): excludes 0")

@@ -129,7 +129,8 @@ def parse_args(argv):
         "--loss-scale",
         "sum",
         "Eq. 4's scale, left open by the paper: sum = both sums / (N_base + "
-        "N_bg); mean = each sum / its own pixel count",
+        "N_bg); mean = each sum / its own pixel count; a world's default from --weights FILE "
+        "is mean",
         choices=["sum", "mean"],
     )
     add(
@@ -164,7 +165,10 @@ def parse_args(argv):
         "BAM's base-learner pre-training, PROTOCOL.md 7.3",
         epochs=dict(pascal=100, coco=20, synthetic=2),
         batch=12,
-        lr=(dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01), "base lr; the head gets 10x (BAM)"),
+        lr=(
+            dict(pascal=2.5e-4, coco=2.5e-4, synthetic=0.01),
+            "base lr; the head gets 10x (BAM); a world's default from --weights FILE is 0.001",
+        ),
         crop=dict(pascal=417, coco=417, synthetic=64),
         scale=dict(pascal=[0.5, 2.0], coco=[0.5, 2.0], synthetic=[0.75, 1.5]),
     )
@@ -189,6 +193,7 @@ def parse_args(argv):
         generic_defaults(args, argv)
     else:
         name += f"-fold{args.fold}"
+        finetuning_default(args, argv)
     args = finish_args(args, name, outputs=[("--out", "run")])
     per_process = args.batch // world()
     if args.head == "psp" and per_process < 2:
@@ -207,6 +212,19 @@ def parse_args(argv):
         args.base = list(range(1, N_CLASSES[args.dataset] + 1))
         args.novel = []
     return args
+
+
+def finetuning_default(args, argv):
+    """On a world, fine-tuning the stand-in (--weights a file) follows the recipe chosen on the
+    seed-0 worlds (RESULTS.md), unless typed: lr 0.001 (from 0.01, 0.001, 0.0001; the paper
+    fine-tunes ImageNet weights gently too, at 2.5e-4) and Eq. 4 as per-term means."""
+    from_weights = args.weights not in ("none", "imagenet")
+    if args.dataset not in STANDIN_ROOTS or not from_weights:
+        return
+    if not typed(argv, "--lr"):
+        args.lr = 0.001
+    if not typed(argv, "--loss-scale"):
+        args.loss_scale = "mean"
 
 
 def generic_defaults(args, argv):

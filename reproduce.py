@@ -503,8 +503,9 @@ def print_tables(plan):
 def print_centres(plan):
     """What the pre-trainings' centres hold (pretrain_bcpt.py's centres.json and log.jsonl): the
     share of the val images' novel-object pixels each backbone calls background, and for BCPT the
-    centres that hold at least 1% of the merged background there, their share of novel objects,
-    and the dead centres (no pixel in the last log window, in the whole run)."""
+    centres that hold at least 1% of the merged background there, their share of novel objects
+    beside the merged background's (a centre of novel objects holds more than that), and the dead
+    centres (no pixel in the last log window, in the whole run)."""
     found = []
     for run in plan.runs.values():
         path = os.path.join(run.output, "centres.json")
@@ -519,8 +520,10 @@ def print_centres(plan):
         if "centres" in held:
             live = [c for c in held["centres"] if c[0] >= 0.01]
             novel = " ".join(f"{100 * c[1]:.0f}%" for c in live)
+            merged = sum(share * novel_share for share, novel_share, _ in held["centres"])
             last = read_log_tail(os.path.join(run.output, "log.jsonl"))
-            line += f"; {len(live)} of {len(held['centres'])} centres hold >= 1% (novel: {novel})"
+            line += f"; {len(live)} of {len(held['centres'])} centres hold >= 1% (novel: {novel}"
+            line += f"; merged background {100 * merged:.0f}%)"
             line += f"; dead: {last.get('dead_centres')} in the last window, "
             line += f"{held['dead_over_run']} over the run"
         print(line)

@@ -2,8 +2,10 @@
 grid run end to end, skipped when done and resumed where a run is missing, and a failure reported
 while the rest go on."""
 
+import json
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -131,3 +133,22 @@ def test_a_failed_run_is_reported_and_the_rest_go_on(synthetic_root, tmp_path, c
     assert "done pretrain/bcpt-f0-s321" in out
     assert "FAILED meta/bcpt-f0-1shot-s321: error: --batch 100000 is larger than" in out
     assert "blocked eval/bcpt-f0-1shot-s321" in out
+
+
+def test_the_centres_line_on_a_made_up_run(tmp_path, capsys):
+    """print_centres on a run folder written by hand: two live centres holding 60% and 40% of the
+    merged background, 50% and 0% of them novel objects: 30% of the merged background is novel."""
+    out = tmp_path / "pretrain" / "bcpt-f0-s0"
+    out.mkdir(parents=True)
+    centres = [[0.6, 0.5, 0.5], [0.4, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    held = {"novel_as_background": 0.25, "centres": centres, "dead_over_run": 1}
+    (out / "centres.json").write_text(json.dumps(held))
+    (out / "log.jsonl").write_text(json.dumps({"step": 10, "dead_centres": 2}) + "\n")
+    run = reproduce.Run("pretrain/bcpt-f0-s0", "pretrain_bcpt.py", [], str(out), [])
+    reproduce.print_centres(SimpleNamespace(runs={run.name: run}))
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == (
+        "pretrain/bcpt-f0-s0          novel pixels called background  25.0%; 2 of 3 centres "
+        "hold >= 1% (novel: 50% 0%; merged background 30%); dead: 2 in the last window, 1 over "
+        "the run"
+    )

@@ -757,7 +757,7 @@ def test_one_run_per_folder(synthetic_root, tmp_path, capsys):
     note = "was left by process 999999 on somehost, which is no longer running; taking it over"
     assert note in capsys.readouterr().out
     # the temp files are gone
-    assert sorted(os.listdir(out)) == [".lock", "args.json", "last.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "centres.json", "last.pt", "log.jsonl"]
     assert (out / ".lock").read_text() == ""  # released at the end
 
 

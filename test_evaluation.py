@@ -69,24 +69,30 @@ def results_file(path, label, episodes, fold=0, shot=1, **fields):
     per_seed = []
     for s, columns in enumerate(episodes):
         per_seed.append({"seed": 510 + s, "miou": seed_miou(columns), "fb_iou": 75.0})
-    r = {
+    r = made_up_result(path, label, shot, fold)
+    r["miou"] = float(np.mean([s["miou"] for s in per_seed]))
+    r["fb_iou"] = 75.0
+    r["class_iou"] = {str(c): 0.0 for c in CLASSES}
+    r["per_seed"] = per_seed
+    r["per_episode"] = episodes
+    r.update(fields)
+    path.write_text(json.dumps(r))
+    return str(path)
+
+
+def made_up_result(path, label, shot, fold):
+    """The fields every made-up results file shares (PASCAL, ResNet-50 deep stem, pfenet
+    geometry), its own path as the run's file (distinct_results tells files apart by it)."""
+    return {
         "dataset": "pascal",
         "backbone": "resnet50v2",
         "method": "ASPP-PFENet",
         "pretrained": label,
         "shot": shot,
         "fold": fold,
-        "miou": float(np.mean([s["miou"] for s in per_seed])),
-        "fb_iou": 75.0,
-        "class_iou": {str(c): 0.0 for c in CLASSES},
-        "per_seed": per_seed,
         "protocol": {"test_geometry": "pfenet"},
-        "run": {"file": str(path)},  # distinct files (distinct_results)
-        "per_episode": episodes,
-        **fields,
+        "run": {"file": str(path)},
     }
-    path.write_text(json.dumps(r))
-    return str(path)
 
 
 def training_seeds(tmp_path, name, label, episodes_of, folds=(0,), shot=1, **fields):
@@ -326,20 +332,11 @@ def four_folds(tmp_path, label, miou, fb_iou, shot=5):
     """A row with one made-up file per fold: mIoU miou + fold, FB-IoU fb_iou + fold."""
     paths = []
     for fold in range(4):
-        r = {
-            "dataset": "pascal",
-            "backbone": "resnet50v2",
-            "method": "ASPP-PFENet",
-            "pretrained": label,
-            "shot": shot,
-            "fold": fold,
-            "miou": miou + fold,
-            "fb_iou": fb_iou + fold,
-            "per_seed": [{"miou": miou + fold - 1}, {"miou": miou + fold + 1}],
-            "protocol": {"test_geometry": "pfenet"},
-        }
         path = tmp_path / f"{label.replace(' ', '_')}-{shot}-{fold}.json"
-        r["run"] = {"file": str(path)}  # distinct files (distinct_results)
+        r = made_up_result(path, label, shot, fold)
+        r["miou"] = miou + fold
+        r["fb_iou"] = fb_iou + fold
+        r["per_seed"] = [{"miou": miou + fold - 1}, {"miou": miou + fold + 1}]
         path.write_text(json.dumps(r))
         paths.append(str(path))
     return paths

@@ -1108,15 +1108,16 @@ def save_checkpoint(path, checkpoint):
     write_atomic(path, torch.save, checkpoint)
 
 
-def load_checkpoint(path, expect=None):
+def load_checkpoint(path, expect=None, mmap=False):
     """torch.load(weights_only=True) of a dict (a kit checkpoint or a state dict); refuse a kit
-    checkpoint whose args disagree with `expect`."""
+    checkpoint whose args disagree with `expect`. mmap: map the tensors, read none (to look at
+    the iteration and args only)."""
     if os.path.isdir(path):
         raise KitError(f"checkpoint {path} is a folder: pass the file in it (e.g. {path}/last.pt)")
     if not os.path.isfile(path):
         raise KitError(f"checkpoint {path} does not exist: check the path (or use imagenet / none)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         if "Unsupported global" in str(e):  # a pickle of Python objects, not only tensors
             raise KitError(

@@ -36,7 +36,7 @@ import time
 import torch
 
 import plumbing
-from common import N_CLASSES, KitError
+from common import N_CLASSES, KitError, load_checkpoint
 from evaluation import format_table, read_results
 from plumbing import POSITIVE, SEED, KitParser, read_json
 
@@ -268,7 +268,7 @@ def state_of(run):
     path = os.path.join(run.output, "last.pt")
     if not os.path.isfile(path):
         return "to do"
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = load_checkpoint(path, mmap=True)
     stop = ckpt["args"]["total_iters"]
     asked = flag_value(run.argv, "--max-iters")
     if asked:

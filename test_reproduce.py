@@ -152,3 +152,13 @@ def test_the_centres_line_on_a_made_up_run(tmp_path, capsys):
         "hold >= 1% (novel: 50% 0%; merged background 30%); dead: 2 in the last window, 1 over "
         "the run"
     )
+
+
+def test_a_damaged_checkpoint_in_a_run_folder_is_named(tmp_path):
+    """A run folder whose last.pt is not a checkpoint: the plan stops with one line naming it."""
+    out = tmp_path / "pretrain" / "bcpt-f0-s0"
+    out.mkdir(parents=True)
+    (out / "last.pt").write_bytes(b"half a checkpoint")
+    run = reproduce.Run("pretrain/bcpt-f0-s0", "pretrain_bcpt.py", [], str(out), [])
+    with pytest.raises(KitError, match=r"last.pt is truncated or not a checkpoint"):
+        reproduce.state_of(run)

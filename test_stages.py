@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ from PIL import Image
 import common
 import evaluation
 import own_images
-import prepare_data
 import reproduce
 import worlds
 from common import KitError
@@ -1497,16 +1495,12 @@ def test_results_md_commands_draw_its_worlds_and_plan_its_grids(tmp_path, monkey
     scripts = [argv[0] for argv in commands]
     assert scripts.count("reproduce.py") >= 4
     monkeypatch.chdir(tmp_path)  # as a fresh clone: no world drawn, no run made
-    drawn = 0
+    drawing = []  # the worlds are drawn side by side, each by its own process
     for i, (script_name, *argv) in enumerate(commands):
         if script_name == "prepare_data.py":
-            argv = [*argv, "--out", str(tmp_path / "world")]  # the last --out wins
-            prepare_data.main(argv)
-            with open(tmp_path / "world" / ".complete") as f:
-                checksum = json.load(f)["checksum"]
-            assert checksum in results_md
-            shutil.rmtree(tmp_path / "world")
-            drawn += 1
+            out = tmp_path / f"world{i}"
+            argv = [sys.executable, script_name, *argv, "--out", str(out)]  # the last --out wins
+            drawing.append((out, subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL)))
         elif script_name == "pretrain_bcpt.py":
             import pretrain_bcpt
 
@@ -1518,7 +1512,12 @@ def test_results_md_commands_draw_its_worlds_and_plan_its_grids(tmp_path, monkey
             assert plan.runs
         else:
             raise AssertionError(f"RESULTS.md runs {script_name}: add its check here")
-    assert drawn == 4  # both worlds: the choosing draws and the fresh ones
+    assert len(drawing) == 4  # both worlds: the choosing draws and the fresh ones
+    for out, process in drawing:
+        assert process.wait() == 0
+        with open(out / ".complete") as f:
+            checksum = json.load(f)["checksum"]
+        assert checksum in results_md
 
 
 def test_every_function_the_readme_cites_exists():
